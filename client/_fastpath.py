@@ -1,0 +1,52 @@
+"""The only module that touches ``slitter._native``'s fast path.
+
+It re-exports the two hot calls as module globals (one attribute lookup less
+per call) and turns the native result codes into the named exceptions, with
+messages that say which handle and class.
+"""
+
+from __future__ import annotations
+
+from slitter import errors
+from slitter._native import ffi, lib
+
+allocate = lib.slitter_allocate
+release = lib.slitter_release
+
+OK = lib.SLITTER_OK
+NEED_FLUSH = lib.SLITTER_NEED_FLUSH
+NEED_SLOW = lib.SLITTER_NEED_SLOW
+
+
+def locate(view, handle: int) -> tuple[object, int, int]:
+    """(pointer or NULL, owning class id or 0, SLITTER_ERR_* kind or 0) of a handle."""
+    class_out = ffi.new("uint32_t *")
+    kind_out = ffi.new("int *")
+    if not 0 <= handle < 1 << 64:
+        return ffi.NULL, 0, lib.SLITTER_ERR_FOREIGN_ADDRESS
+    ptr = lib.slitter_object(view, handle, class_out, kind_out)
+    return ptr, class_out[0], kind_out[0]
+
+
+def release_error(kind: int, handle: int, class_name: str, owner_name: str | None) -> errors.ReleaseError:
+    """The exception for a refused release of ``handle`` as ``class_name``."""
+    h = f"{handle:#x}" if isinstance(handle, int) and handle >= 0 else repr(handle)
+    if kind == lib.SLITTER_ERR_CLASS_MISMATCH:
+        return errors.ClassMismatch(
+            f"handle {h} released as class '{class_name}' belongs to class '{owner_name}'",
+            handle=handle, class_name=class_name, expected_class=owner_name)
+    if kind == lib.SLITTER_ERR_INTERIOR_POINTER:
+        return errors.InteriorPointer(
+            f"handle {h} released as class '{class_name}' points inside an object, not at its start",
+            handle=handle, class_name=class_name)
+    if kind == lib.SLITTER_ERR_FOREIGN_ADDRESS:
+        return errors.ForeignAddress(
+            f"handle {h} released as class '{class_name}' is not an object of this arena "
+            "(outside it, in a span no class owns, or in a guard page)",
+            handle=handle, class_name=class_name)
+    if kind == lib.SLITTER_ERR_DOUBLE_FREE:
+        return errors.DoubleFree(
+            f"handle {h} of class '{class_name}' is not live: it was released already (double free)",
+            handle=handle, class_name=class_name)
+    return errors.ReleaseError(f"handle {h} of class '{class_name}': refused (error kind {kind})",
+                               handle=handle, class_name=class_name)

@@ -1,0 +1,273 @@
+"""``Heap``: a connection to one slitter instance, and the client's slow path.
+
+Attaching maps the instance's tables read-only, the allocation bitmap and
+this client's own rack read-write, and the arena; the native fast path then
+works on those mappings alone.  The slow path (binding threads, refills,
+flushes, errors) lives here and talks to the daemon through ``_transport``.
+A forked child gets a fresh rack on its first slow path, so no object is
+ever cached twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+from slitter import _fastpath, errors
+from slitter import address as _address
+from slitter._native import ffi, lib
+from slitter._transport import Transport
+from slitter.alloc_class import Class
+from slitter.protocol import Op
+from slitter.shm import RW, GuardApplier, Mapping, open_segment
+
+log = logging.getLogger("slitter")
+
+_OPEN_HEAPS: weakref.WeakSet[Heap] = weakref.WeakSet()
+_ORPHANS: list[object] = []  # a forked child's inherited transports: never touched, never freed
+
+
+class Heap:
+    """A connection to slitterd.  Use ``slitter.connect()``; close it, or use ``with``."""
+
+    def __init__(self, address: str | None = None, *, name: str = "", timeout: float = 5.0) -> None:
+        self.address = _address.socket_path(address or _address.default_address())
+        self.name = name
+        self._timeout = timeout
+        self._client = ffi.new("struct slitter_client *")
+        self._view = ffi.addressof(self._client[0], "view")
+        self._lock = threading.RLock()
+        self._classes: dict[str, Class] = {}
+        self._data: Mapping | None = None
+        self._tables = self._bits = self._rack = None
+        self._guards: GuardApplier | None = None
+        self._transport: Transport | None = None
+        self._closed = False
+        self._attach()
+        _OPEN_HEAPS.add(self)
+
+    # -- attach / detach -------------------------------------------------
+
+    def _attach(self) -> None:
+        transport = Transport(self.address, self._timeout)
+        try:
+            reply = transport.call(Op.ATTACH, pid=os.getpid(), name=self.name[:64])
+        except BaseException:
+            transport.close()
+            raise
+        self._transport = transport
+        self._client_id, self._token = reply["client"], reply["token"]
+        self.instance = reply["instance"]
+        meta_path, data_path = _address.segment_paths(self.instance)
+        meta_fd = open_segment(meta_path)
+        try:
+            self._tables = Mapping(meta_fd, reply["tables_end"], lib.PROT_READ)
+            self._bits = Mapping(meta_fd, reply["bits_bytes"], RW, reply["alloc_bits_off"], noreserve=True)
+            self._rack = Mapping(meta_fd, reply["rack_size"], RW, reply["rack_offset"])
+        finally:
+            os.close(meta_fd)
+        header = ffi.cast("struct slitter_header *", self._tables.ptr)
+        if self._data is None:
+            data_fd = open_segment(data_path)
+            try:
+                self._data = Mapping(data_fd, reply["arena_size"], RW, noreserve=True)
+            finally:
+                os.close(data_fd)
+            runs = ffi.cast("struct slitter_run *", self._tables.ptr + header.run_table_off)
+            self._guards = GuardApplier(header, runs, self._data)
+        self._classes_table = ffi.cast("struct slitter_class *", self._tables.ptr + header.class_table_off)
+        err = lib.slitter_client_open(self._client, self._tables.ptr, self._bits.ptr,
+                                      ffi.cast("struct slitter_rack *", self._rack.ptr), self._data.ptr)
+        if err:
+            raise errors.LimitExceeded(f"cannot open a client of {self.address}: {os.strerror(err)}")
+        self._apply_guards()
+        self._pid = os.getpid()
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's rack and socket are not ours: drop both without touching them."""
+        lib.slitter_client_forked(self._client)
+        if self._rack is not None:
+            self._rack.close()
+        _ORPHANS.append(self._transport)
+        self._transport = None
+        self._lock = threading.RLock()
+
+    def _ensure_attached(self) -> None:
+        if self._closed:
+            raise errors.SlitterError(f"the heap of {self.address} is closed")
+        if self._transport is None:
+            with self._lock:
+                if self._transport is None:
+                    self._attach()
+
+    def _apply_guards(self) -> None:
+        guards = self._guards
+        if guards.applied != guards.header.nruns:
+            with self._lock:
+                guards.apply()
+
+    def close(self) -> None:
+        """Detach: the daemon takes back every cached object.  Idempotent.
+
+        Views already taken stay valid until they are dropped.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN_HEAPS.discard(self)
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            try:
+                transport.call(Op.DETACH, client=self._client_id, token=self._token)
+            except errors.SlitterError as exc:
+                log.warning("detach from %s failed: %s", self.address, exc)
+            transport.close()
+        lib.slitter_client_close(self._client)
+        for mapping in (self._rack, self._bits, self._tables):
+            if mapping is not None:
+                mapping.close()
+        self._data = None  # unmapped when the last view goes
+
+    def __enter__(self) -> Heap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public API ------------------------------------------------------
+
+    def register_class(self, name: str, size: int, *, zero_init: bool = False) -> Class:
+        """The class ``name`` of ``size``-byte objects, created on first registration.
+
+        Idempotent for the same spec.
+
+        Raises:
+            ClassConflict: ``name`` exists with another size or zero_init.
+        """
+        if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError("register_class(name: str, size: int, zero_init: bool)")
+        self._ensure_attached()
+        reply = self._call(Op.REGISTER_CLASS, name=name, size=size, zero_init=bool(zero_init))
+        cls = Class(self, reply["class_id"], name, size, reply["stride"], reply["zero_init"])
+        self._classes[name] = cls
+        return cls
+
+    def view(self, handle: int) -> memoryview:
+        """A writable memoryview of exactly the object's size.
+
+        Raises:
+            ForeignAddress, InteriorPointer: ``handle`` is not an object start.
+        """
+        if self._data is None:
+            raise errors.SlitterError(f"the heap of {self.address} is closed")
+        self._apply_guards()
+        ptr, class_id, kind = _fastpath.locate(self._view, handle)
+        if ptr == ffi.NULL:
+            owner = self._class_name(class_id) if class_id else None
+            err = _fastpath.release_error(kind, handle, owner or "?", owner)
+            raise type(err)(str(err).replace("released as class", "viewed in class", 1), handle=handle,
+                            class_name=owner)
+        size = self._classes_table[class_id].size
+        data = self._data
+        return memoryview(ffi.buffer(ffi.gc(ptr, lambda _p, _keep=data: None), size))
+
+    def stats(self) -> dict[str, Any]:
+        """{"instance": {...}, "classes": {name: {...}}, "clients": [...]} from the daemon."""
+        self._ensure_attached()
+        reply = self._call(Op.STATS)
+        return {k: reply[k] for k in ("instance", "classes", "clients")}
+
+    @property
+    def messages_sent(self) -> int:
+        """Requests this heap has sent since it (re)attached; for tests and bench/."""
+        return self._transport.messages if self._transport is not None else 0
+
+    # -- slow path -------------------------------------------------------
+
+    def _call(self, op: Op, **args: Any) -> dict[str, Any]:
+        if op not in (Op.PING, Op.STATS):
+            args = {"client": self._client_id, "token": self._token, **args}
+        return self._transport.call(op, **args)
+
+    def _class_name(self, class_id: int) -> str:
+        return ffi.string(self._classes_table[class_id].name).decode()
+
+    def _bind(self, cls: Class) -> int:
+        self._ensure_attached()
+        self._apply_guards()
+        slot = lib.slitter_bind(self._client, cls.id)
+        if slot == -1:
+            raise errors.LimitExceeded(
+                f"class '{cls.name}': all {lib.SLITTER_MAX_THREADS} thread slots of this client are in use",
+                class_name=cls.name)
+        if slot < 0:
+            raise errors.SlitterError(f"class '{cls.name}' (id {cls.id}) is not usable on this heap",
+                                      class_name=cls.name)
+        return slot
+
+    def _allocate_slow(self, cls: Class) -> int:
+        for _ in range(8):
+            slot = self._bind(cls)
+            handle = _fastpath.allocate(self._client, cls.id)
+            if handle:
+                return handle
+            self._call(Op.REFILL, thread=slot, class_id=cls.id)
+            self._apply_guards()
+            handle = _fastpath.allocate(self._client, cls.id)
+            if handle:
+                return handle
+        raise errors.SlitterError(f"class '{cls.name}': refills brought no usable object", class_name=cls.name)
+
+    def _release_slow(self, cls: Class, handle: int, result: int) -> None:
+        for _ in range(8):
+            if result < 0:
+                raise self._release_error(cls, handle, result)
+            if result == _fastpath.OK:
+                return
+            slot = self._bind(cls)
+            if result == _fastpath.NEED_FLUSH:
+                self._flush(cls, slot)
+                return
+            # NEED_SLOW: unbound until now, or the release magazine is full.
+            result = _fastpath.release(self._client, cls.id, handle)
+            if result == _fastpath.NEED_SLOW:
+                self._flush(cls, slot)
+                result = _fastpath.release(self._client, cls.id, handle)
+        raise errors.SlitterError(f"class '{cls.name}': could not release handle {handle:#x}", class_name=cls.name)
+
+    def _flush(self, cls: Class, slot: int) -> None:
+        reply = self._call(Op.FLUSH, thread=slot, class_id=cls.id)
+        for handle, kind in reply["refused"]:
+            log.warning("the daemon's audit refused handle %#x of class '%s': %s", handle, cls.name, kind)
+
+    def _release_error(self, cls: Class, handle: int, result: int) -> errors.ReleaseError:
+        kind = -1 - result
+        owner = None
+        if kind == lib.SLITTER_ERR_CLASS_MISMATCH:
+            _ptr, owner_id, _kind = _fastpath.locate(self._view, handle)
+            owner = self._class_name(owner_id) if owner_id else None
+        return _fastpath.release_error(kind, handle, cls.name, owner)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"client {self._client_id}"
+        return f"<slitter.Heap {self.address} {state}>"
+
+
+def _after_fork_in_child() -> None:
+    for heap in list(_OPEN_HEAPS):
+        heap._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def connect(address: str | None = None, *, name: str = "", timeout: float = 5.0) -> Heap:
+    """Attach to slitterd at ``address`` (default: $SLITTER_ADDRESS, else the default socket).
+
+    Raises:
+        DaemonUnavailable: nothing answered at the address.
+    """
+    return Heap(address, name=name, timeout=timeout)

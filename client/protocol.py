@@ -1,0 +1,241 @@
+"""The wire protocol between clients and slitterd, declared once.
+
+Both sides import this module: the client to build requests and turn error
+replies into exceptions, the daemon to validate every request before it
+dispatches it.  ``doc/protocol.md`` documents it; a test checks that every op
+and error code here appears there.
+
+Framing: one ZeroMQ frame per message (DEALER on the client, ROUTER on the
+daemon), a msgpack map.  Every request carries ``v`` (PROTOCOL_VERSION),
+``id`` (echoed in the reply) and ``op``; every reply carries ``v``, ``id``
+and ``ok``.  A refusal is ``{"ok": False, "code": ErrorCode, "error": str}``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from slitter import errors
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_CLASS_NAME = 47  # bytes of UTF-8; the class table keeps a NUL after it
+MAX_OBJECT_SIZE = 64 << 20
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+
+
+class Op(str, enum.Enum):
+    """Request names.  Each op's fields are in REQUEST_FIELDS."""
+
+    PING = "ping"
+    ATTACH = "attach"
+    DETACH = "detach"
+    REGISTER_CLASS = "register_class"
+    REFILL = "refill"
+    FLUSH = "flush"
+    STATS = "stats"
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a request was refused.  20 + k is fast-path error kind k (layout.h)."""
+
+    MALFORMED = 1
+    UNSUPPORTED_VERSION = 2
+    UNKNOWN_OP = 3
+    INVALID_FIELD = 4
+    UNKNOWN_CLIENT = 5
+    UNKNOWN_CLASS = 6
+    CLASS_CONFLICT = 7
+    OUT_OF_MEMORY = 8
+    LIMIT_EXCEEDED = 9
+    INTERNAL = 10
+    CLASS_MISMATCH = 20
+    INTERIOR_POINTER = 21
+    FOREIGN_ADDRESS = 22
+    DOUBLE_FREE = 23
+    CORRUPT = 24
+
+
+#: The exception a refusal becomes in the client.
+ERROR_EXCEPTIONS: dict[ErrorCode, type[errors.SlitterError]] = {
+    ErrorCode.MALFORMED: errors.ProtocolError,
+    ErrorCode.UNSUPPORTED_VERSION: errors.ProtocolError,
+    ErrorCode.UNKNOWN_OP: errors.ProtocolError,
+    ErrorCode.INVALID_FIELD: errors.ProtocolError,
+    ErrorCode.UNKNOWN_CLIENT: errors.ProtocolError,
+    ErrorCode.UNKNOWN_CLASS: errors.ProtocolError,
+    ErrorCode.CLASS_CONFLICT: errors.ClassConflict,
+    ErrorCode.OUT_OF_MEMORY: errors.OutOfMemory,
+    ErrorCode.LIMIT_EXCEEDED: errors.LimitExceeded,
+    ErrorCode.INTERNAL: errors.SlitterError,
+    ErrorCode.CLASS_MISMATCH: errors.ClassMismatch,
+    ErrorCode.INTERIOR_POINTER: errors.InteriorPointer,
+    ErrorCode.FOREIGN_ADDRESS: errors.ForeignAddress,
+    ErrorCode.DOUBLE_FREE: errors.DoubleFree,
+    ErrorCode.CORRUPT: errors.ReleaseError,
+}
+
+#: Error kinds as the fast path counts them (index k = ErrorCode 20 + k).
+ERROR_KINDS = ("class_mismatch", "interior_pointer", "foreign_address", "double_free", "corrupt")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field: its type and the range (ints) or length (str) it must have."""
+
+    name: str
+    kind: type
+    low: int = 0
+    high: int = U64
+    doc: str = ""
+
+
+_CLIENT = (Field("client", int, 1, U32, "client id from attach"),
+           Field("token", int, 0, U64, "secret from attach; proves the sender is that client"))
+_SLOT = (Field("thread", int, 0, 63, "thread slot in the client's rack"),
+         Field("class_id", int, 1, 63, "class id from register_class"))
+
+#: Every op's request fields, in order; nothing else is accepted.
+REQUEST_FIELDS: dict[Op, tuple[Field, ...]] = {
+    Op.PING: (),
+    Op.ATTACH: (Field("pid", int, 1, U32, "the client's process id"),
+                Field("name", str, 0, 64, "free-form client name for stats")),
+    Op.DETACH: _CLIENT,
+    Op.REGISTER_CLASS: (*_CLIENT,
+                        Field("name", str, 1, MAX_CLASS_NAME, "class name"),
+                        Field("size", int, 1, MAX_OBJECT_SIZE, "object size in bytes"),
+                        Field("zero_init", bool, doc="objects read as zeros when allocated")),
+    Op.REFILL: (*_CLIENT, *_SLOT),
+    Op.FLUSH: (*_CLIENT, *_SLOT),
+    Op.STATS: (),
+}
+
+#: What each op does and replies; doc/protocol.md says the same at length.
+OP_DOCS: dict[Op, str] = {
+    Op.PING: "Liveness and capabilities. Reply: version, ops, instance, pid.",
+    Op.ATTACH: "Join the instance. Reply: client, token, rack index/offset/size, segment names and layout sizes.",
+    Op.DETACH: "Leave: the daemon reclaims every magazine in the rack. Reply: reclaimed.",
+    Op.REGISTER_CLASS: "Create a class, or return the existing one with the same spec. Reply: class_id, size, stride, zero_init.",
+    Op.REFILL: "Fill the thread's empty allocation magazine in the rack. Reply: count.",
+    Op.FLUSH: "Audit and take back the thread's release magazine. Reply: accepted, refused [[handle, kind]].",
+    Op.STATS: "Per-class and per-client figures. Reply: instance, classes, clients.",
+}
+
+_UNPACK_LIMITS = {
+    "max_str_len": MAX_MESSAGE_BYTES,
+    "max_bin_len": MAX_MESSAGE_BYTES,
+    "max_array_len": 4096,
+    "max_map_len": 64,
+    "max_ext_len": 0,
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: ``args`` holds exactly the op's fields."""
+
+    op: Op
+    id: int
+    args: dict[str, Any]
+
+
+class Refusal(Exception):
+    """Raised by validation and handlers in the daemon; becomes an error reply."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    """Serialise one message."""
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> Any:
+    """Deserialise one frame with hostile-input limits; raises Refusal(MALFORMED)."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise Refusal(ErrorCode.MALFORMED, f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises many types for bad input
+        raise Refusal(ErrorCode.MALFORMED, f"not a msgpack message: {type(exc).__name__}") from None
+
+
+def request(op: Op, request_id: int, **args: Any) -> dict[str, Any]:
+    """Build a request message (the client side)."""
+    return {"v": PROTOCOL_VERSION, "id": request_id, "op": op.value, **args}
+
+
+def parse_request(frame: bytes) -> Request:
+    """Decode and validate a request frame (the daemon side).
+
+    Raises:
+        Refusal: with the code and a message naming the bad field.
+    """
+    message = unpack(frame)
+    if not isinstance(message, dict):
+        raise Refusal(ErrorCode.MALFORMED, "a request must be a msgpack map")
+    request_id = message.get("id", 0)
+    if type(request_id) is not int or not 0 <= request_id <= U64:
+        raise Refusal(ErrorCode.MALFORMED, "field 'id' must be an integer in [0, 2**64)")
+    if message.get("v") != PROTOCOL_VERSION:
+        raise Refusal(ErrorCode.UNSUPPORTED_VERSION,
+                      f"protocol version {message.get('v')!r} is not {PROTOCOL_VERSION}", request_id)
+    try:
+        op = Op(message.get("op"))
+    except ValueError:
+        raise Refusal(ErrorCode.UNKNOWN_OP, f"unknown op {message.get('op')!r}", request_id) from None
+    fields = REQUEST_FIELDS[op]
+    extra = set(message) - {"v", "id", "op"} - {f.name for f in fields}
+    if extra:
+        raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: unexpected fields {sorted(map(str, extra))}", request_id)
+    args = {}
+    for field in fields:
+        if field.name not in message:
+            raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{field.name}'", request_id)
+        args[field.name] = _check(op, field, message[field.name], request_id)
+    return Request(op, request_id, args)
+
+
+def _check(op: Op, field: Field, value: Any, request_id: int) -> Any:
+    if type(value) is not field.kind:
+        raise Refusal(ErrorCode.INVALID_FIELD,
+                      f"{op.value}: field '{field.name}' must be {field.kind.__name__}", request_id)
+    if field.kind is int and not field.low <= value <= field.high:
+        raise Refusal(ErrorCode.INVALID_FIELD,
+                      f"{op.value}: field '{field.name}' = {value} is outside [{field.low}, {field.high}]",
+                      request_id)
+    if field.kind is str and not field.low <= len(value.encode()) <= field.high:
+        raise Refusal(ErrorCode.INVALID_FIELD,
+                      f"{op.value}: field '{field.name}' must be {field.low}..{field.high} bytes", request_id)
+    return value
+
+
+def ok_reply(request_id: int, **fields: Any) -> dict[str, Any]:
+    """A success reply."""
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **fields}
+
+
+def error_reply(request_id: int, code: ErrorCode, message: str) -> dict[str, Any]:
+    """A refusal; never carries a traceback."""
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "code": int(code), "error": message}
+
+
+def raise_for_reply(reply: dict[str, Any], address: str) -> None:
+    """Turn an error reply into the exception ERROR_EXCEPTIONS maps its code to."""
+    if reply.get("ok"):
+        return
+    try:
+        code = ErrorCode(reply.get("code"))
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    message = reply.get("error") or code.name
+    raise ERROR_EXCEPTIONS[code](f"{message} (daemon at {address})", code=code)

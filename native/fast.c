@@ -1,0 +1,417 @@
+/*
+ * The allocate/release fast path, and the checks the daemon's audit shares
+ * with it.  No system call, no lock and no Python on the fast path; every
+ * rare branch goes to a named noinline function.  doc/fast_path.md walks
+ * through the costs.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+
+#include "slitter_fast.h"
+
+#define slitter_likely(x)   __builtin_expect(!!(x), 1)
+#define slitter_unlikely(x) __builtin_expect(!!(x), 0)
+#define SLITTER_NOINLINE    __attribute__((noinline))
+
+/*
+ * The calling thread's binding: which client (and which opening of it) the
+ * cached slot belongs to.  One compare pair on every call; a thread that
+ * alternates between two heaps rebinds through pthread_getspecific().
+ */
+static __thread struct slitter_client *tls_client;
+static __thread uint64_t tls_epoch;
+static __thread struct slitter_thread_slot *tls_slot;
+
+/* Epochs are unique per open in this process; 0 means closed. */
+static uint64_t next_epoch = 1;
+
+/*
+ * Clients that are open, so a thread-exit destructor never writes into a
+ * rack that was unmapped.  Touched only when threads bind or exit and when
+ * clients open or close: never on the fast path.
+ */
+#define SLITTER_MAX_OPEN 64
+static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct { struct slitter_client *client; uint64_t epoch; } open_clients[SLITTER_MAX_OPEN];
+
+struct slitter__binding {
+    struct slitter_client *client;
+    uint64_t epoch;
+    uint32_t slot;
+};
+
+static int slitter__is_open(struct slitter_client *c, uint64_t epoch)
+{
+    for (int i = 0; i < SLITTER_MAX_OPEN; i++)
+        if (open_clients[i].client == c && open_clients[i].epoch == epoch)
+            return 1;
+    return 0;
+}
+
+/* Thread exit: give the slot back (its magazines stay for the next owner). */
+static void slitter__thread_exit(void *value)
+{
+    struct slitter__binding *b = value;
+    pthread_mutex_lock(&open_lock);
+    if (slitter__is_open(b->client, b->epoch)) {
+        struct slitter_rack *rack = b->client->rack;
+        __atomic_store_n(&rack->threads[b->slot].owner_tid, 0, __ATOMIC_RELEASE);
+        __atomic_fetch_and(&rack->threads_claimed, ~(1ULL << b->slot), __ATOMIC_ACQ_REL);
+    }
+    pthread_mutex_unlock(&open_lock);
+    free(b);
+}
+
+void slitter_view_init(struct slitter_view *v, const void *meta_tables,
+                       void *alloc_bits, void *depot_bits, void *data)
+{
+    const struct slitter_header *h = meta_tables;
+    const unsigned char *base = meta_tables;
+    v->header = h;
+    v->spans = (const struct slitter_span *)(base + h->span_table_off);
+    v->classes = (const struct slitter_class *)(base + h->class_table_off);
+    v->alloc_bits = alloc_bits;
+    v->depot_bits = depot_bits;
+    v->data = data;
+}
+
+int slitter_client_open(struct slitter_client *c, const void *meta_tables,
+                        void *alloc_bits, struct slitter_rack *rack, void *data)
+{
+    pthread_key_t key;
+    int err = pthread_key_create(&key, slitter__thread_exit);
+    if (err != 0)
+        return err;
+    slitter_view_init(&c->view, meta_tables, alloc_bits, NULL, data);
+    c->rack = rack;
+    c->thread_key = (unsigned int)key;
+    c->has_key = 1;
+    pthread_mutex_lock(&open_lock);
+    c->epoch = next_epoch++;
+    for (int i = 0; i < SLITTER_MAX_OPEN; i++) {
+        if (open_clients[i].client == NULL) {
+            open_clients[i].client = c;
+            open_clients[i].epoch = c->epoch;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&open_lock);
+    return 0;
+}
+
+void slitter_client_close(struct slitter_client *c)
+{
+    pthread_mutex_lock(&open_lock);
+    for (int i = 0; i < SLITTER_MAX_OPEN; i++)
+        if (open_clients[i].client == c && open_clients[i].epoch == c->epoch)
+            open_clients[i].client = NULL;
+    c->epoch = 0;
+    c->rack = NULL;
+    if (c->has_key) {
+        pthread_key_delete((pthread_key_t)c->thread_key);
+        c->has_key = 0;
+    }
+    pthread_mutex_unlock(&open_lock);
+}
+
+void slitter_client_forked(struct slitter_client *c)
+{
+    /* The mutex may have been held by a thread that does not exist here. */
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    open_lock = fresh;
+    memset(open_clients, 0, sizeof(open_clients));
+    c->epoch = 0;
+    c->rack = NULL;
+    c->has_key = 0;   /* the key is this process's too; leak it rather than race */
+    tls_client = NULL;
+    tls_slot = NULL;
+}
+
+int slitter_bind(struct slitter_client *c, uint32_t class_id)
+{
+    if (c->epoch == 0 || c->rack == NULL || class_id == 0 || class_id >= SLITTER_MAX_CLASSES)
+        return -2;
+    const struct slitter_class *cls = &c->view.classes[class_id];
+    if (__atomic_load_n(&cls->id, __ATOMIC_ACQUIRE) != class_id)
+        return -2;
+
+    pthread_key_t key = (pthread_key_t)c->thread_key;
+    struct slitter__binding *b = pthread_getspecific(key);
+    if (b == NULL) {
+        struct slitter_rack *rack = c->rack;
+        uint64_t claimed = __atomic_load_n(&rack->threads_claimed, __ATOMIC_ACQUIRE);
+        int slot = -1;
+        for (;;) {
+            uint64_t free_mask = ~claimed & ((SLITTER_MAX_THREADS == 64) ? ~0ULL
+                                             : ((1ULL << SLITTER_MAX_THREADS) - 1));
+            if (free_mask == 0)
+                return -1;
+            slot = __builtin_ctzll(free_mask);
+            if (__atomic_compare_exchange_n(&rack->threads_claimed, &claimed,
+                                            claimed | (1ULL << slot), 0,
+                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                break;
+        }
+        b = malloc(sizeof(*b));
+        if (b == NULL) {
+            __atomic_fetch_and(&rack->threads_claimed, ~(1ULL << slot), __ATOMIC_ACQ_REL);
+            return -1;
+        }
+        b->client = c;
+        b->epoch = c->epoch;
+        b->slot = (uint32_t)slot;
+        rack->threads[slot].owner_tid = (uint32_t)syscall(SYS_gettid);
+        __atomic_fetch_or(&rack->threads_touched, 1ULL << slot, __ATOMIC_ACQ_REL);
+        pthread_setspecific(key, b);
+    }
+    struct slitter_thread_slot *ts = &c->rack->threads[b->slot];
+    struct slitter_thread_class *tc = &ts->classes[class_id];
+    if (tc->capacity == 0) {
+        /* Mark before the capacity opens the fast path: the daemon reads only
+         * touched classes, and must see every magazine that can hold objects. */
+        __atomic_fetch_or(&ts->classes_touched, 1ULL << class_id, __ATOMIC_ACQ_REL);
+        __atomic_store_n(&tc->capacity, cls->mag_capacity, __ATOMIC_RELEASE);
+    }
+    tls_client = c;
+    tls_epoch = c->epoch;
+    tls_slot = ts;
+    return (int)b->slot;
+}
+
+/* The calling thread's slot in `c`, or NULL: 2 loads and 2 compares. */
+static inline struct slitter_thread_slot *slitter__slot(const struct slitter_client *c)
+{
+    if (slitter_likely(tls_client == c && tls_epoch == c->epoch && tls_epoch != 0))
+        return tls_slot;
+    return NULL;
+}
+
+/*
+ * The span of `handle`, or NULL when no class owns it.  The bound check
+ * against next_span keeps every foreign address (other segment bits, beyond
+ * the arena, beyond the carved spans) away from never-written pages of the
+ * span table: reading a hole of a tmpfs mapping would allocate it.
+ */
+static inline const struct slitter_span *slitter__span(const struct slitter_view *v, uint64_t handle)
+{
+    uint64_t span = handle >> SLITTER_SPAN_SHIFT;
+    if (slitter_unlikely(span >= __atomic_load_n(&v->header->next_span, __ATOMIC_ACQUIRE)))
+        return NULL;
+    const struct slitter_span *sp = &v->spans[span];
+    if (slitter_unlikely(__atomic_load_n(&sp->class_id, __ATOMIC_ACQUIRE) == 0))
+        return NULL;
+    return sp;
+}
+
+/*
+ * The bitmap index of the object at `handle` in span `sp` of class `cls`, or
+ * -1 - SLITTER_ERR_* when `handle` is not an object start.  One multiply
+ * stands in for the division by the stride (Lemire's fastdiv: exact because
+ * a run is below 2^31 bytes); a second multiply tells an interior pointer.
+ */
+static inline int64_t slitter__object_bit(const struct slitter_span *sp,
+                                          const struct slitter_class *cls, uint64_t handle)
+{
+    uint64_t rel = handle - ((uint64_t)sp->run_first_span << SLITTER_SPAN_SHIFT);
+    uint64_t index = (uint64_t)(((unsigned __int128)cls->div_magic * rel) >> 64);
+    if (slitter_unlikely(index >= cls->objects_per_run))
+        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;    /* guard page or run tail */
+    if (slitter_unlikely(index * cls->stride != rel))
+        return -1 - SLITTER_ERR_INTERIOR_POINTER;
+    return (int64_t)(sp->bit_base + index);
+}
+
+/* Rare: the allocation magazine is empty; take the release magazine's objects. */
+static SLITTER_NOINLINE int slitter__swap_in_release(struct slitter_thread_class *tc)
+{
+    uint32_t n = tc->release_count;
+    if (n == 0)
+        return 0;
+    memcpy(tc->alloc, tc->release, n * sizeof(uint64_t));
+    tc->alloc_count = n;
+    tc->release_count = 0;
+    return 1;
+}
+
+/* Rare: a magazine held an object that is live (or not of its class). */
+static SLITTER_NOINLINE void slitter__count_corrupt(struct slitter_thread_class *tc)
+{
+    tc->counters.errors[SLITTER_ERR_CORRUPT]++;
+}
+
+uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
+{
+    struct slitter_thread_slot *slot = slitter__slot(c);
+    /* Unbound thread, closed or forked client: the slow path binds. */
+    if (slitter_unlikely(slot == NULL || class_id >= SLITTER_MAX_CLASSES))
+        return 0;
+    struct slitter_thread_class *tc = &slot->classes[class_id];
+    const struct slitter_class *cls = &c->view.classes[class_id];
+    for (;;) {
+        uint32_t n = tc->alloc_count;
+        /* Empty: refill from our own release magazine before asking the daemon. */
+        if (slitter_unlikely(n == 0)) {
+            if (!slitter__swap_in_release(tc))
+                return 0;
+            n = tc->alloc_count;
+        }
+        uint64_t handle = tc->alloc[n - 1];
+        tc->alloc_count = n - 1;
+
+        /* Span and bit: two dependent loads (span entry, bitmap word). */
+        const struct slitter_span *sp = slitter__span(&c->view, handle);
+        int64_t bit = -1;
+        if (slitter_likely(sp != NULL && sp->class_id == class_id))
+            bit = slitter__object_bit(sp, cls, handle);
+        if (slitter_likely(bit >= 0)) {
+            /* The one atomic of allocate: a bit already set means a magazine
+             * held a live object, which only rack corruption can cause. */
+            uint64_t mask = 1ULL << (bit & 63);
+            uint64_t old = __atomic_fetch_or(&c->view.alloc_bits[bit >> 6], mask, __ATOMIC_ACQ_REL);
+            if (slitter_likely(!(old & mask))) {
+                tc->counters.allocations++;
+                if (cls->flags & SLITTER_CLASS_ZERO_INIT)
+                    memset(c->view.data + handle, 0, cls->size);
+                return handle;
+            }
+        }
+        slitter__count_corrupt(tc);   /* drop it, never hand it out twice */
+    }
+}
+
+/* Rare: count a refused release under the class it was released as. */
+static SLITTER_NOINLINE int slitter__refuse(struct slitter_thread_class *tc, int kind)
+{
+    tc->counters.errors[kind]++;
+    return -1 - kind;
+}
+
+int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle)
+{
+    struct slitter_thread_slot *slot = slitter__slot(c);
+    if (slitter_unlikely(slot == NULL || class_id >= SLITTER_MAX_CLASSES))
+        return SLITTER_NEED_SLOW;
+    struct slitter_thread_class *tc = &slot->classes[class_id];
+    uint32_t capacity = tc->capacity;
+    /* No room, or class unbound (capacity 0): decide before changing anything. */
+    if (slitter_unlikely(tc->release_count >= capacity))
+        return SLITTER_NEED_SLOW;
+
+    /* Foreign: beyond the carved spans, or a span no class owns.  One load
+     * of the header's next_span (hot) and one of the span entry. */
+    const struct slitter_span *sp = slitter__span(&c->view, handle);
+    if (slitter_unlikely(sp == NULL))
+        return slitter__refuse(tc, SLITTER_ERR_FOREIGN_ADDRESS);
+    /* Class: the span table says who owns the address, forever. */
+    if (slitter_unlikely(sp->class_id != class_id))
+        return slitter__refuse(tc, SLITTER_ERR_CLASS_MISMATCH);
+    /* Interior / guard: two multiplies against the class's stride. */
+    const struct slitter_class *cls = &c->view.classes[class_id];
+    int64_t bit = slitter__object_bit(sp, cls, handle);
+    if (slitter_unlikely(bit < 0))
+        return slitter__refuse(tc, (int)(-1 - bit));
+    /* Double free: the one atomic of release.  A clear bit means the object
+     * is cached or in the depot already, whoever released it and when. */
+    uint64_t mask = 1ULL << (bit & 63);
+    uint64_t old = __atomic_fetch_and(&c->view.alloc_bits[bit >> 6], ~mask, __ATOMIC_ACQ_REL);
+    if (slitter_unlikely(!(old & mask)))
+        return slitter__refuse(tc, SLITTER_ERR_DOUBLE_FREE);
+
+    tc->counters.releases++;
+    /* Push LIFO into the allocation magazine while it has room (the next
+     * allocate gets a cache-hot object), else into the release magazine. */
+    uint32_t n = tc->alloc_count;
+    if (slitter_likely(n < capacity)) {
+        tc->alloc[n] = handle;
+        tc->alloc_count = n + 1;
+        return SLITTER_OK;
+    }
+    uint32_t r = tc->release_count;
+    tc->release[r] = handle;
+    tc->release_count = r + 1;
+    return (r + 1 >= capacity) ? SLITTER_NEED_FLUSH : SLITTER_OK;
+}
+
+void *slitter_object(const struct slitter_view *v, uint64_t handle,
+                     uint32_t *class_out, int *kind_out)
+{
+    *class_out = 0;
+    const struct slitter_span *sp = slitter__span(v, handle);
+    if (sp == NULL) {
+        *kind_out = SLITTER_ERR_FOREIGN_ADDRESS;
+        return NULL;
+    }
+    *class_out = sp->class_id;
+    int64_t bit = slitter__object_bit(sp, &v->classes[sp->class_id], handle);
+    if (bit < 0) {
+        *kind_out = (int)(-1 - bit);
+        return NULL;
+    }
+    *kind_out = 0;
+    return v->data + handle;
+}
+
+static inline int slitter__test_bit(const uint64_t *bits, uint64_t bit)
+{
+    return (__atomic_load_n(&bits[bit >> 6], __ATOMIC_ACQUIRE) >> (bit & 63)) & 1;
+}
+
+uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id,
+                             const uint64_t *handles, uint32_t n,
+                             uint64_t *accepted, uint64_t *refused,
+                             uint8_t *refused_kind, uint32_t *nrefused)
+{
+    uint32_t nacc = 0, nref = 0;
+    const struct slitter_class *cls = &v->classes[class_id];
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t handle = handles[i];
+        int kind = -1;
+        const struct slitter_span *sp = slitter__span(v, handle);
+        if (sp == NULL) {
+            kind = SLITTER_ERR_FOREIGN_ADDRESS;
+        } else if (sp->class_id != class_id) {
+            kind = SLITTER_ERR_CLASS_MISMATCH;
+        } else {
+            int64_t bit = slitter__object_bit(sp, cls, handle);
+            if (bit < 0)
+                kind = (int)(-1 - bit);
+            else if (slitter__test_bit(v->alloc_bits, (uint64_t)bit))
+                kind = SLITTER_ERR_CORRUPT;         /* flushed while live */
+            else if (slitter__test_bit(v->depot_bits, (uint64_t)bit))
+                kind = SLITTER_ERR_DOUBLE_FREE;     /* in the depot, or twice in this batch */
+            else
+                v->depot_bits[bit >> 6] |= 1ULL << (bit & 63);
+        }
+        if (kind < 0) {
+            accepted[nacc++] = handle;
+        } else {
+            refused[nref] = handle;
+            refused_kind[nref] = (uint8_t)kind;
+            nref++;
+        }
+    }
+    *nrefused = nref;
+    return nacc;
+}
+
+void slitter_depot_take(const struct slitter_view *v, const uint64_t *handles, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        const struct slitter_span *sp = slitter__span(v, handles[i]);
+        if (sp == NULL)
+            continue;
+        int64_t bit = slitter__object_bit(sp, &v->classes[sp->class_id], handles[i]);
+        if (bit >= 0)
+            v->depot_bits[bit >> 6] &= ~(1ULL << (bit & 63));
+    }
+}
+
+void slitter_carve(uint64_t *out, uint64_t base, uint64_t stride, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = base + (uint64_t)i * stride;
+}

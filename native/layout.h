@@ -1,0 +1,185 @@
+/*
+ * The shared-memory layout of one slitter instance: the one source of truth.
+ *
+ * Python (daemon and client) never re-declares an offset: it reads these
+ * structs through cffi (`ffi.sizeof`, `ffi.offsetof`, `ffi.cast`).
+ *
+ * An instance owns two POSIX shared-memory segments:
+ *
+ *   data  /slitter.NAME.data   the arena: a fixed sparse size mapped
+ *                              MAP_NORESERVE, never moved, never shrunk.
+ *                              Span 0 is a guard span; every run of spans
+ *                              ends in a guard page.  No allocator metadata.
+ *   meta  /slitter.NAME.meta   header | span table | run table | class table
+ *                              (clients map these read-only) | alloc bits
+ *                              (clients map read-write) | depot bits (daemon
+ *                              only) | racks (each client maps its own).
+ *
+ * A handle is a u64: segment index in the top 16 bits (0: the data segment),
+ * byte offset of the object inside that segment below.  Handle 0 is never an
+ * object, because offset 0 lies in the guard span.
+ */
+#ifndef SLITTER_LAYOUT_H
+#define SLITTER_LAYOUT_H
+
+#include <stdint.h>
+
+#define SLITTER_LAYOUT_MAGIC   0x21524554544C4953ULL /* "SLITTER!" little-endian */
+#define SLITTER_LAYOUT_VERSION 1
+
+#define SLITTER_PAGE_SIZE      4096
+#define SLITTER_SPAN_SHIFT     16          /* 64 KiB spans */
+#define SLITTER_SPAN_SIZE      (1ULL << SLITTER_SPAN_SHIFT)
+#define SLITTER_HANDLE_SEG_SHIFT 48
+#define SLITTER_HANDLE_OFFSET_MASK ((1ULL << SLITTER_HANDLE_SEG_SHIFT) - 1)
+#define SLITTER_MIN_STRIDE     16          /* objects are 16-byte aligned */
+#define SLITTER_MAX_OBJECT     (64ULL << 20)
+#define SLITTER_MAX_RUN        (1ULL << 31) /* run offsets fit 32-bit fastdiv */
+
+#define SLITTER_MAX_CLASSES    64          /* class ids 1..63; 0 = no class */
+#define SLITTER_MAX_THREADS    32          /* thread slots per rack */
+#define SLITTER_MAG_CAP        512         /* handles per magazine, at most */
+#define SLITTER_CLASS_NAME_MAX 48          /* including the NUL */
+
+/* Error kinds, counted per class in every rack.  Keep in step with
+ * slitter.protocol.ErrorCode (tests/test_layout.py checks). */
+#define SLITTER_ERR_CLASS_MISMATCH   0
+#define SLITTER_ERR_INTERIOR_POINTER 1
+#define SLITTER_ERR_FOREIGN_ADDRESS  2
+#define SLITTER_ERR_DOUBLE_FREE      3
+#define SLITTER_ERR_CORRUPT          4   /* a magazine held a live object */
+#define SLITTER_ERR_KINDS            5
+
+/* slitter_release() results: >= 0 done (or retry after slow path), < 0 refused. */
+#define SLITTER_OK           0
+#define SLITTER_NEED_FLUSH   1   /* released; the release magazine is now full */
+#define SLITTER_NEED_SLOW    2   /* nothing done: thread/class not bound or no room */
+#define SLITTER_E_CLASS_MISMATCH   (-1 - SLITTER_ERR_CLASS_MISMATCH)
+#define SLITTER_E_INTERIOR_POINTER (-1 - SLITTER_ERR_INTERIOR_POINTER)
+#define SLITTER_E_FOREIGN_ADDRESS  (-1 - SLITTER_ERR_FOREIGN_ADDRESS)
+#define SLITTER_E_DOUBLE_FREE      (-1 - SLITTER_ERR_DOUBLE_FREE)
+
+#define SLITTER_CLASS_ZERO_INIT 1u
+
+/**
+ * The layout header, at offset 0 of the meta segment.  Written once by the
+ * daemon that creates the instance, except the fields after `nruns`, which
+ * only the daemon updates, and clients only read.
+ */
+struct slitter_header {
+    uint64_t magic;            /* SLITTER_LAYOUT_MAGIC */
+    uint32_t version;          /* SLITTER_LAYOUT_VERSION */
+    uint32_t header_size;      /* sizeof(struct slitter_header) */
+    uint64_t arena_size;       /* bytes in the data segment */
+    uint64_t nspans;           /* arena_size >> SLITTER_SPAN_SHIFT */
+    uint64_t meta_size;        /* bytes in the meta segment */
+    uint64_t span_table_off;   /* struct slitter_span[nspans] */
+    uint64_t run_table_off;    /* struct slitter_run[nspans] */
+    uint64_t class_table_off;  /* struct slitter_class[SLITTER_MAX_CLASSES] */
+    uint64_t tables_end;       /* end of the read-only part (page aligned) */
+    uint64_t alloc_bits_off;   /* one bit per object: 1 = live */
+    uint64_t depot_bits_off;   /* one bit per object: 1 = in the depot */
+    uint64_t bits_bytes;       /* size of each bitmap */
+    uint64_t rack_area_off;    /* struct slitter_rack, max_racks of them */
+    uint64_t rack_size;        /* bytes per rack, page aligned */
+    uint32_t max_racks;
+    uint32_t max_classes;
+    uint32_t max_threads;
+    uint32_t mag_cap;
+    /* Mutable, written by the daemon only. */
+    uint64_t nruns;            /* runs carved so far (grows only) */
+    uint64_t next_span;        /* first span not yet in a run */
+    uint64_t bits_used;        /* bitmap bits handed to runs so far */
+    uint32_t nclasses;         /* highest class id in use */
+    uint32_t daemon_pid;
+};
+
+/**
+ * One entry per span of the arena.  `class_id` 0 means no class owns the
+ * span.  Once set, an entry never changes (type stability).
+ */
+struct slitter_span {
+    uint32_t class_id;
+    uint32_t run_first_span;   /* first span of the run this span belongs to */
+    uint64_t bit_base;         /* bitmap index of the run's first object */
+};
+
+/** One entry per run, in carving order; a run is followed by a guard page. */
+struct slitter_run {
+    uint32_t first_span;
+    uint32_t nspans;
+    uint32_t class_id;
+    uint32_t nobjects;
+    uint64_t bit_base;
+};
+
+/**
+ * An allocation class.  Immutable once `id` is set, so the fast path reads
+ * it without synchronisation.
+ */
+struct slitter_class {
+    char name[SLITTER_CLASS_NAME_MAX];
+    uint32_t id;               /* 0: slot unused */
+    uint32_t flags;            /* SLITTER_CLASS_* */
+    uint64_t size;             /* bytes the user may touch */
+    uint64_t stride;           /* size rounded up to SLITTER_MIN_STRIDE */
+    uint64_t div_magic;        /* UINT64_MAX / stride + 1: offset / stride by multiply */
+    uint32_t objects_per_run;
+    uint32_t spans_per_run;
+    uint32_t mag_capacity;     /* handles per magazine for this class */
+    uint32_t reserved;
+};
+
+/** Fast-path counters of one thread for one class.  Only that thread writes. */
+struct slitter_counters {
+    uint64_t allocations;
+    uint64_t releases;
+    uint64_t errors[SLITTER_ERR_KINDS];
+};
+
+/**
+ * One thread's magazines for one class.
+ *
+ * Invariants: alloc_count <= capacity and release_count <= capacity; every
+ * handle in `alloc[0..alloc_count)` and `release[0..release_count)` is an
+ * object of this class whose alloc bit is clear (cached: not live, not in the
+ * depot).  `capacity` is 0 until the thread binds the class (slow path), so
+ * an unbound slot always sends the fast path to the slow path.  The daemon
+ * writes `alloc` (refill) and drains `release` (flush) only while the owning
+ * thread waits for its reply.
+ */
+struct slitter_thread_class {
+    uint32_t alloc_count;
+    uint32_t release_count;
+    uint32_t capacity;
+    uint32_t reserved;
+    struct slitter_counters counters;
+    uint64_t alloc[SLITTER_MAG_CAP];
+    uint64_t release[SLITTER_MAG_CAP];
+};
+
+/** One thread of a client.  `classes_touched` bit i: classes[i] was bound. */
+struct slitter_thread_slot {
+    uint64_t classes_touched;
+    uint32_t owner_tid;        /* 0: free; a dying thread frees its slot */
+    uint32_t reserved[13];
+    struct slitter_thread_class classes[SLITTER_MAX_CLASSES];
+};
+
+/**
+ * A client's rack: its per-thread magazines and counters, in shared memory
+ * so the daemon can sum them for stats and reclaim them when the client
+ * goes away.  `threads_claimed` bit i: threads[i] is owned by a live thread;
+ * `threads_touched` bit i: threads[i] may hold magazines (never cleared by
+ * the client, so the daemon reads only slots that were used).
+ */
+struct slitter_rack {
+    uint64_t threads_claimed;
+    uint64_t threads_touched;
+    uint32_t pid;
+    uint32_t client_id;
+    uint32_t reserved[10];
+    struct slitter_thread_slot threads[SLITTER_MAX_THREADS];
+};
+
+#endif /* SLITTER_LAYOUT_H */

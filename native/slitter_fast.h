@@ -1,0 +1,117 @@
+/*
+ * What Python calls in the native module.  Every declaration here is also
+ * handed to cffi's cdef by build_ffi.py; the struct layouts live in layout.h.
+ *
+ * Conventions (mimalloc prim.h style): functions that can fail return an int,
+ * 0 or positive for success, negative for a refusal; out-parameters are
+ * never NULL.  Nothing here makes a system call on the fast path, takes a
+ * lock, or calls back into Python.
+ */
+#ifndef SLITTER_FAST_H
+#define SLITTER_FAST_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "layout.h"
+
+/**
+ * Pointers into one process's mappings of an instance.  `depot_bits` is
+ * NULL in clients (they never map it); the daemon's view has all of them.
+ */
+struct slitter_view {
+    const struct slitter_header *header;
+    const struct slitter_span *spans;
+    const struct slitter_class *classes;
+    uint64_t *alloc_bits;
+    uint64_t *depot_bits;
+    unsigned char *data;
+};
+
+/** A client's connection to an instance, as the fast path sees it. */
+struct slitter_client {
+    struct slitter_view view;
+    struct slitter_rack *rack;
+    uint64_t epoch;            /* unique per open; 0 once closed or forked */
+    unsigned int thread_key;   /* pthread_key_t: this thread's slot */
+    int has_key;
+};
+
+/** Fill `v` from a mapping of the meta segment's tables (read-only is enough). */
+void slitter_view_init(struct slitter_view *v, const void *meta_tables,
+                       void *alloc_bits, void *depot_bits, void *data);
+
+/**
+ * Open a client over its mappings.  Returns 0, or an errno value when no
+ * pthread key is left.
+ */
+int slitter_client_open(struct slitter_client *c, const void *meta_tables,
+                        void *alloc_bits, struct slitter_rack *rack, void *data);
+
+/** Forget the client: its threads' slots stop resolving.  Idempotent. */
+void slitter_client_close(struct slitter_client *c);
+
+/**
+ * In a forked child: drop the parent's rack without touching it, so no
+ * object the parent caches is ever used twice.  Call before anything else.
+ */
+void slitter_client_forked(struct slitter_client *c);
+
+/**
+ * Bind the calling thread (claiming a slot in the rack on first use) and the
+ * class (setting its magazine capacity).  Returns the thread slot index, or
+ * -1 when all SLITTER_MAX_THREADS slots are owned by live threads, or -2
+ * when the client is closed or the class is unknown.
+ */
+int slitter_bind(struct slitter_client *c, uint32_t class_id);
+
+/**
+ * Pop an object of `class_id` from this thread's magazines and mark it live.
+ * Returns its handle, or 0 when the slow path must run first (thread or
+ * class unbound, or both magazines empty).
+ */
+uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id);
+
+/**
+ * Check `handle` (foreign, class, interior, double free), mark it free and
+ * push it.  Returns SLITTER_OK, SLITTER_NEED_FLUSH (released, and the release
+ * magazine is full), SLITTER_NEED_SLOW (nothing done), or SLITTER_E_* (the
+ * release was refused and nothing changed).
+ */
+int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle);
+
+/**
+ * Resolve a handle to its object.  Returns a pointer to the object and sets
+ * `*class_out`, or returns NULL and sets `*kind_out` to SLITTER_ERR_* (and
+ * `*class_out` to the owning class when one owns the span, else 0).
+ */
+void *slitter_object(const struct slitter_view *v, uint64_t handle,
+                     uint32_t *class_out, int *kind_out);
+
+/**
+ * Daemon: audit `n` handles a client flushed as `class_id`.  Each must be an
+ * object start of that class, not live, not in the depot and not repeated in
+ * the batch.  Accepted ones get their depot bit set and are written to
+ * `accepted`; refused ones go to `refused` with their SLITTER_ERR_* kind in
+ * `refused_kind`.  Returns the number accepted; `*nrefused` gets the rest.
+ */
+uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id,
+                             const uint64_t *handles, uint32_t n,
+                             uint64_t *accepted, uint64_t *refused,
+                             uint8_t *refused_kind, uint32_t *nrefused);
+
+/** Daemon: clear the depot bits of `n` handles leaving the depot. */
+void slitter_depot_take(const struct slitter_view *v, const uint64_t *handles, uint32_t n);
+
+/** Daemon: write `n` handles base, base+stride, ... into `out` (bump carving). */
+void slitter_carve(uint64_t *out, uint64_t base, uint64_t stride, uint32_t n);
+
+/** An empty call: the floor of a cffi round trip, for bench/. */
+void slitter_noop(void);
+
+/** bench/: `n` allocate+release pairs from C; returns elapsed nanoseconds, or -1. */
+int64_t slitter_bench_pairs(struct slitter_client *c, uint32_t class_id, uint64_t n);
+
+/** bench/: `n` glibc malloc(size)+free pairs; returns elapsed nanoseconds. */
+int64_t slitter_bench_malloc_pairs(size_t size, uint64_t n);
+
+#endif /* SLITTER_FAST_H */

@@ -1,0 +1,96 @@
+"""``slitterctl``: ask a running slitterd for its figures and print them.
+
+Each subcommand is one protocol request and one formatter.  With no daemon
+at the address it prints one line naming the address and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from slitter import address, errors
+from slitter._transport import Transport
+from slitter.protocol import Op
+
+STAT_COLUMNS = ("size", "carved", "live", "cached", "free", "allocations", "releases", "refills", "flushes")
+
+
+def stats_table(stats: dict[str, Any], title: str | None = None) -> Table:
+    """The per-class stats as a rich table, one row per class."""
+    table = Table(title=title)
+    table.add_column("class", style="bold")
+    for col in (*STAT_COLUMNS, "errors"):
+        table.add_column(col, justify="right")
+    for name, c in sorted(stats["classes"].items()):
+        errs = ", ".join(f"{k}={v}" for k, v in c["errors"].items() if v) or "0"
+        table.add_row(name, *(f"{c[col]:,}" for col in STAT_COLUMNS), errs)
+    return table
+
+
+def clients_table(stats: dict[str, Any]) -> Table:
+    table = Table(title="clients")
+    for col in ("id", "pid", "name", "class", "live", "cached"):
+        table.add_column(col, justify="right" if col not in ("name", "class") else "left")
+    for c in stats["clients"]:
+        rows = sorted(c["classes"].items()) or [("-", {"live": 0, "cached": 0})]
+        for cls, f in rows:
+            table.add_row(str(c["id"]), str(c["pid"]), c["name"] or "-", cls, f"{f['live']:,}", f"{f['cached']:,}")
+    return table
+
+
+def classes_table(stats: dict[str, Any]) -> Table:
+    table = Table(title="classes")
+    for col in ("class", "id", "size", "stride", "zero_init", "runs", "reserved_bytes"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, c in sorted(stats["classes"].items(), key=lambda kv: kv[1]["id"]):
+        table.add_row(name, str(c["id"]), f"{c['size']:,}", f"{c['stride']:,}", str(c["zero_init"]),
+                      str(c["runs"]), f"{c['reserved_bytes']:,}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="slitterctl", description="Query a running slitterd.")
+    p.add_argument("--socket", default=None, help="daemon socket (default: $SLITTER_ADDRESS or the default socket)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("stats", help="per-class figures")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("classes", help="registered classes and their runs")
+    sub.add_parser("clients", help="attached clients: pid, name, live and cached per class")
+    sub.add_parser("ping", help="is the daemon there; protocol version and ops")
+    ns = p.parse_args(argv)
+    where = address.socket_path(ns.socket or address.default_address())
+    transport = Transport(where, ns.timeout)
+    try:
+        if ns.command == "ping":
+            reply = transport.call(Op.PING)
+            print(f"slitterd pid {reply['pid']} instance '{reply['instance']}' protocol v{reply['version']} "
+                  f"ops: {', '.join(reply['ops'])}")
+            return 0
+        stats = transport.call(Op.STATS)
+    except errors.DaemonUnavailable as exc:
+        print(f"slitterctl: {exc}", file=sys.stderr)
+        return 1
+    except errors.SlitterError as exc:
+        print(f"slitterctl: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        transport.close()
+    console = Console()
+    if ns.command == "stats":
+        if ns.json:
+            print(json.dumps({k: stats[k] for k in ("instance", "classes", "clients")}, indent=2))
+        else:
+            console.print(stats_table(stats, title=f"slitter instance '{stats['instance']['name']}'"))
+    elif ns.command == "classes":
+        console.print(classes_table(stats))
+    elif ns.command == "clients":
+        console.print(clients_table(stats))
+    return 0
+

@@ -1,0 +1,72 @@
+"""A ``Depot`` holds the free objects of one class.
+
+Clients' refills drain it and their flushes (after the audit) fill it; when
+it runs dry it carves fresh objects from the class's current run, and asks
+the ``Mill`` for a new run when that one is used up.  Objects in the depot
+have their depot bit set in the meta segment, so the audit refuses any
+handle that is already here.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from slitter._native import ffi, lib
+
+from slitterd.arena import Arena
+from slitterd.mill import Mill, Run
+
+
+class Depot:
+    """Free objects and bump carving for one class."""
+
+    def __init__(self, arena: Arena, mill: Mill, class_id: int) -> None:
+        self.arena = arena
+        self.mill = mill
+        self.class_id = class_id
+        self.stride = arena.classes[class_id].stride
+        self.free = array("Q")
+        self.run: Run | None = None
+        self.carved = 0
+        self.runs = 0
+        self.refills = 0
+        self.flushes = 0
+
+    def take(self, n: int) -> array:
+        """Up to ``n`` objects: free ones first, then freshly carved.
+
+        Returns fewer than ``n`` only when the arena is exhausted after at
+        least one object was found.
+
+        Raises:
+            OutOfMemory: not a single object could be found or carved.
+        """
+        taken = self.free[-n:] if n <= len(self.free) else self.free[:]
+        del self.free[len(self.free) - len(taken):]
+        if taken:
+            lib.slitter_depot_take(self.arena.view, ffi.from_buffer("uint64_t[]", taken), len(taken))
+        while len(taken) < n:
+            try:
+                taken.extend(self._carve(n - len(taken)))
+            except MemoryError:
+                if taken:
+                    break
+                raise
+        return taken
+
+    def _carve(self, n: int) -> array:
+        if self.run is None or self.run.next_index == self.run.nobjects:
+            self.run = self.mill.carve_run(self.class_id)
+            self.runs += 1
+        run = self.run
+        count = min(n, run.nobjects - run.next_index)
+        out = array("Q", bytes(8 * count))
+        lib.slitter_carve(ffi.from_buffer("uint64_t[]", out), run.base + run.next_index * self.stride,
+                          self.stride, count)
+        run.next_index += count
+        self.carved += count
+        return out
+
+    def give(self, handles: array) -> None:
+        """Take back audited objects (their depot bits are already set)."""
+        self.free.extend(handles)

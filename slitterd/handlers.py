@@ -1,0 +1,97 @@
+"""What the daemon does for each protocol op: one function per op, one table.
+
+``protocol.parse_request`` has already checked every field's type and range;
+handlers check what only the instance knows (client and token, class ids,
+thread slots) and raise ``Refusal`` or a ``SlitterError``, which the server
+turns into an error reply.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from slitter import errors
+from slitter._native import lib
+from slitter.protocol import PROTOCOL_VERSION, ErrorCode, Op, Refusal, Request
+
+from slitterd.instance import ClassSpec, Instance
+from slitterd.rack import Client
+
+Reply = dict[str, Any]
+
+
+def _client(inst: Instance, req: Request) -> Client:
+    client = inst.racks.get(req.args["client"], req.args["token"])
+    if client is None:
+        raise Refusal(ErrorCode.UNKNOWN_CLIENT, f"{req.op.value}: no client {req.args['client']} with that token")
+    return client
+
+
+def _slot(inst: Instance, req: Request) -> tuple[Client, int, int]:
+    client = _client(inst, req)
+    thread, class_id = req.args["thread"], req.args["class_id"]
+    if thread >= lib.SLITTER_MAX_THREADS:
+        raise Refusal(ErrorCode.INVALID_FIELD, f"{req.op.value}: thread slot {thread} >= {lib.SLITTER_MAX_THREADS}")
+    if class_id not in inst.depots:
+        raise Refusal(ErrorCode.UNKNOWN_CLASS, f"{req.op.value}: no class with id {class_id}")
+    return client, thread, class_id
+
+
+def ping(inst: Instance, req: Request) -> Reply:
+    return {"version": PROTOCOL_VERSION, "ops": [op.value for op in Op], "instance": inst.name, "pid": os.getpid()}
+
+
+def attach(inst: Instance, req: Request) -> Reply:
+    pid = req.args["pid"]
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        raise Refusal(ErrorCode.INVALID_FIELD, f"attach: pid {pid} is not a live process") from None
+    client = inst.racks.attach(pid, req.args["name"], pidfd)
+    if client is None:
+        os.close(pidfd)
+        raise errors.LimitExceeded(f"attach: all {inst.racks.max_clients} client racks are in use")
+    g = inst.arena.geometry
+    return {"client": client.id, "token": client.token, "rack_index": client.rack_index,
+            "rack_offset": inst.arena.rack_offset(client.rack_index), "rack_size": g.rack_size,
+            "tables_end": g.tables_end, "alloc_bits_off": g.alloc_bits_off, "bits_bytes": g.bits_bytes,
+            "arena_size": g.arena_size, "instance": inst.name, "layout_version": lib.SLITTER_LAYOUT_VERSION}
+
+
+def detach(inst: Instance, req: Request) -> Reply:
+    return {"reclaimed": inst.reclaim(_client(inst, req), "detached")}
+
+
+def register_class(inst: Instance, req: Request) -> Reply:
+    _client(inst, req)
+    a = req.args
+    spec = ClassSpec(a["name"], a["size"], a["zero_init"])
+    class_id = inst.register_class(spec)
+    return {"class_id": class_id, "size": spec.size, "stride": inst.arena.classes[class_id].stride,
+            "zero_init": spec.zero_init}
+
+
+def refill(inst: Instance, req: Request) -> Reply:
+    return {"count": inst.refill(*_slot(inst, req))}
+
+
+def flush(inst: Instance, req: Request) -> Reply:
+    accepted, refused = inst.flush(*_slot(inst, req))
+    return {"accepted": accepted, "refused": [[h, kind] for h, kind in refused]}
+
+
+def stats(inst: Instance, req: Request) -> Reply:
+    return {"instance": inst.instance_stats(), "classes": inst.class_stats(), "clients": inst.client_stats()}
+
+
+HANDLERS: dict[Op, Callable[[Instance, Request], Reply]] = {
+    Op.PING: ping,
+    Op.ATTACH: attach,
+    Op.DETACH: detach,
+    Op.REGISTER_CLASS: register_class,
+    Op.REFILL: refill,
+    Op.FLUSH: flush,
+    Op.STATS: stats,
+}

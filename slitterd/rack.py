@@ -1,0 +1,146 @@
+"""``Racks``: the clients of an instance and their racks in the meta segment.
+
+A rack holds a client's per-thread magazines and fast-path counters.  The
+daemon hands a zeroed rack to each attaching client, sums the racks for
+stats, and when a client leaves (detach, or death seen through its pidfd)
+takes back every cached object, audited, into the depots and keeps the
+client's counters as retired totals so figures stay exact.
+
+Rack contents are written by an untrusted process: every count read from a
+rack is clamped before it indexes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from array import array
+from dataclasses import dataclass, field
+
+from slitter._native import ffi, lib
+
+from slitterd.arena import Arena
+
+MAX_THREADS = lib.SLITTER_MAX_THREADS
+MAX_CLASSES = lib.SLITTER_MAX_CLASSES
+ERR_KINDS = lib.SLITTER_ERR_KINDS
+
+
+@dataclass
+class ClassTotals:
+    """Counters of one class summed over racks (or retired from gone clients)."""
+
+    allocations: int = 0
+    releases: int = 0
+    cached: int = 0
+    errors: list[int] = field(default_factory=lambda: [0] * ERR_KINDS)
+
+    def add(self, other: ClassTotals) -> None:
+        self.allocations += other.allocations
+        self.releases += other.releases
+        self.cached += other.cached
+        for kind in range(ERR_KINDS):
+            self.errors[kind] += other.errors[kind]
+
+
+@dataclass
+class Client:
+    """An attached client: who it is and where its rack is."""
+
+    id: int
+    token: int
+    pid: int
+    name: str
+    rack_index: int
+    pidfd: int | None
+
+
+def touched(mask: int, limit: int):
+    """Indexes of the set bits of ``mask`` below ``limit``."""
+    while mask:
+        low = mask & -mask
+        index = low.bit_length() - 1
+        if index >= limit:
+            return
+        yield index
+        mask ^= low
+
+
+class Racks:
+    """Rack slots and the clients that hold them."""
+
+    def __init__(self, arena: Arena, max_clients: int) -> None:
+        self.arena = arena
+        self.max_clients = min(max_clients, arena.geometry.max_racks)
+        self.clients: dict[int, Client] = {}
+        self.free_racks = list(range(arena.geometry.max_racks - 1, -1, -1))
+        self.next_id = 1
+
+    def attach(self, pid: int, name: str, pidfd: int | None) -> Client | None:
+        """Give a new client a wiped rack; None when every rack is taken."""
+        if len(self.clients) >= self.max_clients or not self.free_racks:
+            return None
+        index = self.free_racks.pop()
+        self.arena.wipe_rack(index)
+        rack = self.arena.rack(index)
+        client = Client(self.next_id, secrets.randbits(64), pid, name, index, pidfd)
+        self.next_id += 1
+        rack.pid, rack.client_id = pid, client.id
+        self.clients[client.id] = client
+        return client
+
+    def get(self, client_id: int, token: int) -> Client | None:
+        """The client with this id and token, or None: ids alone prove nothing."""
+        client = self.clients.get(client_id)
+        if client is None or not secrets.compare_digest(client.token.to_bytes(8, "little"),
+                                                        token.to_bytes(8, "little")):
+            return None
+        return client
+
+    def thread_class(self, client: Client, thread: int, class_id: int):
+        return self.arena.rack(client.rack_index).threads[thread].classes[class_id]
+
+    def magazines(self, client: Client):
+        """(class_id, thread_class) for every magazine pair the client touched."""
+        rack = self.arena.rack(client.rack_index)
+        for thread in touched(rack.threads_touched, MAX_THREADS):
+            slot = rack.threads[thread]
+            for class_id in touched(slot.classes_touched, MAX_CLASSES):
+                yield class_id, slot.classes[class_id]
+
+    def totals(self, client: Client, mag_caps: dict[int, int]) -> dict[int, ClassTotals]:
+        """Per-class counters and cached objects of one client's rack."""
+        out: dict[int, ClassTotals] = {}
+        for class_id, tc in self.magazines(client):
+            if class_id not in mag_caps:
+                continue
+            cap = mag_caps[class_id]
+            t = out.setdefault(class_id, ClassTotals())
+            c = tc.counters
+            t.allocations += c.allocations
+            t.releases += c.releases
+            t.cached += min(tc.alloc_count, cap) + min(tc.release_count, cap)
+            for kind in range(ERR_KINDS):
+                t.errors[kind] += c.errors[kind]
+        return out
+
+    def drain(self, client: Client, class_id: int, tc, cap: int) -> array:
+        """Every handle cached in one magazine pair, emptied."""
+        handles = array("Q")
+        for count_field, mag in (("alloc_count", tc.alloc), ("release_count", tc.release)):
+            count = min(getattr(tc, count_field), cap)
+            if count:
+                buf = array("Q", bytes(8 * count))
+                ffi.memmove(ffi.from_buffer("uint64_t[]", buf), mag, 8 * count)
+                handles.extend(buf)
+            setattr(tc, count_field, 0)
+        return handles
+
+    def release_rack(self, client: Client) -> None:
+        """Forget the client; its rack is wiped when next handed out."""
+        self.clients.pop(client.id, None)
+        self.arena.wipe_rack(client.rack_index)
+        self.free_racks.append(client.rack_index)
+        if client.pidfd is not None:
+            os.close(client.pidfd)
+            client.pidfd = None

@@ -1,0 +1,102 @@
+"""The ``Server``: a plain zmq.Poller loop over the ROUTER socket and client pidfds.
+
+Each frame is decoded and validated (``slitter.protocol``), dispatched to
+``handlers`` and answered; any refusal, and any bug, becomes an error reply
+without a traceback, and the loop goes on.  A client's pidfd turning
+readable means the client died: its rack is reclaimed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import zmq
+
+from slitter import errors, protocol
+from slitter.protocol import ErrorCode, Refusal
+
+from slitterd.handlers import HANDLERS
+from slitterd.instance import Instance
+
+log = logging.getLogger("slitterd")
+
+_EXCEPTION_CODES = {v: k for k, v in reversed(protocol.ERROR_EXCEPTIONS.items())}
+
+
+class Server:
+    """Serves one instance on one socket until stopped."""
+
+    def __init__(self, instance: Instance, endpoint: str) -> None:
+        self.instance = instance
+        self.endpoint = endpoint
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        old = os.umask(0o077)
+        try:
+            self.socket.bind(endpoint)
+        finally:
+            os.umask(old)
+        self.running = False
+        self.requests = 0
+
+    def stop(self, *_args: object) -> None:
+        self.running = False
+
+    def serve(self, on_ready=None) -> None:
+        """Serve until ``stop()`` (SIGTERM/SIGINT call it)."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self.running = True
+        if on_ready is not None:
+            on_ready()
+        while self.running:
+            poller = zmq.Poller()
+            poller.register(self.socket, zmq.POLLIN)
+            pidfds = {c.pidfd: c for c in self.instance.racks.clients.values() if c.pidfd is not None}
+            for fd in pidfds:
+                poller.register(fd, zmq.POLLIN)
+            for item, _ in poller.poll(200):
+                if item is self.socket:
+                    self._drain()
+                elif item in pidfds and pidfds[item].id in self.instance.racks.clients:
+                    self.instance.reclaim(pidfds[item], "died")
+
+    def _drain(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue  # no routing id: nobody to answer
+            reply = self.handle(frames[-1] if len(frames) == 2 else b"")
+            try:
+                self.socket.send_multipart([frames[0], protocol.pack(reply)], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.warning("could not reply: %s", exc)
+
+    def handle(self, frame: bytes) -> dict:
+        """One request frame in, one reply message out; never raises."""
+        self.requests += 1
+        request_id = 0
+        try:
+            req = protocol.parse_request(frame)
+            request_id = req.id
+            return protocol.ok_reply(req.id, **HANDLERS[req.op](self.instance, req))
+        except Refusal as exc:
+            return protocol.error_reply(exc.request_id or request_id, exc.code, exc.message)
+        except errors.SlitterError as exc:
+            code = _EXCEPTION_CODES.get(type(exc), ErrorCode.INTERNAL)
+            return protocol.error_reply(request_id, code, str(exc))
+        except Exception:
+            log.exception("internal error handling request %d", request_id)
+            return protocol.error_reply(request_id, ErrorCode.INTERNAL, "internal error; see the daemon log")
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self.context.term()
