@@ -12,6 +12,9 @@ from slitter._native import ffi, lib
 
 allocate = lib.slitter_allocate
 release = lib.slitter_release
+allocate_key = lib.slitter_allocate_key
+release_key = lib.slitter_release_key
+KEY_BITS = lib.SLITTER_KEY_BITS
 
 OK = lib.SLITTER_OK
 NEED_FLUSH = lib.SLITTER_NEED_FLUSH

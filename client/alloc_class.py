@@ -9,23 +9,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from slitter import _fastpath
+from slitter import _fastpath, errors
 
 if TYPE_CHECKING:
     from slitter.heap import Heap
 
-_allocate = _fastpath.allocate
-_release = _fastpath.release
+_allocate = _fastpath.allocate_key
+_release = _fastpath.release_key
+_KEY_BITS = _fastpath.KEY_BITS
+_FOREIGN = _fastpath.lib.SLITTER_E_FOREIGN_ADDRESS
 
 
 class Class:
     """A registered allocation class.  Get one from ``Heap.register_class``."""
 
-    __slots__ = ("_client", "_heap", "id", "name", "size", "stride", "zero_init")
+    __slots__ = ("_heap", "_key", "id", "name", "size", "stride", "zero_init")
 
     def __init__(self, heap: Heap, class_id: int, name: str, size: int, stride: int, zero_init: bool) -> None:
         self._heap = heap
-        self._client = heap._client
+        # One small int stands for (this heap, this class) in the native calls.
+        self._key = _fastpath.lib.slitter_key_new(heap._client, class_id)
+        if self._key < 0:
+            raise errors.LimitExceeded(f"class '{name}': this process has made every native class key")
         self.id = class_id
         self.name = name
         self.size = size
@@ -39,7 +44,7 @@ class Class:
             OutOfMemory: the arena cannot hold another run of this class.
             DaemonUnavailable: a refill was needed and the daemon did not answer.
         """
-        handle = _allocate(self._client, self.id)
+        handle = _allocate(self._key)
         if handle:
             return handle
         return self._heap._allocate_slow(self)
@@ -51,9 +56,10 @@ class Class:
             ClassMismatch, InteriorPointer, ForeignAddress, DoubleFree.
         """
         try:
-            result = _release(self._client, self.id, handle)
+            # A handle is below 2**48, so anything else overflows the uint64.
+            result = _release(handle << _KEY_BITS | self._key)
         except OverflowError:
-            result = _fastpath.lib.SLITTER_E_FOREIGN_ADDRESS
+            result = _FOREIGN
         if result:
             self._heap._release_slow(self, handle, result)
 

@@ -42,7 +42,7 @@ class Heap:
         self._lock = threading.RLock()
         self._classes: dict[str, Class] = {}
         self._data: Mapping | None = None
-        self._tables = self._bits = self._rack = None
+        self._tables = self._live_map = self._rack = None
         self._guards: GuardApplier | None = None
         self._transport: Transport | None = None
         self._closed = False
@@ -65,7 +65,7 @@ class Heap:
         meta_fd = open_segment(meta_path)
         try:
             self._tables = Mapping(meta_fd, reply["tables_end"], lib.PROT_READ)
-            self._bits = Mapping(meta_fd, reply["bits_bytes"], RW, reply["alloc_bits_off"], noreserve=True)
+            self._live_map = Mapping(meta_fd, reply["live_map_bytes"], RW, reply["live_map_off"], noreserve=True)
             self._rack = Mapping(meta_fd, reply["rack_size"], RW, reply["rack_offset"])
         finally:
             os.close(meta_fd)
@@ -79,7 +79,7 @@ class Heap:
             runs = ffi.cast("struct slitter_run *", self._tables.ptr + header.run_table_off)
             self._guards = GuardApplier(header, runs, self._data)
         self._classes_table = ffi.cast("struct slitter_class *", self._tables.ptr + header.class_table_off)
-        err = lib.slitter_client_open(self._client, self._tables.ptr, self._bits.ptr,
+        err = lib.slitter_client_open(self._client, self._tables.ptr, self._live_map.ptr,
                                       ffi.cast("struct slitter_rack *", self._rack.ptr), self._data.ptr)
         if err:
             raise errors.LimitExceeded(f"cannot open a client of {self.address}: {os.strerror(err)}")
@@ -126,7 +126,7 @@ class Heap:
                 log.warning("detach from %s failed: %s", self.address, exc)
             transport.close()
         lib.slitter_client_close(self._client)
-        for mapping in (self._rack, self._bits, self._tables):
+        for mapping in (self._rack, self._live_map, self._tables):
             if mapping is not None:
                 mapping.close()
         self._data = None  # unmapped when the last view goes

@@ -22,9 +22,23 @@
  * cached slot belongs to.  One compare pair on every call; a thread that
  * alternates between two heaps rebinds through pthread_getspecific().
  */
-static __thread struct slitter_client *tls_client;
-static __thread uint64_t tls_epoch;
-static __thread struct slitter_thread_slot *tls_slot;
+struct slitter__tls {
+    struct slitter_client *client;
+    uint64_t epoch;
+    struct slitter_thread_slot *slot;
+};
+/* initial-exec: a %fs-relative load, not a __tls_get_addr call per access
+ * (the module is dlopen'ed, but 24 bytes fit glibc's static TLS surplus). */
+static __thread struct slitter__tls tls __attribute__((tls_model("initial-exec")));
+
+/*
+ * Class keys: Python passes one small integer instead of (client, class),
+ * because cffi converts a single argument through METH_O and two or more
+ * through a tuple, which costs more than the whole fast path.  Keys are
+ * never reused in a process, so a stale key can only reach a closed client.
+ */
+static struct slitter_key { struct slitter_client *client; uint32_t class_id; } keys[SLITTER_MAX_KEYS];
+static uint32_t next_key = 1;
 
 /* Epochs are unique per open in this process; 0 means closed. */
 static uint64_t next_epoch = 1;
@@ -67,26 +81,26 @@ static void slitter__thread_exit(void *value)
 }
 
 void slitter_view_init(struct slitter_view *v, const void *meta_tables,
-                       void *alloc_bits, void *depot_bits, void *data)
+                       void *live_map, void *depot_bits, void *data)
 {
     const struct slitter_header *h = meta_tables;
     const unsigned char *base = meta_tables;
     v->header = h;
     v->spans = (const struct slitter_span *)(base + h->span_table_off);
     v->classes = (const struct slitter_class *)(base + h->class_table_off);
-    v->alloc_bits = alloc_bits;
+    v->live_map = live_map;
     v->depot_bits = depot_bits;
     v->data = data;
 }
 
 int slitter_client_open(struct slitter_client *c, const void *meta_tables,
-                        void *alloc_bits, struct slitter_rack *rack, void *data)
+                        void *live_map, struct slitter_rack *rack, void *data)
 {
     pthread_key_t key;
     int err = pthread_key_create(&key, slitter__thread_exit);
     if (err != 0)
         return err;
-    slitter_view_init(&c->view, meta_tables, alloc_bits, NULL, data);
+    slitter_view_init(&c->view, meta_tables, live_map, NULL, data);
     c->rack = rack;
     c->thread_key = (unsigned int)key;
     c->has_key = 1;
@@ -127,8 +141,8 @@ void slitter_client_forked(struct slitter_client *c)
     c->epoch = 0;
     c->rack = NULL;
     c->has_key = 0;   /* the key is this process's too; leak it rather than race */
-    tls_client = NULL;
-    tls_slot = NULL;
+    tls.client = NULL;
+    tls.slot = NULL;
 }
 
 int slitter_bind(struct slitter_client *c, uint32_t class_id)
@@ -176,17 +190,17 @@ int slitter_bind(struct slitter_client *c, uint32_t class_id)
         __atomic_fetch_or(&ts->classes_touched, 1ULL << class_id, __ATOMIC_ACQ_REL);
         __atomic_store_n(&tc->capacity, cls->mag_capacity, __ATOMIC_RELEASE);
     }
-    tls_client = c;
-    tls_epoch = c->epoch;
-    tls_slot = ts;
+    tls.client = c;
+    tls.epoch = c->epoch;
+    tls.slot = ts;
     return (int)b->slot;
 }
 
 /* The calling thread's slot in `c`, or NULL: 2 loads and 2 compares. */
 static inline struct slitter_thread_slot *slitter__slot(const struct slitter_client *c)
 {
-    if (slitter_likely(tls_client == c && tls_epoch == c->epoch && tls_epoch != 0))
-        return tls_slot;
+    if (slitter_likely(tls.client == c && tls.epoch == c->epoch && tls.epoch != 0))
+        return tls.slot;
     return NULL;
 }
 
@@ -208,7 +222,7 @@ static inline const struct slitter_span *slitter__span(const struct slitter_view
 }
 
 /*
- * The bitmap index of the object at `handle` in span `sp` of class `cls`, or
+ * The live-map index of the object at `handle` in span `sp` of class `cls`, or
  * -1 - SLITTER_ERR_* when `handle` is not an object start.  One multiply
  * stands in for the division by the stride (Lemire's fastdiv: exact because
  * a run is below 2^31 bytes); a second multiply tells an interior pointer.
@@ -222,7 +236,7 @@ static inline int64_t slitter__object_bit(const struct slitter_span *sp,
         return -1 - SLITTER_ERR_FOREIGN_ADDRESS;    /* guard page or run tail */
     if (slitter_unlikely(index * cls->stride != rel))
         return -1 - SLITTER_ERR_INTERIOR_POINTER;
-    return (int64_t)(sp->bit_base + index);
+    return (int64_t)(sp->obj_base + index);
 }
 
 /* Rare: the allocation magazine is empty; take the release magazine's objects. */
@@ -262,22 +276,21 @@ uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
         uint64_t handle = tc->alloc[n - 1];
         tc->alloc_count = n - 1;
 
-        /* Span and bit: two dependent loads (span entry, bitmap word). */
+        /* Span and live byte: two dependent loads (span entry, live map). */
         const struct slitter_span *sp = slitter__span(&c->view, handle);
-        int64_t bit = -1;
+        int64_t obj = -1;
         if (slitter_likely(sp != NULL && sp->class_id == class_id))
-            bit = slitter__object_bit(sp, cls, handle);
-        if (slitter_likely(bit >= 0)) {
-            /* The one atomic of allocate: a bit already set means a magazine
-             * held a live object, which only rack corruption can cause. */
-            uint64_t mask = 1ULL << (bit & 63);
-            uint64_t old = __atomic_fetch_or(&c->view.alloc_bits[bit >> 6], mask, __ATOMIC_ACQ_REL);
-            if (slitter_likely(!(old & mask))) {
-                tc->counters.allocations++;
-                if (cls->flags & SLITTER_CLASS_ZERO_INIT)
-                    memset(c->view.data + handle, 0, cls->size);
-                return handle;
-            }
+            obj = slitter__object_bit(sp, cls, handle);
+        /* No atomic here: a cached object belongs to this thread alone, and
+         * the live map has a byte per object, so a plain store disturbs no
+         * neighbour.  A set byte means a magazine held a live object, which
+         * only rack corruption can cause. */
+        if (slitter_likely(obj >= 0 && !__atomic_load_n(&c->view.live_map[obj], __ATOMIC_RELAXED))) {
+            __atomic_store_n(&c->view.live_map[obj], 1, __ATOMIC_RELEASE);
+            tc->counters.allocations++;
+            if (cls->flags & SLITTER_CLASS_ZERO_INIT)
+                memset(c->view.data + handle, 0, cls->size);
+            return handle;
         }
         slitter__count_corrupt(tc);   /* drop it, never hand it out twice */
     }
@@ -311,14 +324,13 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
         return slitter__refuse(tc, SLITTER_ERR_CLASS_MISMATCH);
     /* Interior / guard: two multiplies against the class's stride. */
     const struct slitter_class *cls = &c->view.classes[class_id];
-    int64_t bit = slitter__object_bit(sp, cls, handle);
-    if (slitter_unlikely(bit < 0))
-        return slitter__refuse(tc, (int)(-1 - bit));
-    /* Double free: the one atomic of release.  A clear bit means the object
-     * is cached or in the depot already, whoever released it and when. */
-    uint64_t mask = 1ULL << (bit & 63);
-    uint64_t old = __atomic_fetch_and(&c->view.alloc_bits[bit >> 6], ~mask, __ATOMIC_ACQ_REL);
-    if (slitter_unlikely(!(old & mask)))
+    int64_t obj = slitter__object_bit(sp, cls, handle);
+    if (slitter_unlikely(obj < 0))
+        return slitter__refuse(tc, (int)(-1 - obj));
+    /* Double free: the one atomic of the pair (xchg).  A 0 byte means the
+     * object is cached or in the depot already, whoever released it and
+     * when; of two racing releases exactly one sees the 1. */
+    if (slitter_unlikely(__atomic_exchange_n(&c->view.live_map[obj], 0, __ATOMIC_ACQ_REL) == 0))
         return slitter__refuse(tc, SLITTER_ERR_DOUBLE_FREE);
 
     tc->counters.releases++;
@@ -334,6 +346,35 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
     tc->release[r] = handle;
     tc->release_count = r + 1;
     return (r + 1 >= capacity) ? SLITTER_NEED_FLUSH : SLITTER_OK;
+}
+
+int slitter_key_new(struct slitter_client *c, uint32_t class_id)
+{
+    pthread_mutex_lock(&open_lock);
+    int key = -1;
+    if (next_key < SLITTER_MAX_KEYS) {
+        key = (int)next_key++;
+        keys[key].client = c;
+        keys[key].class_id = class_id;
+    }
+    pthread_mutex_unlock(&open_lock);
+    return key;
+}
+
+/* A key's entry is written once, before Python ever sees the key. */
+uint64_t slitter_allocate_key(uint32_t key)
+{
+    if (slitter_unlikely(key >= SLITTER_MAX_KEYS || keys[key].client == NULL))
+        return 0;
+    return slitter_allocate(keys[key].client, keys[key].class_id);
+}
+
+int slitter_release_key(uint64_t packed)
+{
+    uint32_t key = (uint32_t)(packed & (SLITTER_MAX_KEYS - 1));
+    if (slitter_unlikely(keys[key].client == NULL))
+        return SLITTER_NEED_SLOW;
+    return slitter_release(keys[key].client, keys[key].class_id, packed >> SLITTER_KEY_BITS);
 }
 
 void *slitter_object(const struct slitter_view *v, uint64_t handle,
@@ -379,7 +420,7 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id,
             int64_t bit = slitter__object_bit(sp, cls, handle);
             if (bit < 0)
                 kind = (int)(-1 - bit);
-            else if (slitter__test_bit(v->alloc_bits, (uint64_t)bit))
+            else if (__atomic_load_n(&v->live_map[bit], __ATOMIC_ACQUIRE))
                 kind = SLITTER_ERR_CORRUPT;         /* flushed while live */
             else if (slitter__test_bit(v->depot_bits, (uint64_t)bit))
                 kind = SLITTER_ERR_DOUBLE_FREE;     /* in the depot, or twice in this batch */

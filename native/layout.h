@@ -11,9 +11,10 @@
  *                              Span 0 is a guard span; every run of spans
  *                              ends in a guard page.  No allocator metadata.
  *   meta  /slitter.NAME.meta   header | span table | run table | class table
- *                              (clients map these read-only) | alloc bits
- *                              (clients map read-write) | depot bits (daemon
- *                              only) | racks (each client maps its own).
+ *                              (clients map these read-only) | live map,
+ *                              one byte per object (clients map read-write)
+ *                              | depot bits (daemon only) | racks (each
+ *                              client maps its own).
  *
  * A handle is a u64: segment index in the top 16 bits (0: the data segment),
  * byte offset of the object inside that segment below.  Handle 0 is never an
@@ -40,6 +41,8 @@
 #define SLITTER_MAX_THREADS    32          /* thread slots per rack */
 #define SLITTER_MAG_CAP        512         /* handles per magazine, at most */
 #define SLITTER_CLASS_NAME_MAX 48          /* including the NUL */
+#define SLITTER_KEY_BITS       16          /* release_key packs handle << 16 | key */
+#define SLITTER_MAX_KEYS       (1u << SLITTER_KEY_BITS)
 
 /* Error kinds, counted per class in every rack.  Keep in step with
  * slitter.protocol.ErrorCode (tests/test_layout.py checks). */
@@ -77,9 +80,10 @@ struct slitter_header {
     uint64_t run_table_off;    /* struct slitter_run[nspans] */
     uint64_t class_table_off;  /* struct slitter_class[SLITTER_MAX_CLASSES] */
     uint64_t tables_end;       /* end of the read-only part (page aligned) */
-    uint64_t alloc_bits_off;   /* one bit per object: 1 = live */
+    uint64_t live_map_off;     /* one byte per object: 1 = live (see slitter__mark_live) */
+    uint64_t live_map_bytes;
     uint64_t depot_bits_off;   /* one bit per object: 1 = in the depot */
-    uint64_t bits_bytes;       /* size of each bitmap */
+    uint64_t depot_bits_bytes;
     uint64_t rack_area_off;    /* struct slitter_rack, max_racks of them */
     uint64_t rack_size;        /* bytes per rack, page aligned */
     uint32_t max_racks;
@@ -89,7 +93,7 @@ struct slitter_header {
     /* Mutable, written by the daemon only. */
     uint64_t nruns;            /* runs carved so far (grows only) */
     uint64_t next_span;        /* first span not yet in a run */
-    uint64_t bits_used;        /* bitmap bits handed to runs so far */
+    uint64_t objects_mapped;   /* live-map entries handed to runs so far */
     uint32_t nclasses;         /* highest class id in use */
     uint32_t daemon_pid;
 };
@@ -101,7 +105,7 @@ struct slitter_header {
 struct slitter_span {
     uint32_t class_id;
     uint32_t run_first_span;   /* first span of the run this span belongs to */
-    uint64_t bit_base;         /* bitmap index of the run's first object */
+    uint64_t obj_base;         /* live-map index of the run's first object */
 };
 
 /** One entry per run, in carving order; a run is followed by a guard page. */
@@ -110,7 +114,7 @@ struct slitter_run {
     uint32_t nspans;
     uint32_t class_id;
     uint32_t nobjects;
-    uint64_t bit_base;
+    uint64_t obj_base;
 };
 
 /**
@@ -142,7 +146,7 @@ struct slitter_counters {
  *
  * Invariants: alloc_count <= capacity and release_count <= capacity; every
  * handle in `alloc[0..alloc_count)` and `release[0..release_count)` is an
- * object of this class whose alloc bit is clear (cached: not live, not in the
+ * object of this class whose live byte is 0 (cached: not live, not in the
  * depot).  `capacity` is 0 until the thread binds the class (slow path), so
  * an unbound slot always sends the fast path to the slow path.  The daemon
  * writes `alloc` (refill) and drains `release` (flush) only while the owning

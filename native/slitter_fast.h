@@ -22,7 +22,7 @@ struct slitter_view {
     const struct slitter_header *header;
     const struct slitter_span *spans;
     const struct slitter_class *classes;
-    uint64_t *alloc_bits;
+    uint8_t *live_map;
     uint64_t *depot_bits;
     unsigned char *data;
 };
@@ -38,14 +38,14 @@ struct slitter_client {
 
 /** Fill `v` from a mapping of the meta segment's tables (read-only is enough). */
 void slitter_view_init(struct slitter_view *v, const void *meta_tables,
-                       void *alloc_bits, void *depot_bits, void *data);
+                       void *live_map, void *depot_bits, void *data);
 
 /**
  * Open a client over its mappings.  Returns 0, or an errno value when no
  * pthread key is left.
  */
 int slitter_client_open(struct slitter_client *c, const void *meta_tables,
-                        void *alloc_bits, struct slitter_rack *rack, void *data);
+                        void *live_map, struct slitter_rack *rack, void *data);
 
 /** Forget the client: its threads' slots stop resolving.  Idempotent. */
 void slitter_client_close(struct slitter_client *c);
@@ -72,12 +72,28 @@ int slitter_bind(struct slitter_client *c, uint32_t class_id);
 uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id);
 
 /**
- * Check `handle` (foreign, class, interior, double free), mark it free and
+ * Check `handle` (foreign, class, interior, double free), mark it not live and
  * push it.  Returns SLITTER_OK, SLITTER_NEED_FLUSH (released, and the release
  * magazine is full), SLITTER_NEED_SLOW (nothing done), or SLITTER_E_* (the
  * release was refused and nothing changed).
  */
 int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle);
+
+/**
+ * A per-process key for (client, class), for the single-argument calls
+ * below.  Returns the key (>= 1), or -1 when SLITTER_MAX_KEYS were made.
+ */
+int slitter_key_new(struct slitter_client *c, uint32_t class_id);
+
+/** slitter_allocate() for the class behind `key`; 0 means take the slow path. */
+uint64_t slitter_allocate_key(uint32_t key);
+
+/**
+ * slitter_release() of `packed >> SLITTER_KEY_BITS` as the class behind
+ * `packed & (SLITTER_MAX_KEYS - 1)`.  Handles are below 2**48, so the packed
+ * value of a handle that is not fits no uint64_t: cffi refuses it before C.
+ */
+int slitter_release_key(uint64_t packed);
 
 /**
  * Resolve a handle to its object.  Returns a pointer to the object and sets

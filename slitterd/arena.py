@@ -33,9 +33,10 @@ class Geometry:
     run_table_off: int
     class_table_off: int
     tables_end: int
-    alloc_bits_off: int
+    live_map_off: int
+    live_map_bytes: int
     depot_bits_off: int
-    bits_bytes: int
+    depot_bits_bytes: int
     rack_area_off: int
     rack_size: int
     max_racks: int
@@ -54,13 +55,14 @@ class Geometry:
         run_table_off, off = off, page_align(off + nspans * ffi.sizeof("struct slitter_run"))
         class_table_off = off
         tables_end = page_align(off + lib.SLITTER_MAX_CLASSES * ffi.sizeof("struct slitter_class"))
-        bits_bytes = page_align(arena_size // lib.SLITTER_MIN_STRIDE // 8 + 8 * nspans)
-        alloc_bits_off = tables_end
-        depot_bits_off = alloc_bits_off + bits_bytes
-        rack_area_off = depot_bits_off + bits_bytes
+        # A run rounds its first object up to a multiple of 64 entries.
+        objects = arena_size // lib.SLITTER_MIN_STRIDE + 64 * nspans
+        live_map_off, live_map_bytes = tables_end, page_align(objects)
+        depot_bits_off, depot_bits_bytes = live_map_off + live_map_bytes, page_align(objects // 8)
+        rack_area_off = depot_bits_off + depot_bits_bytes
         rack_size = page_align(ffi.sizeof("struct slitter_rack"))
         return cls(arena_size, nspans, span_table_off, run_table_off, class_table_off, tables_end,
-                   alloc_bits_off, depot_bits_off, bits_bytes, rack_area_off, rack_size, max_racks,
+                   live_map_off, live_map_bytes, depot_bits_off, depot_bits_bytes, rack_area_off, rack_size, max_racks,
                    rack_area_off + rack_size * max_racks)
 
 
@@ -86,7 +88,7 @@ class Arena:
     def _init_view(self) -> None:
         """Point the native view at the tables (again, once a new header is written)."""
         base, g = self.meta.ptr, self.geometry
-        lib.slitter_view_init(self.view, base, base + g.alloc_bits_off, base + g.depot_bits_off, self.data.ptr)
+        lib.slitter_view_init(self.view, base, base + g.live_map_off, base + g.depot_bits_off, self.data.ptr)
 
     @classmethod
     def create(cls, instance: str, arena_size: int, max_racks: int, mode: int = 0o600) -> Arena:
@@ -151,8 +153,9 @@ class Arena:
         g, h = self.geometry, self.header
         h.arena_size, h.nspans, h.meta_size = g.arena_size, g.nspans, g.meta_size
         h.span_table_off, h.run_table_off, h.class_table_off = g.span_table_off, g.run_table_off, g.class_table_off
-        h.tables_end, h.alloc_bits_off, h.depot_bits_off = g.tables_end, g.alloc_bits_off, g.depot_bits_off
-        h.bits_bytes, h.rack_area_off, h.rack_size = g.bits_bytes, g.rack_area_off, g.rack_size
+        h.tables_end, h.live_map_off, h.live_map_bytes = g.tables_end, g.live_map_off, g.live_map_bytes
+        h.depot_bits_off, h.depot_bits_bytes = g.depot_bits_off, g.depot_bits_bytes
+        h.rack_area_off, h.rack_size = g.rack_area_off, g.rack_size
         h.max_racks, h.max_classes = g.max_racks, lib.SLITTER_MAX_CLASSES
         h.max_threads, h.mag_cap = lib.SLITTER_MAX_THREADS, lib.SLITTER_MAG_CAP
         h.header_size = ffi.sizeof("struct slitter_header")

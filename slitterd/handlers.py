@@ -56,7 +56,7 @@ def attach(inst: Instance, req: Request) -> Reply:
     g = inst.arena.geometry
     return {"client": client.id, "token": client.token, "rack_index": client.rack_index,
             "rack_offset": inst.arena.rack_offset(client.rack_index), "rack_size": g.rack_size,
-            "tables_end": g.tables_end, "alloc_bits_off": g.alloc_bits_off, "bits_bytes": g.bits_bytes,
+            "tables_end": g.tables_end, "live_map_off": g.live_map_off, "live_map_bytes": g.live_map_bytes,
             "arena_size": g.arena_size, "instance": inst.name, "layout_version": lib.SLITTER_LAYOUT_VERSION}
 
 

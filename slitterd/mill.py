@@ -85,16 +85,16 @@ class Mill:
                     f"class '{name}': shared memory cannot back a run of {object_bytes} bytes "
                     f"({os.strerror(exc.errno)})", class_name=name) from None
             raise
-        bit_base = header.bits_used
+        obj_base = header.objects_mapped
         for span in range(first, first + nspans):
             entry = self.arena.spans[span]
             entry.run_first_span = first
-            entry.bit_base = bit_base
+            entry.obj_base = obj_base
             entry.class_id = class_id
         run = self.arena.runs[header.nruns]
         run.first_span, run.nspans, run.class_id = first, nspans, class_id
-        run.nobjects, run.bit_base = cls.objects_per_run, bit_base
-        header.bits_used = bit_base + -(-cls.objects_per_run // 64) * 64
+        run.nobjects, run.obj_base = cls.objects_per_run, obj_base
+        header.objects_mapped = obj_base + -(-cls.objects_per_run // 64) * 64
         self.arena.data.protect(base + nspans * SPAN - PAGE, PAGE, lib.PROT_NONE)
         # Publish: readers check next_span before they read a span entry.
         header.nruns += 1
