@@ -37,6 +37,8 @@ class spawn_daemon:  # noqa: N801 - used like a function: `with spawn_daemon() a
         self.args = tuple(args)
         self.timeout = timeout
         self.process: subprocess.Popen | None = None
+        #: Segments still present when the daemon had exited (it should remove them itself).
+        self.left_segments: list[Path] = []
 
     def start(self) -> str:
         """Start the daemon and wait until it answers a ping; returns its address."""
@@ -92,7 +94,8 @@ class spawn_daemon:  # noqa: N801 - used like a function: `with spawn_daemon() a
         return code
 
     def _cleanup(self) -> None:
-        for path in _address.segment_paths(self.name):
+        self.left_segments = [p for p in _address.segment_paths(self.name) if p.exists()]
+        for path in self.left_segments:
             path.unlink(missing_ok=True)
         shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -62,10 +62,14 @@ class Heap:
         self._client_id, self._token = reply["client"], reply["token"]
         self.instance = reply["instance"]
         meta_path, data_path = _address.segment_paths(self.instance)
+        # A forked child re-attaches: the tables, live map and arena it inherited
+        # are the same segments, still mapped; only the rack is its own.
         meta_fd = open_segment(meta_path)
         try:
-            self._tables = Mapping(meta_fd, reply["tables_end"], lib.PROT_READ)
-            self._live_map = Mapping(meta_fd, reply["live_map_bytes"], RW, reply["live_map_off"], noreserve=True)
+            if self._tables is None:
+                self._tables = Mapping(meta_fd, reply["tables_end"], lib.PROT_READ)
+                self._live_map = Mapping(meta_fd, reply["live_map_bytes"], RW, reply["live_map_off"],
+                                         noreserve=True)
             self._rack = Mapping(meta_fd, reply["rack_size"], RW, reply["rack_offset"])
         finally:
             os.close(meta_fd)
@@ -78,7 +82,7 @@ class Heap:
                 os.close(data_fd)
             runs = ffi.cast("struct slitter_run *", self._tables.ptr + header.run_table_off)
             self._guards = GuardApplier(header, runs, self._data)
-        self._classes_table = ffi.cast("struct slitter_class *", self._tables.ptr + header.class_table_off)
+            self._classes_table = ffi.cast("struct slitter_class *", self._tables.ptr + header.class_table_off)
         err = lib.slitter_client_open(self._client, self._tables.ptr, self._live_map.ptr,
                                       ffi.cast("struct slitter_rack *", self._rack.ptr), self._data.ptr)
         if err:

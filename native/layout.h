@@ -25,7 +25,7 @@
 
 #include <stdint.h>
 
-#define SLITTER_LAYOUT_MAGIC   0x21524554544C4953ULL /* "SLITTER!" little-endian */
+#define SLITTER_LAYOUT_MAGIC   0x2152455454494C53ULL /* "SLITTER!" little-endian */
 #define SLITTER_LAYOUT_VERSION 1
 
 #define SLITTER_PAGE_SIZE      4096

@@ -21,7 +21,7 @@ from slitterd.arena import Arena
 
 SPAN = lib.SLITTER_SPAN_SIZE
 MIN_RUN_BYTES = 1 << 20
-MIN_RUN_OBJECTS = 64
+MIN_RUN_OBJECTS = 16  # a run is committed whole: keep runs of large objects modest
 
 
 @dataclass(frozen=True)

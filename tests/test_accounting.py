@@ -1,0 +1,99 @@
+"""carved == live + cached + free, whoever comes and goes; steady state sends nothing."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import slitter
+import workers
+
+
+def invariant_holds(stats):
+    return all(c["carved"] == c["live"] + c["cached"] + c["free"] for c in stats["classes"].values())
+
+
+
+def test_invariant_with_several_processes(daemon, heap):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=workers.churn, args=(daemon.address, seed, 100 * seed, queue)) for seed in range(1, 4)]
+    for p in procs:
+        p.start()
+    kept = [item for _ in procs for item in queue.get(timeout=120)]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    stats = heap.stats()
+    assert invariant_holds(stats), stats["classes"]
+    live_expected = {"small": 0, "big": 0}
+    for name, _ in kept:
+        live_expected[name] += 1
+    assert {n: stats["classes"][n]["live"] for n in live_expected} == live_expected
+    # the clients left: nothing of theirs stays cached
+    assert all(c["cached"] == 0 for c in stats["classes"].values())
+    assert [c["pid"] for c in stats["clients"]] == [__import__("os").getpid()]
+    # objects the dead clients allocated are still live and can be released here
+    classes = {n: heap.register_class(n, size=40 if n == "small" else 5000) for n in live_expected}
+    for name, h in kept:
+        classes[name].release(h)
+    stats = heap.stats()
+    assert all(stats["classes"][n]["live"] == 0 for n in live_expected)
+    assert invariant_holds(stats)
+
+
+def test_close_returns_cached_objects_to_the_depot(daemon):
+    with slitter.connect(daemon.address) as a:
+        cls = a.register_class("c", size=64)
+        hs = [cls.allocate() for _ in range(1000)]
+        for h in hs:
+            cls.release(h)
+        assert a.stats()["classes"]["c"]["cached"] > 0
+    with slitter.connect(daemon.address) as b:
+        c = b.stats()["classes"]["c"]
+        assert c["cached"] == 0 and c["live"] == 0 and c["free"] == c["carved"] > 0
+
+
+def test_killed_client_is_reclaimed(daemon, heap):
+    import os
+    import signal
+    import time
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child = slitter.connect(daemon.address)
+            cls = child.register_class("k", size=64)
+            hs = [cls.allocate() for _ in range(700)]
+            for h in hs[:600]:
+                cls.release(h)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, os.WUNTRACED)
+    c = heap.stats()["classes"]["k"]
+    assert c["cached"] > 0 and c["live"] == 100
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stats = heap.stats()
+        if len(stats["clients"]) == 1:
+            break
+        time.sleep(0.05)
+    c = stats["classes"]["k"]
+    assert len(stats["clients"]) == 1
+    assert c["cached"] == 0 and c["live"] == 100
+    assert c["carved"] == c["live"] + c["cached"] + c["free"]
+
+
+def test_steady_cycle_sends_no_message(heap):
+    cls = heap.register_class("steady", size=64)
+    for _ in range(10):
+        cls.release(cls.allocate())
+    before = heap.messages_sent
+    for _ in range(200000):
+        cls.release(cls.allocate())
+    held = [cls.allocate() for _ in range(100)]
+    for h in held:
+        cls.release(h)
+    assert heap.messages_sent == before

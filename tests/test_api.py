@@ -1,0 +1,167 @@
+"""Every call of the public API against a real daemon."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import slitter
+from slitter.protocol import Op
+
+
+def test_register_allocate_view_release(heap):
+    order = heap.register_class("order", size=64, zero_init=True)
+    assert (order.name, order.size, order.zero_init) == ("order", 64, True)
+    h = order.allocate()
+    assert isinstance(h, int) and h != 0
+    view = heap.view(h)
+    assert len(view) == 64 and not view.readonly
+    assert bytes(view) == bytes(64)
+    view[:5] = b"hello"
+    assert bytes(heap.view(h)[:5]) == b"hello"
+    order.release(h)
+
+
+def test_handles_are_distinct_while_live(heap):
+    cls = heap.register_class("c", size=24)
+    handles = [cls.allocate() for _ in range(5000)]
+    assert len(set(handles)) == 5000
+    assert 0 not in handles
+    assert all(h % 16 == 0 for h in handles)
+    for h in handles:
+        cls.release(h)
+
+
+def test_register_class_is_idempotent_for_the_same_spec(heap):
+    a = heap.register_class("same", size=100)
+    b = heap.register_class("same", size=100)
+    assert a.id == b.id
+    h = a.allocate()
+    b.release(h)  # the same class, whichever object names it
+
+
+def test_register_class_with_another_size_raises_class_conflict(heap):
+    heap.register_class("conflict", size=100)
+    with pytest.raises(slitter.ClassConflict, match="conflict.*100.*200"):
+        heap.register_class("conflict", size=200)
+    with pytest.raises(slitter.ClassConflict):
+        heap.register_class("conflict", size=100, zero_init=True)
+
+
+def test_register_class_rejects_bad_specs(heap):
+    with pytest.raises(slitter.ProtocolError, match="size"):
+        heap.register_class("zero", size=0)
+    with pytest.raises(slitter.ProtocolError, match="name"):
+        heap.register_class("x" * 100, size=8)
+    with pytest.raises(TypeError):
+        heap.register_class("t", size="8")
+
+
+def test_view_is_exactly_the_object(heap):
+    small = heap.register_class("small", size=10)
+    h1, h2 = small.allocate(), small.allocate()
+    v1 = heap.view(h1)
+    assert len(v1) == 10
+    v1[:] = b"\xff" * 10
+    with pytest.raises((ValueError, IndexError)):
+        v1[10] = 1
+    v2 = heap.view(h2)
+    assert bytes(v2) != b"\xff" * 10 or h2 == h1  # neighbours untouched
+
+
+def test_view_refuses_what_is_not_an_object(heap):
+    cls = heap.register_class("v", size=64)
+    h = cls.allocate()
+    with pytest.raises(slitter.InteriorPointer, match=hex(h + 8)):
+        heap.view(h + 8)
+    with pytest.raises(slitter.ForeignAddress):
+        heap.view(0)
+    with pytest.raises(slitter.ForeignAddress):
+        heap.view(1 << 60)
+
+
+def test_stats_shape(heap):
+    cls = heap.register_class("s", size=64)
+    handles = [cls.allocate() for _ in range(10)]
+    stats = heap.stats()
+    c = stats["classes"]["s"]
+    for key in ("size", "carved", "live", "cached", "free", "allocations", "releases", "refills",
+                "flushes", "errors"):
+        assert key in c
+    assert c["size"] == 64 and c["live"] == 10 and c["allocations"] == 10
+    assert set(c["errors"]) == {"class_mismatch", "interior_pointer", "foreign_address", "double_free", "corrupt"}
+    assert any(client["pid"] == os.getpid() for client in stats["clients"])
+    for h in handles:
+        cls.release(h)
+
+
+def test_context_manager_closes_and_detaches(daemon):
+    with slitter.connect(daemon.address) as heap:
+        cls = heap.register_class("cm", size=64)
+        cls.allocate()
+        assert len(heap.stats()["clients"]) == 1
+    with pytest.raises(slitter.SlitterError, match="closed"):
+        heap.register_class("cm", size=64)
+    with pytest.raises(slitter.SlitterError, match="closed"):
+        cls.allocate()
+    with slitter.connect(daemon.address) as other:
+        assert other.stats()["clients"][0]["pid"] == os.getpid()
+        assert len(other.stats()["clients"]) == 1
+
+
+def test_close_is_idempotent(daemon):
+    heap = slitter.connect(daemon.address)
+    heap.close()
+    heap.close()
+
+
+def test_connect_uses_slitter_address(daemon, monkeypatch):
+    monkeypatch.setenv("SLITTER_ADDRESS", daemon.address)
+    with slitter.connect() as heap:
+        assert heap.address == daemon.address
+
+
+def test_connect_accepts_ipc_endpoint(daemon):
+    with slitter.connect("ipc://" + daemon.address) as heap:
+        assert heap.register_class("ipc", size=8).allocate()
+
+
+def test_no_daemon_raises_daemon_unavailable_naming_the_address(tmp_path):
+    missing = str(tmp_path / "nobody.sock")
+    with pytest.raises(slitter.DaemonUnavailable, match=missing) as info:
+        slitter.connect(missing, timeout=0.5)
+    assert info.value.address == missing
+    assert isinstance(info.value, ConnectionError)
+
+
+def test_socket_without_daemon_times_out_as_daemon_unavailable(tmp_path):
+    stale = tmp_path / "stale.sock"
+    stale.touch()
+    with pytest.raises(slitter.DaemonUnavailable, match=str(stale)):
+        slitter.connect(str(stale), timeout=0.3)
+
+
+def test_spawn_daemon_yields_an_address_and_cleans_up():
+    d = slitter.spawn_daemon(arena_size="256M")
+    with d as addr:
+        assert os.path.exists(addr)
+        with slitter.connect(addr) as heap:
+            heap.register_class("x", size=8).allocate()
+        paths = slitter.address.segment_paths(d.name)
+        assert all(p.exists() for p in paths)
+    assert not os.path.exists(addr)
+    assert not any(p.exists() for p in paths)
+
+
+def test_ping_reports_version_and_ops(daemon):
+    from slitter._transport import Transport
+
+    t = Transport(daemon.address, 5)
+    try:
+        reply = t.call(Op.PING)
+    finally:
+        t.close()
+    assert reply["version"] == slitter.protocol.PROTOCOL_VERSION
+    assert set(reply["ops"]) == {op.value for op in Op}
+    assert reply["pid"] == daemon.pid

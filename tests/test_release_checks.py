@@ -1,0 +1,147 @@
+"""Every release check: refused, reported with handle and class, nothing changed."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+import slitter
+import workers
+from slitter._native import lib
+
+
+@pytest.fixture
+def classes(heap):
+    return heap.register_class("order", size=64), heap.register_class("trade", size=1000)
+
+
+def errors_of(heap, name):
+    return heap.stats()["classes"][name]["errors"]
+
+
+def test_class_mismatch(heap, classes):
+    order, trade = classes
+    h = trade.allocate()
+    with pytest.raises(slitter.ClassMismatch) as info:
+        order.release(h)
+    err = info.value
+    assert err.handle == h and err.class_name == "order" and err.expected_class == "trade"
+    assert hex(h) in str(err) and "'order'" in str(err) and "'trade'" in str(err)
+    assert isinstance(err, slitter.ReleaseError)
+    trade.release(h)  # refused means unchanged: still live, the right release works
+    assert errors_of(heap, "order")["class_mismatch"] == 1
+
+
+def test_interior_pointer(heap, classes):
+    _, trade = classes
+    h = trade.allocate()
+    for delta in (1, 8, 999):
+        with pytest.raises(slitter.InteriorPointer, match=f"{h + delta:#x}.*'trade'"):
+            trade.release(h + delta)
+    trade.release(h)
+    assert errors_of(heap, "trade")["interior_pointer"] == 3
+
+
+@pytest.mark.parametrize("bad", [
+    0,                       # NULL
+    12345,                   # the guard span before the first run
+    1 << 40,                 # inside the arena, in a span no class owns
+    (1 << 48) - 16,          # beyond the arena
+    1 << 48,                 # another segment index
+    (1 << 64) - 1,           # largest u64
+    1 << 70,                 # not a u64 at all
+    -16,                     # negative
+])
+def test_foreign_address(heap, classes, bad):
+    order, _ = classes
+    order.allocate()
+    with pytest.raises(slitter.ForeignAddress) as info:
+        order.release(bad)
+    assert info.value.class_name == "order" and "'order'" in str(info.value)
+
+
+def test_guard_page_and_run_tail_are_foreign(heap, classes):
+    order, _ = classes
+    h = order.allocate()
+    cls = heap._classes_table[order.id]
+    run_start = h & ~(lib.SLITTER_SPAN_SIZE - 1)  # the first run starts at span 1
+    run_end = run_start + cls.spans_per_run * lib.SLITTER_SPAN_SIZE
+    first_after_objects = run_start + cls.objects_per_run * cls.stride
+    for bad in (first_after_objects, run_end - lib.SLITTER_PAGE_SIZE, run_end - 64):
+        with pytest.raises(slitter.ForeignAddress):
+            order.release(bad)
+
+
+def test_double_free_back_to_back(heap, classes):
+    order, _ = classes
+    h = order.allocate()
+    order.release(h)
+    with pytest.raises(slitter.DoubleFree) as info:
+        order.release(h)
+    assert info.value.handle == h and hex(h) in str(info.value) and "'order'" in str(info.value)
+    assert errors_of(heap, "order")["double_free"] == 1
+
+
+def test_double_free_after_many_other_releases_and_flushes(heap, classes):
+    order, _ = classes
+    victim = order.allocate()
+    others = [order.allocate() for _ in range(5000)]
+    order.release(victim)
+    for h in others:  # enough to flush the victim's magazine to the depot
+        order.release(h)
+    assert heap.stats()["classes"]["order"]["flushes"] > 0
+    with pytest.raises(slitter.DoubleFree):
+        order.release(victim)
+    # and the victim is handed out exactly once afterwards
+    again = [order.allocate() for _ in range(6000)]
+    assert len(set(again)) == len(again)
+
+
+def test_refused_release_changes_nothing(heap, classes):
+    order, trade = classes
+    h = order.allocate()
+    before = heap.stats()["classes"]["order"]
+    for bad_call in (lambda: trade.release(h), lambda: order.release(h + 16)):
+        with pytest.raises(slitter.ReleaseError):
+            bad_call()
+    after = heap.stats()["classes"]["order"]
+    for key in ("live", "cached", "free", "carved", "releases"):
+        assert before[key] == after[key], key
+    order.release(h)
+
+
+
+def test_double_free_across_processes(daemon, heap, classes):
+    order, _ = classes
+    h = order.allocate()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    first = ctx.Process(target=workers.release_in_child, args=(daemon.address, h, queue))
+    first.start()
+    assert queue.get(timeout=30) == "released"
+    first.join(30)
+    # the same handle again: from this process, and from yet another one
+    with pytest.raises(slitter.DoubleFree):
+        order.release(h)
+    second = ctx.Process(target=workers.release_in_child, args=(daemon.address, h, queue))
+    second.start()
+    result = queue.get(timeout=30)
+    second.join(30)
+    assert result.startswith("DoubleFree:") and hex(h) in result
+
+
+def test_racing_releases_of_one_object_succeed_once(daemon, heap):
+    """Two processes release the same objects at once: exactly one wins each."""
+    cls = heap.register_class("race", size=32)
+    handles = [cls.allocate() for _ in range(3000)]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=workers.release_all, args=(daemon.address, handles, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert sum(r[0] for r in results) == len(handles)
+    assert sum(r[1] for r in results) == len(handles)
