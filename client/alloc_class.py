@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 _allocate = _fastpath.allocate_key
 _release = _fastpath.release_key
-_KEY_BITS = _fastpath.KEY_BITS
+assert _fastpath.KEY_BITS == 16
 _FOREIGN = _fastpath.lib.SLITTER_E_FOREIGN_ADDRESS
 
 
@@ -57,7 +57,8 @@ class Class:
         """
         try:
             # A handle is below 2**48, so anything else overflows the uint64.
-            result = _release(handle << _KEY_BITS | self._key)
+            # 16 is SLITTER_KEY_BITS, a literal so the compiler folds it.
+            result = _release(handle << 16 | self._key)
         except OverflowError:
             result = _FOREIGN
         if result:

@@ -67,10 +67,11 @@ class Heap:
         meta_fd = open_segment(meta_path)
         try:
             if self._tables is None:
-                self._tables = Mapping(meta_fd, reply["tables_end"], lib.PROT_READ)
+                # Tables read-only; every metadata mapping between guard pages.
+                self._tables = Mapping(meta_fd, reply["tables_end"], lib.PROT_READ, guarded=True)
                 self._live_map = Mapping(meta_fd, reply["live_map_bytes"], RW, reply["live_map_off"],
-                                         noreserve=True)
-            self._rack = Mapping(meta_fd, reply["rack_size"], RW, reply["rack_offset"])
+                                         noreserve=True, guarded=True)
+            self._rack = Mapping(meta_fd, reply["rack_size"], RW, reply["rack_offset"], guarded=True)
         finally:
             os.close(meta_fd)
         header = ffi.cast("struct slitter_header *", self._tables.ptr)

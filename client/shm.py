@@ -24,16 +24,31 @@ def page_align(n: int) -> int:
 
 
 class Mapping:
-    """One mmap(2) of a segment range; unmapped by ``close()`` or when collected."""
+    """One mmap(2) of a segment range; unmapped by ``close()`` or when collected.
 
-    def __init__(self, fd: int, length: int, prot: int, offset: int = 0, *, noreserve: bool = False) -> None:
+    With ``guarded=True`` the range sits between two PROT_NONE pages of an
+    anonymous reservation, so a stray access just before or after it faults
+    instead of landing in whatever the kernel mapped next door.
+    """
+
+    def __init__(self, fd: int, length: int, prot: int, offset: int = 0, *, noreserve: bool = False,
+                 guarded: bool = False) -> None:
         flags = lib.MAP_SHARED | (lib.MAP_NORESERVE if noreserve else 0)
-        ptr = lib.mmap(ffi.NULL, length, prot, flags, fd, offset)
-        if int(ffi.cast("intptr_t", ptr)) == -1:
-            err = ffi.errno
-            raise OSError(err, f"mmap of {length} bytes at offset {offset}: {os.strerror(err)}")
-        self.ptr = ffi.cast("unsigned char *", ptr)
         self.length = length
+        self.reserved = None
+        if guarded:
+            reserve = length + 2 * PAGE
+            base = _check(lib.mmap(ffi.NULL, reserve, lib.PROT_NONE,
+                                   lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE, -1, 0), reserve, 0)
+            self.reserved = (base, reserve)
+            try:
+                ptr = _check(lib.mmap(base + PAGE, length, prot, flags | lib.MAP_FIXED, fd, offset), length, offset)
+            except OSError:
+                lib.munmap(base, reserve)
+                raise
+        else:
+            ptr = _check(lib.mmap(ffi.NULL, length, prot, flags, fd, offset), length, offset)
+        self.ptr = ffi.cast("unsigned char *", ptr)
 
     def protect(self, offset: int, length: int, prot: int) -> None:
         """mprotect(2) a page-aligned range of this mapping."""
@@ -42,13 +57,23 @@ class Mapping:
             raise OSError(err, f"mprotect at offset {offset:#x}: {os.strerror(err)}")
 
     def close(self) -> None:
-        """Unmap; idempotent."""
+        """Unmap (with the guard pages); idempotent."""
         if self.ptr is not None:
-            lib.munmap(self.ptr, self.length)
+            if self.reserved is not None:
+                lib.munmap(*self.reserved)
+            else:
+                lib.munmap(self.ptr, self.length)
             self.ptr = None
 
     def __del__(self) -> None:
         self.close()
+
+
+def _check(ptr, length: int, offset: int):
+    if int(ffi.cast("intptr_t", ptr)) == -1:
+        err = ffi.errno
+        raise OSError(err, f"mmap of {length} bytes at offset {offset}: {os.strerror(err)}")
+    return ffi.cast("unsigned char *", ptr)
 
 
 def open_segment(path: Path, *, create: bool = False, mode: int = 0o600) -> int:

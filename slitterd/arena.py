@@ -74,7 +74,7 @@ class Arena:
         self.meta_fd = meta_fd
         self.data_fd = data_fd
         self.geometry = geometry
-        self.meta = Mapping(meta_fd, geometry.meta_size, RW, noreserve=True)
+        self.meta = Mapping(meta_fd, geometry.meta_size, RW, noreserve=True, guarded=True)
         self.data = Mapping(data_fd, geometry.arena_size, RW, noreserve=True)
         base = self.meta.ptr
         self.header = ffi.cast("struct slitter_header *", base)

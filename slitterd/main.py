@@ -10,7 +10,7 @@ from pathlib import Path
 from slitter import address
 
 from slitterd import config
-from slitterd.arena import Arena, LayoutError, remove_segments
+from slitterd.arena import Arena, Geometry, LayoutError, remove_segments
 from slitterd.instance import Instance
 from slitterd.server import Server
 
@@ -49,6 +49,14 @@ def open_arena(cfg: config.Config) -> Arena:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config.from_args(argv)
+    try:
+        Geometry.for_arena(cfg.arena_size, cfg.max_clients)
+    except ValueError as exc:
+        print(f"slitterd: --arena-size: {exc}", file=sys.stderr)
+        return 2
+    if cfg.max_clients < 1:
+        print("slitterd: --max-clients: must be at least 1", file=sys.stderr)
+        return 2
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format="%(asctime)s slitterd[%(process)d] %(levelname)s %(message)s")
     sock = Path(cfg.socket)

@@ -127,7 +127,7 @@ def test_client_exit_never_unlinks_the_segments(daemon):
         heap.register_class("x", size=8).allocate()
         """)
     for _ in range(2):
-        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd="/")
     assert all(p.exists() for p in slitter.address.segment_paths(daemon.name))
     with slitter.connect(daemon.address) as heap:
         assert heap.stats()["classes"]["x"]["live"] == 2
@@ -154,7 +154,8 @@ def test_named_instance_keeps_segments_on_sigterm_and_ephemeral_removes_them(man
 def test_restart_over_a_live_daemon_is_refused(manual_daemon, tmp_path):
     d = manual_daemon("--ephemeral").start()
     second = subprocess.run([sys.executable, "-m", "slitterd", "--name", d.name, "--socket",
-                             str(tmp_path / "other.sock")], capture_output=True, text=True, timeout=60)
+                             str(tmp_path / "other.sock")], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
     assert second.returncode != 0 and f"served by pid {d.proc.pid}" in second.stderr
 
 
@@ -165,7 +166,8 @@ def test_damaged_header_is_refused(manual_daemon, tmp_path):
     with open(meta, "r+b") as f:
         f.write(b"garbage!")
     again = subprocess.run([sys.executable, "-m", "slitterd", "--name", d.name, "--socket",
-                            str(tmp_path / "x.sock")], capture_output=True, text=True, timeout=60)
+                            str(tmp_path / "x.sock")], capture_output=True, text=True, timeout=60,
+                           cwd=tmp_path)
     assert again.returncode != 0 and "bad magic" in again.stderr
 
 
@@ -191,6 +193,6 @@ def test_full_dev_shm_is_out_of_memory_not_sigbus():
         pytest.skip(f"cannot make a private mount namespace here: {probe.stderr.decode().strip()}")
     cmd = f"mount -t tmpfs -o size=48m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
     result = subprocess.run([*unshare, "sh", "-c", cmd, FULL_SHM_SCRIPT], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OOM after" in result.stdout and "served" in result.stdout, result.stdout

@@ -40,3 +40,10 @@ def test_protocol_doc_names_every_op_and_error_code():
     for fields in protocol.REQUEST_FIELDS.values():
         for field in fields:
             assert f"`{field.name}`" in doc, field.name
+
+
+def test_tests_use_the_installed_package():
+    import slitter
+    import slitterd
+
+    assert "site-packages" in slitter.__file__ and "site-packages" in slitterd.__file__
