@@ -8,6 +8,7 @@ A timeout closes the socket and opens a fresh one, then raises
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import threading
@@ -32,6 +33,8 @@ class Transport:
         self.context = zmq.Context()
         self.socket = None
         self.messages = 0
+        #: Requests sent, by op name (tests and bench/ count slow-path trips).
+        self.sent: collections.Counter[str] = collections.Counter()
 
     def _open(self) -> zmq.Socket:
         if not os.path.exists(self.address):
@@ -55,6 +58,7 @@ class Transport:
             request_id = next(self.ids)
             self.socket.send(protocol.pack(protocol.request(op, request_id, **args)))
             self.messages += 1
+            self.sent[op.value] += 1
             while True:
                 if not self.socket.poll(self.timeout_ms, zmq.POLLIN):
                     self.socket.close(0)

@@ -23,9 +23,10 @@ _FOREIGN = _fastpath.lib.SLITTER_E_FOREIGN_ADDRESS
 class Class:
     """A registered allocation class.  Get one from ``Heap.register_class``."""
 
-    __slots__ = ("_heap", "_key", "id", "name", "size", "stride", "zero_init")
+    __slots__ = ("_heap", "_key", "id", "name", "policy", "size", "stride", "zero_init")
 
-    def __init__(self, heap: Heap, class_id: int, name: str, size: int, stride: int, zero_init: bool) -> None:
+    def __init__(self, heap: Heap, class_id: int, name: str, size: int, stride: int, zero_init: bool,
+                 policy: str) -> None:
         self._heap = heap
         # One small int stands for (this heap, this class) in the native calls.
         self._key = _fastpath.lib.slitter_key_new(heap._client, class_id)
@@ -36,6 +37,8 @@ class Class:
         self.size = size
         self.stride = stride
         self.zero_init = zero_init
+        #: What a refused release does here, unless the heap was given a policy.
+        self.policy = policy
 
     def allocate(self) -> int:
         """A handle to a fresh object of this class (zeroed if ``zero_init``).
@@ -53,7 +56,9 @@ class Class:
         """Give an object back.  Checked in O(1); on error nothing changes.
 
         Raises:
-            ClassMismatch, InteriorPointer, ForeignAddress, DoubleFree.
+            ClassMismatch, InteriorPointer, ForeignAddress, DoubleFree: under the
+            "raise" policy (the default); "log" logs and returns, "abort" aborts.
+            Every refusal is reported to the daemon's audit log first.
         """
         try:
             # A handle is below 2**48, so anything else overflows the uint64.

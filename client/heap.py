@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import weakref
 from typing import Any
@@ -21,7 +22,7 @@ from slitter import address as _address
 from slitter._native import ffi, lib
 from slitter._transport import Transport
 from slitter.alloc_class import Class
-from slitter.protocol import Op
+from slitter.protocol import ERROR_KINDS, POLICIES, U64, Op
 from slitter.shm import RW, GuardApplier, Mapping, open_segment
 
 log = logging.getLogger("slitter")
@@ -33,9 +34,14 @@ _ORPHANS: list[object] = []  # a forked child's inherited transports: never touc
 class Heap:
     """A connection to slitterd.  Use ``slitter.connect()``; close it, or use ``with``."""
 
-    def __init__(self, address: str | None = None, *, name: str = "", timeout: float = 5.0) -> None:
+    def __init__(self, address: str | None = None, *, name: str = "", timeout: float = 5.0,
+                 policy: str | None = None) -> None:
+        if policy is not None and policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self.address = _address.socket_path(address or _address.default_address())
         self.name = name
+        #: This client's error policy; None defers to each class's.
+        self.policy = policy
         self._timeout = timeout
         self._client = ffi.new("struct slitter_client *")
         self._view = ffi.addressof(self._client[0], "view")
@@ -144,19 +150,22 @@ class Heap:
 
     # -- public API ------------------------------------------------------
 
-    def register_class(self, name: str, size: int, *, zero_init: bool = False) -> Class:
+    def register_class(self, name: str, size: int, *, zero_init: bool = False, policy: str | None = None) -> Class:
         """The class ``name`` of ``size``-byte objects, created on first registration.
 
-        Idempotent for the same spec.
+        Idempotent for the same spec.  ``policy`` ("raise", "log" or "abort")
+        is the class's error policy for every client; it is set once.
 
         Raises:
-            ClassConflict: ``name`` exists with another size or zero_init.
+            ClassConflict: ``name`` exists with another size, zero_init or policy.
         """
         if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool):
             raise TypeError("register_class(name: str, size: int, zero_init: bool)")
+        if policy is not None and policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self._ensure_attached()
-        reply = self._call(Op.REGISTER_CLASS, name=name, size=size, zero_init=bool(zero_init))
-        cls = Class(self, reply["class_id"], name, size, reply["stride"], reply["zero_init"])
+        reply = self._call(Op.REGISTER_CLASS, name=name, size=size, zero_init=bool(zero_init), policy=policy or "")
+        cls = Class(self, reply["class_id"], name, size, reply["stride"], reply["zero_init"], reply["policy"])
         self._classes[name] = cls
         return cls
 
@@ -185,6 +194,15 @@ class Heap:
         reply = self._call(Op.STATS)
         return {k: reply[k] for k in ("instance", "classes", "clients")}
 
+    def audit(self, since: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """The daemon's audit log after sequence ``since``: entries, next, counters, dropped.
+
+        Each entry is [seq, time, pid, class, handle, kind, source].
+        """
+        self._ensure_attached()
+        reply = self._call(Op.AUDIT, since=since, limit=limit)
+        return {k: reply[k] for k in ("entries", "next", "counters", "dropped")}
+
     @property
     def messages_sent(self) -> int:
         """Requests this heap has sent since it (re)attached; for tests and bench/."""
@@ -193,7 +211,7 @@ class Heap:
     # -- slow path -------------------------------------------------------
 
     def _call(self, op: Op, **args: Any) -> dict[str, Any]:
-        if op not in (Op.PING, Op.STATS):
+        if op not in (Op.PING, Op.STATS, Op.AUDIT):
             args = {"client": self._client_id, "token": self._token, **args}
         return self._transport.call(op, **args)
 
@@ -229,7 +247,8 @@ class Heap:
     def _release_slow(self, cls: Class, handle: int, result: int) -> None:
         for _ in range(8):
             if result < 0:
-                raise self._release_error(cls, handle, result)
+                self._refused(cls, handle, -1 - result)
+                return
             if result == _fastpath.OK:
                 return
             slot = self._bind(cls)
@@ -248,13 +267,31 @@ class Heap:
         for handle, kind in reply["refused"]:
             log.warning("the daemon's audit refused handle %#x of class '%s': %s", handle, cls.name, kind)
 
-    def _release_error(self, cls: Class, handle: int, result: int) -> errors.ReleaseError:
-        kind = -1 - result
+    def _refused(self, cls: Class, handle: object, kind: int) -> None:
+        """A release was refused: report it, then apply the error policy."""
         owner = None
         if kind == lib.SLITTER_ERR_CLASS_MISMATCH:
             _ptr, owner_id, _kind = _fastpath.locate(self._view, handle)
             owner = self._class_name(owner_id) if owner_id else None
-        return _fastpath.release_error(kind, handle, cls.name, owner)
+        err = _fastpath.release_error(kind, handle, cls.name, owner)
+        in_range = isinstance(handle, int) and 0 <= handle <= U64
+        if not in_range:
+            # cffi refused it before C could count it: count it here.
+            self._bind(cls)
+            lib.slitter_count_error(self._client, cls.id, kind)
+        try:
+            self._call(Op.REPORT, class_id=cls.id, handle=handle if in_range else U64, kind=kind)
+        except errors.SlitterError as exc:
+            log.warning("could not report %s to the audit log: %s", ERROR_KINDS[kind], exc)
+        policy = self.policy or cls.policy
+        if policy == "log":
+            log.error("%s: %s (policy 'log': refused and carrying on)", type(err).__name__, err)
+            return
+        if policy == "abort":
+            sys.stderr.write(f"slitter: {type(err).__name__}: {err}; aborting (policy 'abort')\n")
+            sys.stderr.flush()
+            os.abort()
+        raise err
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"client {self._client_id}"
@@ -269,10 +306,13 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def connect(address: str | None = None, *, name: str = "", timeout: float = 5.0) -> Heap:
+def connect(address: str | None = None, *, name: str = "", timeout: float = 5.0, policy: str | None = None) -> Heap:
     """Attach to slitterd at ``address`` (default: $SLITTER_ADDRESS, else the default socket).
+
+    ``policy`` ("raise", "log" or "abort") overrides every class's error
+    policy for this client.
 
     Raises:
         DaemonUnavailable: nothing answered at the address.
     """
-    return Heap(address, name=name, timeout=timeout)
+    return Heap(address, name=name, timeout=timeout, policy=policy)

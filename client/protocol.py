@@ -39,6 +39,8 @@ class Op(str, enum.Enum):
     REFILL = "refill"
     FLUSH = "flush"
     STATS = "stats"
+    REPORT = "report"
+    AUDIT = "audit"
 
 
 class ErrorCode(enum.IntEnum):
@@ -83,6 +85,10 @@ ERROR_EXCEPTIONS: dict[ErrorCode, type[errors.SlitterError]] = {
 #: Error kinds as the fast path counts them (index k = ErrorCode 20 + k).
 ERROR_KINDS = ("class_mismatch", "interior_pointer", "foreign_address", "double_free", "corrupt")
 
+#: What a client does when a release is refused: raise the named exception,
+#: log it and carry on, or abort the process (SIGABRT) after reporting it.
+POLICIES = ("raise", "log", "abort")
+
 
 @dataclass(frozen=True)
 class Field:
@@ -109,10 +115,17 @@ REQUEST_FIELDS: dict[Op, tuple[Field, ...]] = {
     Op.REGISTER_CLASS: (*_CLIENT,
                         Field("name", str, 1, MAX_CLASS_NAME, "class name"),
                         Field("size", int, 1, MAX_OBJECT_SIZE, "object size in bytes"),
-                        Field("zero_init", bool, doc="objects read as zeros when allocated")),
+                        Field("zero_init", bool, doc="objects read as zeros when allocated"),
+                        Field("policy", str, 0, 5, "error policy of the class: raise, log, abort; '' keeps it")),
     Op.REFILL: (*_CLIENT, *_SLOT),
     Op.FLUSH: (*_CLIENT, *_SLOT),
     Op.STATS: (),
+    Op.REPORT: (*_CLIENT,
+                Field("class_id", int, 1, 63, "the class the release named"),
+                Field("handle", int, 0, U64, "the refused handle (2**64-1 when it was not a u64)"),
+                Field("kind", int, 0, len(ERROR_KINDS) - 1, "index into ERROR_KINDS")),
+    Op.AUDIT: (Field("since", int, 0, U64, "return entries with a sequence number above this"),
+               Field("limit", int, 1, 1000, "at most this many entries")),
 }
 
 #: What each op does and replies; doc/protocol.md says the same at length.
@@ -124,6 +137,8 @@ OP_DOCS: dict[Op, str] = {
     Op.REFILL: "Fill the thread's empty allocation magazine in the rack. Reply: count.",
     Op.FLUSH: "Audit and take back the thread's release magazine. Reply: accepted, refused [[handle, kind]].",
     Op.STATS: "Per-class and per-client figures. Reply: instance, classes, clients.",
+    Op.REPORT: "A release the fast path refused, for the audit log (counted in the rack already). Reply: seq.",
+    Op.AUDIT: "Audit log entries after `since`, and counters per class and kind. Reply: entries, next, counters, dropped.",
 }
 
 _UNPACK_LIMITS = {

@@ -377,6 +377,15 @@ int slitter_release_key(uint64_t packed)
     return slitter_release(keys[key].client, keys[key].class_id, packed >> SLITTER_KEY_BITS);
 }
 
+int slitter_count_error(struct slitter_client *c, uint32_t class_id, int kind)
+{
+    struct slitter_thread_slot *slot = slitter__slot(c);
+    if (slot == NULL || class_id >= SLITTER_MAX_CLASSES || kind < 0 || kind >= SLITTER_ERR_KINDS)
+        return -1;
+    slot->classes[class_id].counters.errors[kind]++;
+    return 0;
+}
+
 void *slitter_object(const struct slitter_view *v, uint64_t handle,
                      uint32_t *class_out, int *kind_out)
 {

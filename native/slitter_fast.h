@@ -96,6 +96,13 @@ uint64_t slitter_allocate_key(uint32_t key);
 int slitter_release_key(uint64_t packed);
 
 /**
+ * Count a refusal that never reached slitter_release() (a handle that is
+ * not even a u64) against the calling thread's counters.  The thread must
+ * be bound (slitter_bind); otherwise nothing is counted and -1 returned.
+ */
+int slitter_count_error(struct slitter_client *c, uint32_t class_id, int kind);
+
+/**
  * Resolve a handle to its object.  Returns a pointer to the object and sets
  * `*class_out`, or returns NULL and sets `*kind_out` to SLITTER_ERR_* (and
  * `*class_out` to the owning class when one owns the span, else 0).

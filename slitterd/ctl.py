@@ -7,8 +7,10 @@ at the address it prints one line naming the address and exits 1.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -54,6 +56,37 @@ def classes_table(stats: dict[str, Any]) -> Table:
     return table
 
 
+def audit_table(reply: dict[str, Any]) -> Table:
+    table = Table(title="audit log")
+    for col in ("seq", "time", "pid", "class", "handle", "kind", "source"):
+        table.add_column(col, justify="right" if col in ("seq", "pid") else "left")
+    for seq, when, pid, cls, handle, kind, source in reply["entries"]:
+        stamp = datetime.datetime.fromtimestamp(when).isoformat(sep=" ", timespec="milliseconds")
+        table.add_row(str(seq), stamp, str(pid), cls, f"{handle:#x}", kind, source)
+    return table
+
+
+def follow_audit(transport: Transport, console: Console, as_json: bool, interval: float = 0.5) -> int:
+    """Print audit entries as they arrive, like `tail -f`, until interrupted."""
+    since = 0
+    try:
+        while True:
+            reply = transport.call(Op.AUDIT, since=since, limit=1000)
+            for seq, when, pid, cls, handle, kind, source in reply["entries"]:
+                if as_json:
+                    print(json.dumps({"seq": seq, "time": when, "pid": pid, "class": cls, "handle": handle,
+                                      "kind": kind, "source": source}), flush=True)
+                else:
+                    stamp = datetime.datetime.fromtimestamp(when).isoformat(sep=" ", timespec="milliseconds")
+                    print(f"{stamp} #{seq} pid {pid} class '{cls}' handle {handle:#x} {kind} ({source})",
+                          flush=True)
+                since = seq
+            if not reply["entries"]:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="slitterctl", description="Query a running slitterd.")
     p.add_argument("--socket", default=None, help="daemon socket (default: $SLITTER_ADDRESS or the default socket)")
@@ -64,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("classes", help="registered classes and their runs")
     sub.add_parser("clients", help="attached clients: pid, name, live and cached per class")
     sub.add_parser("ping", help="is the daemon there; protocol version and ops")
+    a = sub.add_parser("audit", help="refused releases and audit findings, with counters")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
     ns = p.parse_args(argv)
     where = address.socket_path(ns.socket or address.default_address())
     transport = Transport(where, ns.timeout)
@@ -72,6 +108,19 @@ def main(argv: list[str] | None = None) -> int:
             reply = transport.call(Op.PING)
             print(f"slitterd pid {reply['pid']} instance '{reply['instance']}' protocol v{reply['version']} "
                   f"ops: {', '.join(reply['ops'])}")
+            return 0
+        if ns.command == "audit":
+            if ns.follow:
+                return follow_audit(transport, Console(), ns.json)
+            reply = transport.call(Op.AUDIT, since=0, limit=1000)
+            if ns.json:
+                print(json.dumps({k: reply[k] for k in ("entries", "next", "counters", "dropped")}, indent=2))
+            else:
+                console = Console()
+                console.print(audit_table(reply))
+                totals = {name: {k: v for k, v in errs.items() if v} for name, errs in reply["counters"].items()}
+                console.print(f"counters: {json.dumps({n: e for n, e in totals.items() if e}) or '{}'}; "
+                              f"dropped from the log: {reply['dropped']}")
             return 0
         stats = transport.call(Op.STATS)
     except errors.DaemonUnavailable as exc:

@@ -14,7 +14,7 @@ from typing import Any
 
 from slitter import errors
 from slitter._native import lib
-from slitter.protocol import PROTOCOL_VERSION, ErrorCode, Op, Refusal, Request
+from slitter.protocol import ERROR_KINDS, POLICIES, PROTOCOL_VERSION, ErrorCode, Op, Refusal, Request
 
 from slitterd.instance import ClassSpec, Instance
 from slitterd.rack import Client
@@ -68,9 +68,12 @@ def register_class(inst: Instance, req: Request) -> Reply:
     _client(inst, req)
     a = req.args
     spec = ClassSpec(a["name"], a["size"], a["zero_init"])
+    if a["policy"] and a["policy"] not in POLICIES:
+        raise Refusal(ErrorCode.INVALID_FIELD, f"register_class: policy {a['policy']!r} is not one of {POLICIES}")
     class_id = inst.register_class(spec)
+    policy = inst.set_policy(class_id, a["policy"])
     return {"class_id": class_id, "size": spec.size, "stride": inst.arena.classes[class_id].stride,
-            "zero_init": spec.zero_init}
+            "zero_init": spec.zero_init, "policy": policy}
 
 
 def refill(inst: Instance, req: Request) -> Reply:
@@ -86,6 +89,22 @@ def stats(inst: Instance, req: Request) -> Reply:
     return {"instance": inst.instance_stats(), "classes": inst.class_stats(), "clients": inst.client_stats()}
 
 
+def report(inst: Instance, req: Request) -> Reply:
+    client = _client(inst, req)
+    class_id = req.args["class_id"]
+    if class_id not in inst.depots:
+        raise Refusal(ErrorCode.UNKNOWN_CLASS, f"report: no class with id {class_id}")
+    entry = inst.audit.record(client.pid, inst.class_name(class_id), req.args["handle"],
+                              ERROR_KINDS[req.args["kind"]], "release")
+    return {"seq": entry.seq}
+
+
+def audit(inst: Instance, req: Request) -> Reply:
+    counters = {name: stats["errors"] for name, stats in inst.class_stats().items()}
+    return {"entries": inst.audit.since(req.args["since"], req.args["limit"]), "next": inst.audit.seq,
+            "counters": counters, "dropped": inst.audit.dropped}
+
+
 HANDLERS: dict[Op, Callable[[Instance, Request], Reply]] = {
     Op.PING: ping,
     Op.ATTACH: attach,
@@ -94,4 +113,6 @@ HANDLERS: dict[Op, Callable[[Instance, Request], Reply]] = {
     Op.REFILL: refill,
     Op.FLUSH: flush,
     Op.STATS: stats,
+    Op.REPORT: report,
+    Op.AUDIT: audit,
 }

@@ -17,6 +17,7 @@ from slitter._native import ffi, lib
 from slitter.protocol import ERROR_KINDS
 
 from slitterd.arena import Arena
+from slitterd.audit import AuditLog
 from slitterd.depot import Depot
 from slitterd.mill import ClassGeometry, Mill
 from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks
@@ -45,6 +46,8 @@ class Instance:
         self.depots: dict[int, Depot] = {}
         self.retired: dict[int, ClassTotals] = {}
         self.audit_errors: dict[int, list[int]] = {}
+        self.audit = AuditLog()
+        self.policies: dict[int, str] = {}
 
     # -- classes ---------------------------------------------------------
 
@@ -87,6 +90,17 @@ class Instance:
                  geometry.mag_capacity, spec.zero_init)
         return class_id
 
+    def set_policy(self, class_id: int, policy: str) -> str:
+        """Give a class its error policy once; '' keeps what it has.  Returns the policy."""
+        current = self.policies.get(class_id, "")
+        if policy and current and policy != current:
+            name = self.class_name(class_id)
+            raise errors.ClassConflict(f"class '{name}' has error policy '{current}'; cannot set '{policy}'",
+                                       class_name=name)
+        if policy:
+            self.policies[class_id] = policy
+        return self.policies.get(class_id, "raise")
+
     def class_name(self, class_id: int) -> str:
         return ffi.string(self.arena.classes[class_id].name).decode()
 
@@ -116,9 +130,10 @@ class Instance:
         ffi.memmove(ffi.from_buffer("uint64_t[]", handles), tc.release, 8 * count)
         tc.release_count = 0
         self.depots[class_id].flushes += 1
-        return self._audit_into_depot(client, class_id, handles)
+        return self._audit_into_depot(client, class_id, handles, "flush")
 
-    def _audit_into_depot(self, client: Client, class_id: int, handles: array) -> tuple[int, list[tuple[int, str]]]:
+    def _audit_into_depot(self, client: Client, class_id: int, handles: array,
+                          source: str) -> tuple[int, list[tuple[int, str]]]:
         n = len(handles)
         if n == 0:
             return 0, []
@@ -134,8 +149,7 @@ class Instance:
         bad = [(refused[i], ERROR_KINDS[kinds[i]]) for i in range(nrefused[0])]
         for handle, kind in bad:
             self.audit_errors[class_id][ERROR_KINDS.index(kind)] += 1
-            log.warning("audit refused handle %#x of class '%s' from client %d (pid %d): %s",
-                        handle, self.class_name(class_id), client.id, client.pid, kind)
+            self.audit.record(client.pid, self.class_name(class_id), handle, kind, source)
         return nacc, bad
 
     # -- clients ---------------------------------------------------------
@@ -149,7 +163,7 @@ class Instance:
             if class_id not in caps:
                 continue
             handles = self.racks.drain(client, class_id, tc, caps[class_id])
-            reclaimed += self._audit_into_depot(client, class_id, handles)[0]
+            reclaimed += self._audit_into_depot(client, class_id, handles, "reclaim")[0]
         for class_id, t in totals.items():
             t.cached = 0
             self.retired[class_id].add(t)
@@ -175,6 +189,7 @@ class Instance:
             errs = {kind: t.errors[k] + self.audit_errors[cid][k] for k, kind in enumerate(ERROR_KINDS)}
             out[name] = {
                 "id": cid, "size": spec.size, "stride": cls.stride, "zero_init": spec.zero_init,
+                "policy": self.policies.get(cid, "raise"),
                 "carved": depot.carved, "live": t.allocations - t.releases, "cached": t.cached,
                 "free": len(depot.free), "allocations": t.allocations, "releases": t.releases,
                 "refills": depot.refills, "flushes": depot.flushes, "errors": errs,

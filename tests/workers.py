@@ -56,3 +56,48 @@ def churn(address, seed, keep, queue):
         for cls, h in live[keep:]:
             cls.release(h)
         queue.put([(cls.name, h) for cls, h in kept])
+
+
+def counted_mix(address, seed, queue):
+    """A random mix of good and bad calls on two classes, counting what it did."""
+    import random
+
+    rng = random.Random(seed)
+    kinds = ("class_mismatch", "interior_pointer", "foreign_address", "double_free")
+    mine = {name: {"allocations": 0, "releases": 0, **{k: 0 for k in kinds}} for name in ("a", "b")}
+    with slitter.connect(address, name=f"mix{seed}", policy="log") as heap:
+        classes = {"a": heap.register_class("a", size=24), "b": heap.register_class("b", size=3000)}
+        live = []
+        freed = []
+        for _ in range(8000):
+            r = rng.random()
+            name = rng.choice("ab")
+            cls = classes[name]
+            if r < 0.5 or not live:
+                live.append((name, cls.allocate()))
+                mine[name]["allocations"] += 1
+            elif r < 0.95:
+                owner, h = live.pop(rng.randrange(len(live)))
+                classes[owner].release(h)
+                mine[owner]["releases"] += 1
+                freed.append((owner, h))
+            else:
+                owner, h = live[rng.randrange(len(live))]
+                kind = rng.choice(kinds)
+                if kind == "class_mismatch":
+                    classes["b" if owner == "a" else "a"].release(h)
+                    mine["b" if owner == "a" else "a"][kind] += 1
+                elif kind == "interior_pointer":
+                    classes[owner].release(h + 8)
+                    mine[owner][kind] += 1
+                elif kind == "foreign_address":
+                    classes[owner].release(rng.choice([8, 1 << 45, 1 << 70, -1]))
+                    mine[owner][kind] += 1
+                elif freed:
+                    dead_owner, dead = freed[-1]
+                    if all(dead != x for _, x in live):  # still free: a true double free
+                        classes[dead_owner].release(dead)
+                        mine[dead_owner][kind] += 1
+        held = [(n, h) for n, h in live]
+        sent = dict(heap._transport.sent)
+    queue.put((mine, held, sent))

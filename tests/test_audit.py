@@ -1,0 +1,137 @@
+"""The frees-audit and the audit log: findings are refused, recorded, counted and shown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import slitter
+from slitter._native import ffi, lib
+
+
+def kinds(heap):
+    return [(e[3], e[5], e[6]) for e in heap.audit()["entries"]]
+
+
+def test_fast_path_refusals_reach_the_audit_log(heap):
+    order = heap.register_class("order", size=64)
+    trade = heap.register_class("trade", size=128)
+    h = order.allocate()
+    for bad in (lambda: trade.release(h), lambda: order.release(h + 8), lambda: order.release(7),
+                lambda: order.release(1 << 80)):
+        with pytest.raises(slitter.ReleaseError):
+            bad()
+    order.release(h)
+    with pytest.raises(slitter.DoubleFree):
+        order.release(h)
+    log = heap.audit()
+    entries = log["entries"]
+    assert [(e[3], e[5], e[6]) for e in entries] == [
+        ("trade", "class_mismatch", "release"), ("order", "interior_pointer", "release"),
+        ("order", "foreign_address", "release"), ("order", "foreign_address", "release"),
+        ("order", "double_free", "release")]
+    assert entries[0][4] == h and entries[1][4] == h + 8 and entries[3][4] == 2**64 - 1
+    assert all(e[2] == os.getpid() for e in entries)
+    assert log["counters"]["order"]["foreign_address"] == 2  # the non-u64 one is counted too
+    assert log["counters"]["order"]["double_free"] == 1
+    assert log["counters"]["trade"]["class_mismatch"] == 1
+    assert heap.stats()["classes"]["order"]["errors"] == log["counters"]["order"]
+
+
+def test_audit_since_returns_only_newer_entries(heap):
+    cls = heap.register_class("c", size=16)
+    for _ in range(3):
+        with pytest.raises(slitter.ForeignAddress):
+            cls.release(16)
+    first = heap.audit()
+    assert first["next"] == 3 and len(first["entries"]) == 3
+    assert heap.audit(since=2)["entries"][0][0] == 3
+    assert heap.audit(since=3)["entries"] == []
+    assert len(heap.audit(limit=2)["entries"]) == 2
+
+
+def test_flush_audit_refuses_a_corrupted_rack(heap):
+    """A client that scribbles on its own release magazine cannot poison the depot."""
+    good = heap.register_class("good", size=64)
+    other = heap.register_class("other", size=64)
+    live_other = other.allocate()
+    h = good.allocate()
+    good.release(h)  # binds the thread; h sits in the allocation magazine
+    slot = lib.slitter_bind(heap._client, good.id)
+    tc = ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[good.id]
+    forged = [h, h, h + 8, 12345, live_other]
+    # h is cached (not live), so a flush of it twice is a duplicate; the rest are wrong outright.
+    tc.alloc_count = 0
+    for i, value in enumerate(forged):
+        tc.release[i] = value
+    tc.release_count = len(forged)
+    heap._flush(good, slot)
+    found = [(e[4], e[5], e[6]) for e in heap.audit()["entries"]]
+    assert (h, "double_free", "flush") in found  # the second copy
+    assert (h + 8, "interior_pointer", "flush") in found
+    assert (12345, "foreign_address", "flush") in found
+    assert (live_other, "class_mismatch", "flush") in found
+    stats = heap.stats()["classes"]["good"]
+    assert stats["free"] == 1  # exactly one copy of h went back
+    assert [good.allocate() for _ in range(600)].count(h) == 1  # and it is handed out once
+    assert stats["errors"]["double_free"] == 1 and stats["errors"]["interior_pointer"] == 1
+    other.release(live_other)  # the forged flush did not free another class's live object
+
+
+def test_flush_of_a_live_object_is_refused(heap):
+    cls = heap.register_class("live", size=64)
+    h = cls.allocate()
+    cls.release(cls.allocate())
+    slot = lib.slitter_bind(heap._client, cls.id)
+    tc = ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
+    tc.release[0] = h
+    tc.release_count = 1
+    heap._flush(cls, slot)
+    assert (h, "corrupt", "flush") in [(e[4], e[5], e[6]) for e in heap.audit()["entries"]]
+    cls.release(h)  # still live, still releasable
+
+
+def test_audit_log_is_bounded_with_exact_counters(daemon, heap):
+    from slitterd.audit import AuditLog
+
+    small = AuditLog(capacity=3)
+    for i in range(5):
+        small.record(1, "x", i, "double_free", "release")
+    assert [e[4] for e in small.since(0, 10)] == [2, 3, 4] and small.dropped == 2 and small.seq == 5
+
+
+def ctl(*args):
+    return subprocess.run([sys.executable, "-c", "import sys; from slitterd.ctl import main; sys.exit(main())",
+                           *args], capture_output=True, text=True, timeout=60, cwd="/",
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_slitterctl_audit_and_follow(daemon, heap):
+    cls = heap.register_class("shown", size=64)
+    with pytest.raises(slitter.ForeignAddress):
+        cls.release(4096)
+    out = ctl("--socket", daemon.address, "audit")
+    assert out.returncode == 0 and "shown" in out.stdout and "0x1000" in out.stdout and "foreign_address" in out.stdout
+    data = json.loads(ctl("--socket", daemon.address, "audit", "--json").stdout)
+    assert data["entries"][0][5] == "foreign_address"
+    follower = subprocess.Popen([sys.executable, "-c", "import sys; from slitterd.ctl import main; sys.exit(main())",
+                                 "--socket", daemon.address, "audit", "--follow", "--json"],
+                                stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        first = json.loads(follower.stdout.readline())
+        assert first["handle"] == 4096
+        time.sleep(0.2)
+        with pytest.raises(slitter.DoubleFree):
+            h = cls.allocate()
+            cls.release(h)
+            cls.release(h)
+        second = json.loads(follower.stdout.readline())
+        assert second["kind"] == "double_free" and second["class"] == "shown"
+    finally:
+        follower.kill()
+        follower.wait()
