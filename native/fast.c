@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+#include <time.h>
 
 #include "slitter_fast.h"
 
@@ -375,6 +376,51 @@ int slitter_release_key(uint64_t packed)
     if (slitter_unlikely(keys[key].client == NULL))
         return SLITTER_NEED_SLOW;
     return slitter_release(keys[key].client, keys[key].class_id, packed >> SLITTER_KEY_BITS);
+}
+
+/* bench/ baselines: magazine traffic alone (see slitter_fast.h). */
+static inline struct slitter_thread_class *slitter__bare_tc(struct slitter_client *c, uint32_t class_id)
+{
+    struct slitter_thread_slot *slot = slitter__slot(c);
+    return (slot == NULL || class_id >= SLITTER_MAX_CLASSES) ? NULL : &slot->classes[class_id];
+}
+
+uint64_t slitter_bench_bare_allocate_key(uint32_t key)
+{
+    if (key >= SLITTER_MAX_KEYS || keys[key].client == NULL)
+        return 0;
+    struct slitter_thread_class *tc = slitter__bare_tc(keys[key].client, keys[key].class_id);
+    if (tc == NULL || tc->alloc_count == 0)
+        return 0;
+    return tc->alloc[--tc->alloc_count];
+}
+
+int slitter_bench_bare_release_key(uint64_t packed)
+{
+    uint32_t key = (uint32_t)(packed & (SLITTER_MAX_KEYS - 1));
+    if (keys[key].client == NULL)
+        return SLITTER_NEED_SLOW;
+    struct slitter_thread_class *tc = slitter__bare_tc(keys[key].client, keys[key].class_id);
+    if (tc == NULL || tc->alloc_count >= tc->capacity)
+        return SLITTER_NEED_SLOW;
+    tc->alloc[tc->alloc_count++] = packed >> SLITTER_KEY_BITS;
+    return SLITTER_OK;
+}
+
+int64_t slitter_bench_bare_pairs(struct slitter_client *c, uint32_t class_id, uint64_t n)
+{
+    struct slitter_thread_class *tc = slitter__bare_tc(c, class_id);
+    if (tc == NULL || tc->alloc_count == 0)
+        return -1;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t handle = tc->alloc[--tc->alloc_count];
+        __asm__ volatile("" : : "r"(handle) : "memory");
+        tc->alloc[tc->alloc_count++] = handle;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
 }
 
 int slitter_count_error(struct slitter_client *c, uint32_t class_id, int kind)

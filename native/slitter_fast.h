@@ -128,6 +128,17 @@ void slitter_depot_take(const struct slitter_view *v, const uint64_t *handles, u
 /** Daemon: write `n` handles base, base+stride, ... into `out` (bump carving). */
 void slitter_carve(uint64_t *out, uint64_t base, uint64_t stride, uint32_t n);
 
+/**
+ * bench/ baselines: the same magazine pop and push as slitter_allocate_key()
+ * and slitter_release_key(), with no check, no live map and no counter, to
+ * measure what the checks and counters cost.  Never use them on a real heap.
+ */
+uint64_t slitter_bench_bare_allocate_key(uint32_t key);
+int slitter_bench_bare_release_key(uint64_t packed);
+
+/** bench/: `n` bare pop+push pairs from C; returns elapsed nanoseconds, or -1. */
+int64_t slitter_bench_bare_pairs(struct slitter_client *c, uint32_t class_id, uint64_t n);
+
 /** An empty call: the floor of a cffi round trip, for bench/. */
 void slitter_noop(void);
 
