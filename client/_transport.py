@@ -2,8 +2,8 @@
 
 One request at a time per transport (a lock serialises threads); replies
 are matched by id, so a late reply to a request that timed out is dropped.
-A timeout closes the socket and opens a fresh one, then raises
-``DaemonUnavailable`` naming the address.
+A request that gets no answer is sent again on a fresh socket until the
+timeout has passed in all, then ``DaemonUnavailable`` names the address.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import collections
 import itertools
 import os
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -24,6 +25,9 @@ from slitter.errors import DaemonUnavailable, ProtocolError
 class Transport:
     """Request/reply to one daemon address."""
 
+    #: How long one attempt waits for its reply before the request is sent again.
+    RETRY_SECONDS = 2.0
+
     def __init__(self, address: str, timeout: float) -> None:
         self.address = _address.socket_path(address)
         self.endpoint = _address.endpoint(address)
@@ -32,6 +36,8 @@ class Transport:
         self.ids = itertools.count(1)
         self.context = zmq.Context()
         self.socket = None
+        #: Set once attached: wait out daemon restarts instead of failing fast.
+        self.patient = False
         self.messages = 0
         #: Requests sent, by op name (tests and bench/ count slow-path trips).
         self.sent: collections.Counter[str] = collections.Counter()
@@ -48,32 +54,56 @@ class Transport:
     def call(self, op: protocol.Op, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its reply.
 
+        A patient transport (one whose heap is attached) rides out a daemon
+        restart: while no reply comes it reopens the socket and sends the
+        request again (every op is safe to repeat) until ``timeout`` has
+        passed in all.  An impatient one (connecting) gives up at once when
+        nothing listens.
+
         Raises:
             DaemonUnavailable: no reply within the timeout.
             SlitterError: the subclass the daemon's error code maps to.
         """
+        deadline = time.monotonic() + self.timeout_ms / 1000
         with self.lock:
-            if self.socket is None:
-                self.socket = self._open()
-            request_id = next(self.ids)
-            self.socket.send(protocol.pack(protocol.request(op, request_id, **args)))
-            self.messages += 1
-            self.sent[op.value] += 1
             while True:
-                if not self.socket.poll(self.timeout_ms, zmq.POLLIN):
-                    self.socket.close(0)
-                    self.socket = None
+                reply = self._attempt(op, args, deadline)
+                if reply is not None:
+                    break
+                if not self.patient or time.monotonic() >= deadline:
                     raise DaemonUnavailable(
                         f"no reply from slitterd at {self.address} to '{op.value}' within "
                         f"{self.timeout_ms / 1000:g} s", address=self.address)
-                try:
-                    reply = protocol.unpack(self.socket.recv())
-                except protocol.Refusal as exc:
-                    raise ProtocolError(f"bad reply from {self.address}: {exc.message}") from None
-                if isinstance(reply, dict) and reply.get("id") == request_id:
-                    break
+                time.sleep(0.05)
         protocol.raise_for_reply(reply, self.address)
         return reply
+
+    def _attempt(self, op: protocol.Op, args: dict[str, Any], deadline: float) -> dict[str, Any] | None:
+        """One send and wait; None when nothing answered (the socket is then reset)."""
+        if self.socket is None:
+            try:
+                self.socket = self._open()
+            except DaemonUnavailable:
+                if not self.patient:
+                    raise
+                return None
+        request_id = next(self.ids)
+        self.socket.send(protocol.pack(protocol.request(op, request_id, **args)))
+        self.messages += 1
+        self.sent[op.value] += 1
+        wait_until = min(deadline, time.monotonic() + self.RETRY_SECONDS) if self.patient else deadline
+        while (left := wait_until - time.monotonic()) > 0:
+            if not self.socket.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                continue
+            try:
+                reply = protocol.unpack(self.socket.recv())
+            except protocol.Refusal as exc:
+                raise ProtocolError(f"bad reply from {self.address}: {exc.message}") from None
+            if isinstance(reply, dict) and reply.get("id") == request_id:
+                return reply
+        self.socket.close(0)
+        self.socket = None
+        return None
 
     def close(self) -> None:
         """Close the socket and context; safe in a forked child (pyzmq skips foreign contexts)."""

@@ -34,7 +34,7 @@ _ORPHANS: list[object] = []  # a forked child's inherited transports: never touc
 class Heap:
     """A connection to slitterd.  Use ``slitter.connect()``; close it, or use ``with``."""
 
-    def __init__(self, address: str | None = None, *, name: str = "", timeout: float = 5.0,
+    def __init__(self, address: str | None = None, *, name: str = "", timeout: float = 10.0,
                  policy: str | None = None) -> None:
         if policy is not None and policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
@@ -64,6 +64,7 @@ class Heap:
         except BaseException:
             transport.close()
             raise
+        transport.patient = True  # attached: from now on, wait out daemon restarts
         self._transport = transport
         self._client_id, self._token = reply["client"], reply["token"]
         self.instance = reply["instance"]
@@ -133,6 +134,8 @@ class Heap:
         if transport is not None:
             try:
                 transport.call(Op.DETACH, client=self._client_id, token=self._token)
+            except errors.ProtocolError:
+                pass  # a repeated detach: the first one got through
             except errors.SlitterError as exc:
                 log.warning("detach from %s failed: %s", self.address, exc)
             transport.close()
@@ -306,8 +309,12 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def connect(address: str | None = None, *, name: str = "", timeout: float = 5.0, policy: str | None = None) -> Heap:
+def connect(address: str | None = None, *, name: str = "", timeout: float = 10.0, policy: str | None = None) -> Heap:
     """Attach to slitterd at ``address`` (default: $SLITTER_ADDRESS, else the default socket).
+
+    ``timeout`` is how long a slow-path call (refill, flush, stats...) may
+    wait for the daemon, across a restart of it, before DaemonUnavailable;
+    the fast path never waits.
 
     ``policy`` ("raise", "log" or "abort") overrides every class's error
     policy for this client.

@@ -494,6 +494,34 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id,
     return nacc;
 }
 
+uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run)
+{
+    uint64_t live = 0;
+    for (uint32_t i = 0; i < run->nobjects; i++) {
+        uint64_t obj = run->obj_base + i;
+        int is_free = i < run->carved && !__atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE);
+        live += i < run->carved && !is_free;
+        if (is_free)
+            v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
+        else
+            v->depot_bits[obj >> 6] &= ~(1ULL << (obj & 63));
+    }
+    return live;
+}
+
+uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitter_run *run, uint64_t *out)
+{
+    const struct slitter_class *cls = &v->classes[run->class_id];
+    uint64_t base = (uint64_t)run->first_span << SLITTER_SPAN_SHIFT;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < run->carved && i < run->nobjects; i++) {
+        uint64_t obj = run->obj_base + i;
+        if (v->depot_bits[obj >> 6] & (1ULL << (obj & 63)))
+            out[n++] = base + (uint64_t)i * cls->stride;
+    }
+    return n;
+}
+
 void slitter_depot_take(const struct slitter_view *v, const uint64_t *handles, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++) {

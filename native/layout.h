@@ -63,6 +63,8 @@
 #define SLITTER_E_DOUBLE_FREE      (-1 - SLITTER_ERR_DOUBLE_FREE)
 
 #define SLITTER_CLASS_ZERO_INIT 1u
+#define SLITTER_CLASS_POLICY_SHIFT 4   /* flags bits 4-5: 0 unset (raise), 1 raise, 2 log, 3 abort */
+#define SLITTER_CLASS_POLICY_MASK  (3u << SLITTER_CLASS_POLICY_SHIFT)
 
 /**
  * The layout header, at offset 0 of the meta segment.  Written once by the
@@ -79,6 +81,7 @@ struct slitter_header {
     uint64_t span_table_off;   /* struct slitter_span[nspans] */
     uint64_t run_table_off;    /* struct slitter_run[nspans] */
     uint64_t class_table_off;  /* struct slitter_class[SLITTER_MAX_CLASSES] */
+    uint64_t totals_off;       /* struct slitter_class_totals[SLITTER_MAX_CLASSES] */
     uint64_t tables_end;       /* end of the read-only part (page aligned) */
     uint64_t live_map_off;     /* one byte per object: 1 = live (see slitter__mark_live) */
     uint64_t live_map_bytes;
@@ -96,6 +99,8 @@ struct slitter_header {
     uint64_t objects_mapped;   /* live-map entries handed to runs so far */
     uint32_t nclasses;         /* highest class id in use */
     uint32_t daemon_pid;
+    uint64_t racks_used;       /* bit i: rack i belongs to a client (max_racks <= 64) */
+    uint64_t generation;       /* daemon starts over these segments, 1 for the creator */
 };
 
 /**
@@ -115,6 +120,8 @@ struct slitter_run {
     uint32_t class_id;
     uint32_t nobjects;
     uint64_t obj_base;
+    uint32_t carved;           /* objects handed out of the run so far (bump pointer) */
+    uint32_t reserved;
 };
 
 /**
@@ -132,6 +139,20 @@ struct slitter_class {
     uint32_t spans_per_run;
     uint32_t mag_capacity;     /* handles per magazine for this class */
     uint32_t reserved;
+};
+
+/**
+ * What the daemon counts per class, kept in the segment so a restarted
+ * daemon goes on from the same figures: the fast-path counters of clients
+ * that left (`retired`), the audit's refusals, and the slow-path trips.
+ */
+struct slitter_class_totals {
+    uint64_t retired_allocations;
+    uint64_t retired_releases;
+    uint64_t retired_errors[SLITTER_ERR_KINDS];
+    uint64_t audit_errors[SLITTER_ERR_KINDS];
+    uint64_t refills;
+    uint64_t flushes;
 };
 
 /** Fast-path counters of one thread for one class.  Only that thread writes. */
@@ -182,7 +203,8 @@ struct slitter_rack {
     uint64_t threads_touched;
     uint32_t pid;
     uint32_t client_id;
-    uint32_t reserved[10];
+    uint64_t token;            /* the client's secret, so a restarted daemon can adopt the rack */
+    uint32_t reserved[8];
     struct slitter_thread_slot threads[SLITTER_MAX_THREADS];
 };
 

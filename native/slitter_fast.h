@@ -122,6 +122,18 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id,
                              uint64_t *accepted, uint64_t *refused,
                              uint8_t *refused_kind, uint32_t *nrefused);
 
+/**
+ * Daemon recovery: set the depot bit of every object of `run` that was
+ * carved and is not live, clear the others'.  Returns how many are live.
+ */
+uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run);
+
+/**
+ * Daemon recovery: write to `out` the handles of `run` whose depot bit is
+ * set; returns how many (at most run->carved).
+ */
+uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitter_run *run, uint64_t *out);
+
 /** Daemon: clear the depot bits of `n` handles leaving the depot. */
 void slitter_depot_take(const struct slitter_view *v, const uint64_t *handles, uint32_t n);
 

@@ -32,6 +32,7 @@ class Geometry:
     span_table_off: int
     run_table_off: int
     class_table_off: int
+    totals_off: int
     tables_end: int
     live_map_off: int
     live_map_bytes: int
@@ -49,19 +50,22 @@ class Geometry:
             raise ValueError(f"arena size must be a multiple of {span} and at least {MIN_ARENA}")
         if arena_size >= 1 << 48:
             raise ValueError("arena size must be below 2**48 (handles keep 48 offset bits)")
+        if not 1 <= max_racks <= 64:
+            raise ValueError("max clients must be 1..64 (one rack each)")
         nspans = arena_size // span
         off = page_align(ffi.sizeof("struct slitter_header"))
         span_table_off, off = off, page_align(off + nspans * ffi.sizeof("struct slitter_span"))
         run_table_off, off = off, page_align(off + nspans * ffi.sizeof("struct slitter_run"))
         class_table_off = off
-        tables_end = page_align(off + lib.SLITTER_MAX_CLASSES * ffi.sizeof("struct slitter_class"))
+        totals_off = off + lib.SLITTER_MAX_CLASSES * ffi.sizeof("struct slitter_class")
+        tables_end = page_align(totals_off + lib.SLITTER_MAX_CLASSES * ffi.sizeof("struct slitter_class_totals"))
         # A run rounds its first object up to a multiple of 64 entries.
         objects = arena_size // lib.SLITTER_MIN_STRIDE + 64 * nspans
         live_map_off, live_map_bytes = tables_end, page_align(objects)
         depot_bits_off, depot_bits_bytes = live_map_off + live_map_bytes, page_align(objects // 8)
         rack_area_off = depot_bits_off + depot_bits_bytes
         rack_size = page_align(ffi.sizeof("struct slitter_rack"))
-        return cls(arena_size, nspans, span_table_off, run_table_off, class_table_off, tables_end,
+        return cls(arena_size, nspans, span_table_off, run_table_off, class_table_off, totals_off, tables_end,
                    live_map_off, live_map_bytes, depot_bits_off, depot_bits_bytes, rack_area_off, rack_size, max_racks,
                    rack_area_off + rack_size * max_racks)
 
@@ -81,6 +85,7 @@ class Arena:
         self.spans = ffi.cast("struct slitter_span *", base + geometry.span_table_off)
         self.runs = ffi.cast("struct slitter_run *", base + geometry.run_table_off)
         self.classes = ffi.cast("struct slitter_class *", base + geometry.class_table_off)
+        self.totals = ffi.cast("struct slitter_class_totals *", base + geometry.totals_off)
         self.view = ffi.new("struct slitter_view *")
         self.guards = None
         self._init_view()
@@ -135,6 +140,7 @@ class Arena:
             geometry = Geometry.for_arena(header.arena_size, header.max_racks)
             if (header.header_size != ffi.sizeof("struct slitter_header")
                     or header.meta_size != geometry.meta_size
+                    or header.totals_off != geometry.totals_off
                     or os.fstat(meta_fd).st_size != geometry.meta_size
                     or os.fstat(data_fd).st_size != geometry.arena_size):
                 raise LayoutError(f"{meta_path}: header sizes do not match the segments (damaged header)")
@@ -153,6 +159,7 @@ class Arena:
         g, h = self.geometry, self.header
         h.arena_size, h.nspans, h.meta_size = g.arena_size, g.nspans, g.meta_size
         h.span_table_off, h.run_table_off, h.class_table_off = g.span_table_off, g.run_table_off, g.class_table_off
+        h.totals_off = g.totals_off
         h.tables_end, h.live_map_off, h.live_map_bytes = g.tables_end, g.live_map_off, g.live_map_bytes
         h.depot_bits_off, h.depot_bits_bytes = g.depot_bits_off, g.depot_bits_bytes
         h.rack_area_off, h.rack_size = g.rack_area_off, g.rack_size
@@ -161,6 +168,7 @@ class Arena:
         h.header_size = ffi.sizeof("struct slitter_header")
         h.next_span = 1  # span 0 is the guard span before the first run
         h.daemon_pid = os.getpid()
+        h.generation = 1
         h.version = lib.SLITTER_LAYOUT_VERSION
         h.magic = lib.SLITTER_LAYOUT_MAGIC  # last: a half-written header is never valid
 

@@ -29,8 +29,7 @@ class Depot:
         self.run: Run | None = None
         self.carved = 0
         self.runs = 0
-        self.refills = 0
-        self.flushes = 0
+        self.totals = arena.totals[class_id]  # refills, flushes... kept in the segment
 
     def take(self, n: int) -> array:
         """Up to ``n`` objects: free ones first, then freshly carved.
@@ -64,6 +63,7 @@ class Depot:
         lib.slitter_carve(ffi.from_buffer("uint64_t[]", out), run.base + run.next_index * self.stride,
                           self.stride, count)
         run.next_index += count
+        run.entry.carved = run.next_index  # before anyone can see the objects
         self.carved += count
         return out
 

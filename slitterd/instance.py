@@ -1,28 +1,33 @@
 """The ``Instance``: everything one slitterd serves, wired together.
 
 It owns the ``Arena`` (segments), the ``Mill`` (runs), one ``Depot`` per
-class, the ``Racks`` of attached clients and the per-class totals retired
-from clients that left.  Handlers call its methods; it never talks to a
-socket.
+class, the ``Racks`` of attached clients, the ``AuditLog``, and the
+per-class totals kept in the segment (counters of clients that left, audit
+refusals, refills, flushes).  Handlers call its methods; it never talks to
+a socket.  ``recover()`` rebuilds all of it from the segments of a daemon
+that died or stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from array import array
 from dataclasses import dataclass
 
 from slitter import errors
 from slitter._native import ffi, lib
-from slitter.protocol import ERROR_KINDS
+from slitter.protocol import ERROR_KINDS, POLICIES
 
 from slitterd.arena import Arena
 from slitterd.audit import AuditLog
 from slitterd.depot import Depot
-from slitterd.mill import ClassGeometry, Mill
+from slitterd.mill import ClassGeometry, Mill, Run
 from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks
 
 log = logging.getLogger("slitterd")
+
+POLICY_SHIFT = lib.SLITTER_CLASS_POLICY_SHIFT
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,7 @@ class Instance:
         self.racks = Racks(arena, max_clients)
         self.specs: dict[str, tuple[int, ClassSpec]] = {}
         self.depots: dict[int, Depot] = {}
-        self.retired: dict[int, ClassTotals] = {}
-        self.audit_errors: dict[int, list[int]] = {}
         self.audit = AuditLog()
-        self.policies: dict[int, str] = {}
 
     # -- classes ---------------------------------------------------------
 
@@ -81,25 +83,33 @@ class Instance:
         entry.flags = lib.SLITTER_CLASS_ZERO_INIT if spec.zero_init else 0
         entry.id = class_id  # last: the fast path trusts an entry once its id is set
         self.arena.header.nclasses = class_id
-        self.specs[spec.name] = (class_id, spec)
-        self.depots[class_id] = Depot(self.arena, self.mill, class_id)
-        self.retired[class_id] = ClassTotals()
-        self.audit_errors[class_id] = [0] * ERR_KINDS
+        self._add_class(class_id, spec)
         log.info("registered class '%s' id=%d size=%d stride=%d objects/run=%d magazine=%d zero_init=%s",
                  spec.name, class_id, spec.size, geometry.stride, geometry.objects_per_run,
                  geometry.mag_capacity, spec.zero_init)
         return class_id
 
+    def _add_class(self, class_id: int, spec: ClassSpec) -> Depot:
+        self.specs[spec.name] = (class_id, spec)
+        depot = self.depots[class_id] = Depot(self.arena, self.mill, class_id)
+        return depot
+
+    def policy(self, class_id: int) -> str:
+        """The class's error policy ('raise' unless one was set)."""
+        return POLICIES[max(((self.arena.classes[class_id].flags >> POLICY_SHIFT) & 3) - 1, 0)]
+
     def set_policy(self, class_id: int, policy: str) -> str:
         """Give a class its error policy once; '' keeps what it has.  Returns the policy."""
-        current = self.policies.get(class_id, "")
-        if policy and current and policy != current:
+        entry = self.arena.classes[class_id]
+        is_set = bool(entry.flags & lib.SLITTER_CLASS_POLICY_MASK)
+        current = self.policy(class_id)
+        if policy and is_set and policy != current:
             name = self.class_name(class_id)
             raise errors.ClassConflict(f"class '{name}' has error policy '{current}'; cannot set '{policy}'",
                                        class_name=name)
-        if policy:
-            self.policies[class_id] = policy
-        return self.policies.get(class_id, "raise")
+        if policy and not is_set:
+            entry.flags = (entry.flags & ~lib.SLITTER_CLASS_POLICY_MASK) | ((POLICIES.index(policy) + 1) << POLICY_SHIFT)
+        return self.policy(class_id)
 
     def class_name(self, class_id: int) -> str:
         return ffi.string(self.arena.classes[class_id].name).decode()
@@ -119,7 +129,7 @@ class Instance:
         handles = depot.take(cap)
         ffi.memmove(tc.alloc, ffi.from_buffer("uint64_t[]", handles), 8 * len(handles))
         tc.alloc_count = len(handles)
-        depot.refills += 1
+        self.arena.totals[class_id].refills += 1
         return len(handles)
 
     def flush(self, client: Client, thread: int, class_id: int) -> tuple[int, list[tuple[int, str]]]:
@@ -129,10 +139,10 @@ class Instance:
         handles = array("Q", bytes(8 * count))
         ffi.memmove(ffi.from_buffer("uint64_t[]", handles), tc.release, 8 * count)
         tc.release_count = 0
-        self.depots[class_id].flushes += 1
-        return self._audit_into_depot(client, class_id, handles, "flush")
+        self.arena.totals[class_id].flushes += 1
+        return self._audit_into_depot(client.pid, class_id, handles, "flush")
 
-    def _audit_into_depot(self, client: Client, class_id: int, handles: array,
+    def _audit_into_depot(self, pid: int, class_id: int, handles: array,
                           source: str) -> tuple[int, list[tuple[int, str]]]:
         n = len(handles)
         if n == 0:
@@ -148,57 +158,151 @@ class Instance:
         self.depots[class_id].give(good)
         bad = [(refused[i], ERROR_KINDS[kinds[i]]) for i in range(nrefused[0])]
         for handle, kind in bad:
-            self.audit_errors[class_id][ERROR_KINDS.index(kind)] += 1
-            self.audit.record(client.pid, self.class_name(class_id), handle, kind, source)
+            self.arena.totals[class_id].audit_errors[ERROR_KINDS.index(kind)] += 1
+            self.audit.record(pid, self.class_name(class_id), handle, kind, source)
         return nacc, bad
 
     # -- clients ---------------------------------------------------------
 
+    def _caps(self) -> dict[int, int]:
+        return {cid: self.mag_capacity(cid) for cid in self.depots}
+
     def reclaim(self, client: Client, why: str) -> int:
         """Take back every cached object of a leaving client; returns how many."""
-        caps = {cid: self.mag_capacity(cid) for cid in self.depots}
+        caps = self._caps()
         totals = self.racks.totals(client, caps)
         reclaimed = 0
         for class_id, tc in list(self.racks.magazines(client)):
-            if class_id not in caps:
-                continue
-            handles = self.racks.drain(client, class_id, tc, caps[class_id])
-            reclaimed += self._audit_into_depot(client, class_id, handles, "reclaim")[0]
+            if class_id in caps:
+                handles = self.racks.drain(client, class_id, tc, caps[class_id])
+                reclaimed += self._audit_into_depot(client.pid, class_id, handles, "reclaim")[0]
+        # Retire the counters, then forget the rack.  A crash between the two
+        # counts the client twice; recover() reconciles against the live map.
         for class_id, t in totals.items():
-            t.cached = 0
-            self.retired[class_id].add(t)
+            self._retire(class_id, t)
         self.racks.release_rack(client)
         log.info("client %d (pid %d, %s) %s; %d cached objects reclaimed", client.id, client.pid,
                  client.name or "-", why, reclaimed)
         return reclaimed
 
+    def _retire(self, class_id: int, t: ClassTotals) -> None:
+        kept = self.arena.totals[class_id]
+        kept.retired_allocations += t.allocations
+        kept.retired_releases += t.releases
+        for kind in range(ERR_KINDS):
+            kept.retired_errors[kind] += t.errors[kind]
+
+    # -- recovery --------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """Rebuild the daemon's state from the segments of a previous daemon.
+
+        Classes come from the class table, runs and their bump pointers from
+        the run table.  Racks whose client still runs are adopted as they
+        are (those clients go on with the same id and token); the others are
+        retired.  Every carved object that is not live and not cached in an
+        adopted rack goes to its depot, so no live object is lost and none
+        is handed out twice.
+        """
+        header = self.arena.header
+        for class_id in range(1, header.nclasses + 1):
+            entry = self.arena.classes[class_id]
+            if entry.id != class_id:
+                continue
+            spec = ClassSpec(ffi.string(entry.name).decode(), entry.size,
+                             bool(entry.flags & lib.SLITTER_CLASS_ZERO_INIT))
+            self._add_class(class_id, spec)
+        live: dict[int, int] = dict.fromkeys(self.depots, 0)
+        for index in range(header.nruns):
+            run = self.arena.runs + index  # a pointer: the C helpers take one
+            depot = self.depots[run.class_id]
+            depot.runs += 1
+            depot.carved += run.carved
+            live[run.class_id] += lib.slitter_recover_run(self.arena.view, run)  # depot bit = carved and not live
+            if run.carved < run.nobjects:
+                depot.run = Run(run.first_span * lib.SLITTER_SPAN_SIZE, run.nobjects, run[0], run.carved)
+        adopted = retired = 0
+        caps = self._caps()
+        for index in range(self.arena.geometry.max_racks):
+            if not header.racks_used >> index & 1:
+                continue
+            rack = self.arena.rack(index)
+            try:
+                pidfd = os.pidfd_open(rack.pid) if rack.client_id else None
+            except OSError:
+                pidfd = None
+            if pidfd is None:
+                # Its cached objects are not live and in no adopted rack: they
+                # return to the depots below.
+                gone = Client(rack.client_id, 0, rack.pid, "(gone)", index, None)
+                for class_id, t in self.racks.totals(gone, caps).items():
+                    self._retire(class_id, t)
+                self.arena.wipe_rack(index)
+                header.racks_used &= ~(1 << index)
+                retired += 1
+                continue
+            client = self.racks.adopt(index, pidfd)
+            for class_id, tc in self.racks.magazines(client):
+                if class_id in caps:
+                    cached = self.racks.drain(client, class_id, tc, caps[class_id], empty=False)
+                    lib.slitter_depot_take(self.arena.view, ffi.from_buffer("uint64_t[]", cached), len(cached))
+            adopted += 1
+        free = 0
+        for index in range(header.nruns):
+            run = self.arena.runs + index
+            out = array("Q", bytes(8 * run.carved))
+            n = lib.slitter_collect_depot(self.arena.view, run, ffi.from_buffer("uint64_t[]", out))
+            self.depots[run.class_id].free.extend(out[:n])
+            free += n
+        self._reconcile(live)
+        header.generation += 1
+        header.daemon_pid = os.getpid()
+        return {"classes": len(self.depots), "runs": header.nruns, "adopted": adopted, "retired": retired,
+                "free": free, "live": sum(live.values())}
+
+    def _reconcile(self, live: dict[int, int]) -> None:
+        """Make the counters agree with the live map, the ground truth after a crash."""
+        sums = self._sums()
+        for class_id, t in sums.items():
+            counted = t.allocations - t.releases
+            if counted != live[class_id]:
+                log.warning("class '%s': counters said %d live, the live map says %d; reconciled",
+                            self.class_name(class_id), counted, live[class_id])
+                self.arena.totals[class_id].retired_releases += counted - live[class_id]
+
     # -- figures ---------------------------------------------------------
 
-    def class_stats(self) -> dict[str, dict]:
-        """Per-class figures; carved == live + cached + free when quiet."""
-        caps = {cid: self.mag_capacity(cid) for cid in self.depots}
+    def _sums(self) -> dict[int, ClassTotals]:
+        caps = self._caps()
         sums = {cid: ClassTotals() for cid in self.depots}
-        for cid, t in self.retired.items():
-            sums[cid].add(t)
+        for cid, t in sums.items():
+            kept = self.arena.totals[cid]
+            t.allocations, t.releases = kept.retired_allocations, kept.retired_releases
+            t.errors = [kept.retired_errors[k] + kept.audit_errors[k] for k in range(ERR_KINDS)]
         for client in self.racks.clients.values():
             for cid, t in self.racks.totals(client, caps).items():
                 sums[cid].add(t)
+        return sums
+
+    def class_stats(self) -> dict[str, dict]:
+        """Per-class figures; carved == live + cached + free when quiet."""
+        sums = self._sums()
         out = {}
         for name, (cid, spec) in self.specs.items():
-            depot, t, cls = self.depots[cid], sums[cid], self.arena.classes[cid]
-            errs = {kind: t.errors[k] + self.audit_errors[cid][k] for k, kind in enumerate(ERROR_KINDS)}
+            depot, t, cls, kept = self.depots[cid], sums[cid], self.arena.classes[cid], self.arena.totals[cid]
             out[name] = {
                 "id": cid, "size": spec.size, "stride": cls.stride, "zero_init": spec.zero_init,
-                "policy": self.policies.get(cid, "raise"),
+                "policy": self.policy(cid),
                 "carved": depot.carved, "live": t.allocations - t.releases, "cached": t.cached,
                 "free": len(depot.free), "allocations": t.allocations, "releases": t.releases,
-                "refills": depot.refills, "flushes": depot.flushes, "errors": errs,
+                "refills": kept.refills, "flushes": kept.flushes,
+                "errors": dict(zip(ERROR_KINDS, t.errors)),
                 "runs": depot.runs, "reserved_bytes": depot.runs * cls.spans_per_run * lib.SLITTER_SPAN_SIZE,
             }
         return out
 
     def client_stats(self) -> list[dict]:
-        caps = {cid: self.mag_capacity(cid) for cid in self.depots}
+        caps = self._caps()
         out = []
         for client in self.racks.clients.values():
             per_class = {self.class_name(cid): {"live": t.allocations - t.releases, "cached": t.cached,
@@ -210,5 +314,5 @@ class Instance:
     def instance_stats(self) -> dict:
         h = self.arena.header
         return {"name": self.name, "arena_bytes": h.arena_size, "runs": h.nruns,
-                "spans_used": h.next_span, "spans": h.nspans,
+                "spans_used": h.next_span, "spans": h.nspans, "generation": h.generation,
                 "committed_bytes": self.arena.committed_bytes(), "clients": len(self.racks.clients)}

@@ -48,10 +48,16 @@ class ClassGeometry:
 
 @dataclass
 class Run:
-    """A run being carved: handles ``base + i * stride`` for ``next_index <= i < nobjects``."""
+    """A run being carved: handles ``base + i * stride`` for ``next_index <= i < nobjects``.
+
+    ``entry`` is the run's table entry; its ``carved`` field is the bump
+    pointer kept in the segment, so a restarted daemon knows which objects
+    were ever handed out.
+    """
 
     base: int
     nobjects: int
+    entry: object
     next_index: int = 0
 
 
@@ -93,13 +99,13 @@ class Mill:
             entry.class_id = class_id
         run = self.arena.runs[header.nruns]
         run.first_span, run.nspans, run.class_id = first, nspans, class_id
-        run.nobjects, run.obj_base = cls.objects_per_run, obj_base
+        run.nobjects, run.obj_base, run.carved = cls.objects_per_run, obj_base, 0
         header.objects_mapped = obj_base + -(-cls.objects_per_run // 64) * 64
         self.arena.data.protect(base + nspans * SPAN - PAGE, PAGE, lib.PROT_NONE)
         # Publish: readers check next_span before they read a span entry.
         header.nruns += 1
         header.next_span = first + nspans
-        return Run(base, cls.objects_per_run)
+        return Run(base, cls.objects_per_run, run)
 
 
 def _class_name(cls) -> str:

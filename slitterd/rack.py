@@ -85,8 +85,18 @@ class Racks:
         rack = self.arena.rack(index)
         client = Client(self.next_id, secrets.randbits(64), pid, name, index, pidfd)
         self.next_id += 1
-        rack.pid, rack.client_id = pid, client.id
+        rack.pid, rack.client_id, rack.token = pid, client.id, client.token
+        self.arena.header.racks_used |= 1 << index
         self.clients[client.id] = client
+        return client
+
+    def adopt(self, index: int, pidfd: int) -> Client:
+        """Take over a rack a previous daemon handed out to a client that still runs."""
+        rack = self.arena.rack(index)
+        client = Client(rack.client_id, rack.token, rack.pid, "(recovered)", index, pidfd)
+        self.clients[client.id] = client
+        self.free_racks.remove(index)
+        self.next_id = max(self.next_id, client.id + 1)
         return client
 
     def get(self, client_id: int, token: int) -> Client | None:
@@ -124,8 +134,8 @@ class Racks:
                 t.errors[kind] += c.errors[kind]
         return out
 
-    def drain(self, client: Client, class_id: int, tc, cap: int) -> array:
-        """Every handle cached in one magazine pair, emptied."""
+    def drain(self, client: Client, class_id: int, tc, cap: int, *, empty: bool = True) -> array:
+        """Every handle cached in one magazine pair; emptied unless ``empty`` is False."""
         handles = array("Q")
         for count_field, mag in (("alloc_count", tc.alloc), ("release_count", tc.release)):
             count = min(getattr(tc, count_field), cap)
@@ -133,13 +143,15 @@ class Racks:
                 buf = array("Q", bytes(8 * count))
                 ffi.memmove(ffi.from_buffer("uint64_t[]", buf), mag, 8 * count)
                 handles.extend(buf)
-            setattr(tc, count_field, 0)
+            if empty:
+                setattr(tc, count_field, 0)
         return handles
 
     def release_rack(self, client: Client) -> None:
         """Forget the client; its rack is wiped when next handed out."""
         self.clients.pop(client.id, None)
         self.arena.wipe_rack(client.rack_index)
+        self.arena.header.racks_used &= ~(1 << client.rack_index)
         self.free_racks.append(client.rack_index)
         if client.pidfd is not None:
             os.close(client.pidfd)

@@ -101,3 +101,45 @@ def counted_mix(address, seed, queue):
         held = [(n, h) for n, h in live]
         sent = dict(heap._transport.sent)
     queue.put((mine, held, sent))
+
+
+def stamp(handle: int, size: int) -> bytes:
+    """The content a load worker writes into an object: derived from its handle."""
+    return (handle.to_bytes(8, "little") * (size // 8 + 1))[:size]
+
+
+def load_until(address, seed, stop_path, queue):
+    """Allocate, write, verify and release until ``stop_path`` exists; report what is held.
+
+    Rides out daemon restarts: the fast path needs no daemon, the slow path
+    waits for it to come back.
+    """
+    import os
+    import random
+
+    rng = random.Random(seed)
+    held = []
+    bad = 0
+    ops = 0
+    with slitter.connect(address, name=f"load{seed}", timeout=30) as heap:
+        classes = [heap.register_class("small", size=48), heap.register_class("large", size=2000)]
+        while not os.path.exists(stop_path):
+            for _ in range(500):
+                ops += 1
+                if held and rng.random() < 0.49:
+                    cls, h = held.pop(rng.randrange(len(held)))
+                    if bytes(heap.view(h)) != stamp(h, cls.size):
+                        bad += 1
+                    cls.release(h)
+                else:
+                    cls = rng.choice(classes)
+                    h = cls.allocate()
+                    heap.view(h)[:] = stamp(h, cls.size)
+                    held.append((cls, h))
+        for cls, h in held:
+            if bytes(heap.view(h)) != stamp(h, cls.size):
+                bad += 1
+        keep = held[: len(held) // 2]
+        for cls, h in held[len(held) // 2:]:
+            cls.release(h)
+    queue.put({"seed": seed, "ops": ops, "bad": bad, "held": [(cls.name, h) for cls, h in keep]})

@@ -1,0 +1,138 @@
+"""slitterd dies and comes back: nothing live is lost, nothing is handed out twice."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+
+import pytest
+
+import slitter
+import workers
+from slitter._native import lib
+
+
+def invariant(stats):
+    return {n: (c["carved"], c["live"] + c["cached"] + c["free"]) for n, c in stats["classes"].items()}
+
+
+def test_restart_after_sigkill_keeps_live_objects(manual_daemon):
+    d = manual_daemon().start()
+    with slitter.connect(d.address) as heap:
+        cls = heap.register_class("keep", size=100, zero_init=True)
+        live = [cls.allocate() for _ in range(3000)]
+        for h in live:
+            heap.view(h)[:] = workers.stamp(h, 100)
+        freed = live[:1000]
+        for h in freed:
+            cls.release(h)
+        live = live[1000:]
+    d.kill(signal.SIGKILL)
+    d.start()  # same name: recovers
+    with slitter.connect(d.address) as heap:
+        stats = heap.stats()
+        assert stats["instance"]["generation"] == 2
+        c = stats["classes"]["keep"]
+        assert c["live"] == len(live) and c["carved"] == c["live"] + c["cached"] + c["free"]
+        cls = heap.register_class("keep", size=100, zero_init=True)
+        assert all(bytes(heap.view(h)) == workers.stamp(h, 100) for h in live)
+        with pytest.raises(slitter.DoubleFree):
+            cls.release(freed[0])  # free before the crash, free after it
+        fresh = {cls.allocate() for _ in range(5000)}
+        assert not fresh & set(live), "a live object was handed out again"
+        assert fresh & set(freed), "objects freed before the crash are reused"
+        for h in live:
+            cls.release(h)
+        assert all(bytes(heap.view(h)) == bytes(100) for h in fresh)  # zero_init survived the restart
+
+
+def test_restart_after_sigterm_recovers_classes_and_policies(manual_daemon):
+    d = manual_daemon().start()
+    with slitter.connect(d.address) as heap:
+        a = heap.register_class("a", size=64, policy="log")
+        held = [a.allocate() for _ in range(10)]
+    assert d.kill(signal.SIGTERM) == 0
+    d.start()
+    with slitter.connect(d.address) as heap:
+        a = heap.register_class("a", size=64)
+        assert a.policy == "log" and a.id == 1
+        with pytest.raises(slitter.ClassConflict):
+            heap.register_class("a", size=65)
+        stats = heap.stats()["classes"]["a"]
+        assert stats["live"] == 10 and stats["allocations"] == 10
+        for h in held:
+            a.release(h)
+
+
+def test_clients_ride_out_a_daemon_restart_under_load(manual_daemon, tmp_path):
+    d = manual_daemon().start()
+    stop = tmp_path / "stop"
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=workers.load_until, args=(d.address, seed, str(stop), queue)) for seed in range(3)]
+    for p in procs:
+        p.start()
+    time.sleep(1.5)
+    for _ in range(2):
+        d.kill(signal.SIGKILL)
+        time.sleep(0.3)  # clients keep going on their magazines, or wait in the slow path
+        d.start()
+        time.sleep(1.0)
+    stop.touch()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert all(r["bad"] == 0 for r in results), "an object's content changed"
+    assert all(r["ops"] > 1000 for r in results)
+    held = [h for r in results for _, h in r["held"]]
+    assert len(held) == len(set(held)), "one object held by two processes"
+    with slitter.connect(d.address) as heap:
+        stats = heap.stats()
+        counts = {"small": 0, "large": 0}
+        for r in results:
+            for name, _ in r["held"]:
+                counts[name] += 1
+        for name, n in counts.items():
+            c = stats["classes"][name]
+            assert c["live"] == n, (name, c)
+            assert c["cached"] == 0
+            assert c["carved"] == c["live"] + c["cached"] + c["free"]
+        classes = {n: heap.register_class(n, size=48 if n == "small" else 2000) for n in counts}
+        for r in results:
+            for name, h in r["held"]:
+                assert bytes(heap.view(h)) == workers.stamp(h, classes[name].size)
+                classes[name].release(h)
+
+
+def test_slow_path_waits_for_the_daemon_then_gives_up(manual_daemon):
+    d = manual_daemon().start()
+    heap = slitter.connect(d.address, timeout=1.0)
+    cls = heap.register_class("w", size=64)
+    cls.allocate()
+    d.kill(signal.SIGKILL)
+    cap = heap._classes_table[cls.id].mag_capacity
+    for _ in range(cap - 1):  # the fast path needs no daemon
+        cls.allocate()
+    started = time.monotonic()
+    with pytest.raises(slitter.DaemonUnavailable, match=d.address):
+        cls.allocate()
+    assert time.monotonic() - started >= 0.9
+    heap._transport.patient = False
+    heap.close()
+
+
+def test_another_layout_version_is_refused(manual_daemon, tmp_path):
+    import subprocess
+    import sys
+
+    d = manual_daemon().start()
+    d.kill(signal.SIGKILL)
+    meta = slitter.address.segment_paths(d.name)[0]
+    with open(meta, "r+b") as f:
+        f.seek(8)
+        f.write((lib.SLITTER_LAYOUT_VERSION + 1).to_bytes(4, "little"))
+    r = subprocess.run([sys.executable, "-m", "slitterd", "--name", d.name, "--socket", str(tmp_path / "v.sock")],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode != 0 and "layout version" in r.stderr and "refusing to guess" in r.stderr
