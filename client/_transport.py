@@ -46,6 +46,9 @@ class Transport:
         if not os.path.exists(self.address):
             raise DaemonUnavailable(f"no slitterd at {self.address}: the socket does not exist",
                                     address=self.address)
+        if not os.access(self.address, os.R_OK | os.W_OK):
+            raise DaemonUnavailable(f"no access to slitterd at {self.address}: permission denied "
+                                    "(the socket is 0600, or 0660 for its group)", address=self.address)
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)

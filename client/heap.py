@@ -153,11 +153,14 @@ class Heap:
 
     # -- public API ------------------------------------------------------
 
-    def register_class(self, name: str, size: int, *, zero_init: bool = False, policy: str | None = None) -> Class:
+    def register_class(self, name: str, size: int, *, zero_init: bool = False, policy: str | None = None,
+                       cap: int | None = None) -> Class:
         """The class ``name`` of ``size``-byte objects, created on first registration.
 
         Idempotent for the same spec.  ``policy`` ("raise", "log" or "abort")
-        is the class's error policy for every client; it is set once.
+        is the class's error policy for every client; it is set once.  ``cap``
+        limits the objects the class may ever carve: past it, allocate raises
+        OutOfMemory for the caller alone.
 
         Raises:
             ClassConflict: ``name`` exists with another size, zero_init or policy.
@@ -167,7 +170,8 @@ class Heap:
         if policy is not None and policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self._ensure_attached()
-        reply = self._call(Op.REGISTER_CLASS, name=name, size=size, zero_init=bool(zero_init), policy=policy or "")
+        reply = self._call(Op.REGISTER_CLASS, name=name, size=size, zero_init=bool(zero_init), policy=policy or "",
+                           cap=cap or 0)
         cls = Class(self, reply["class_id"], name, size, reply["stride"], reply["zero_init"], reply["policy"])
         self._classes[name] = cls
         return cls

@@ -139,6 +139,7 @@ struct slitter_class {
     uint32_t spans_per_run;
     uint32_t mag_capacity;     /* handles per magazine for this class */
     uint32_t reserved;
+    uint64_t cap;              /* most objects ever carved; 0: no cap (daemon-written) */
 };
 
 /**

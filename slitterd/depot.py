@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from array import array
 
+from slitter import errors
 from slitter._native import ffi, lib
 
 from slitterd.arena import Arena
@@ -54,6 +55,12 @@ class Depot:
         return taken
 
     def _carve(self, n: int) -> array:
+        cap = self.arena.classes[self.class_id].cap
+        if cap:
+            n = min(n, cap - self.carved)
+            if n <= 0:
+                name = ffi.string(self.arena.classes[self.class_id].name).decode()
+                raise errors.OutOfMemory(f"class '{name}' reached its cap of {cap} objects", class_name=name)
         if self.run is None or self.run.next_index == self.run.nobjects:
             self.run = self.mill.carve_run(self.class_id)
             self.runs += 1

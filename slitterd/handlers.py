@@ -73,7 +73,7 @@ def register_class(inst: Instance, req: Request) -> Reply:
     class_id = inst.register_class(spec)
     policy = inst.set_policy(class_id, a["policy"])
     return {"class_id": class_id, "size": spec.size, "stride": inst.arena.classes[class_id].stride,
-            "zero_init": spec.zero_init, "policy": policy}
+            "zero_init": spec.zero_init, "policy": policy, "cap": inst.set_cap(class_id, a["cap"])}
 
 
 def refill(inst: Instance, req: Request) -> Reply:

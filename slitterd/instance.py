@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from array import array
+from collections import deque
 from dataclasses import dataclass
 
 from slitter import errors
@@ -50,6 +51,8 @@ class Instance:
         self.specs: dict[str, tuple[int, ClassSpec]] = {}
         self.depots: dict[int, Depot] = {}
         self.audit = AuditLog()
+        #: Clients that left with objects still live, newest last: (pid, name, {class: live}).
+        self.departed: deque[tuple[int, str, dict[str, int]]] = deque(maxlen=100)
 
     # -- classes ---------------------------------------------------------
 
@@ -110,6 +113,16 @@ class Instance:
         if policy and not is_set:
             entry.flags = (entry.flags & ~lib.SLITTER_CLASS_POLICY_MASK) | ((POLICIES.index(policy) + 1) << POLICY_SHIFT)
         return self.policy(class_id)
+
+    def set_cap(self, class_id: int, cap: int) -> int:
+        """Cap the objects a class may ever carve (0 keeps the current cap); returns the cap.
+
+        A cap below what is already carved stops further carving; it never
+        takes objects away.
+        """
+        if cap:
+            self.arena.classes[class_id].cap = cap
+        return self.arena.classes[class_id].cap
 
     def class_name(self, class_id: int) -> str:
         return ffi.string(self.arena.classes[class_id].name).decode()
@@ -180,6 +193,10 @@ class Instance:
         # counts the client twice; recover() reconciles against the live map.
         for class_id, t in totals.items():
             self._retire(class_id, t)
+        left_live = {self.class_name(cid): t.allocations - t.releases for cid, t in totals.items()
+                     if t.allocations != t.releases}
+        if left_live:
+            self.departed.append((client.pid, client.name, left_live))
         self.racks.release_rack(client)
         log.info("client %d (pid %d, %s) %s; %d cached objects reclaimed", client.id, client.pid,
                  client.name or "-", why, reclaimed)
@@ -298,6 +315,7 @@ class Instance:
                 "refills": kept.refills, "flushes": kept.flushes,
                 "errors": dict(zip(ERROR_KINDS, t.errors)),
                 "runs": depot.runs, "reserved_bytes": depot.runs * cls.spans_per_run * lib.SLITTER_SPAN_SIZE,
+                "cap": cls.cap,
             }
         return out
 
@@ -314,5 +332,6 @@ class Instance:
     def instance_stats(self) -> dict:
         h = self.arena.header
         return {"name": self.name, "arena_bytes": h.arena_size, "runs": h.nruns,
+                "departed": [{"pid": pid, "name": name, "live": live} for pid, name, live in self.departed],
                 "spans_used": h.next_span, "spans": h.nspans, "generation": h.generation,
                 "committed_bytes": self.arena.committed_bytes(), "clients": len(self.racks.clients)}

@@ -1,0 +1,124 @@
+"""Limits raise OutOfMemory for the caller alone; other users cannot attach; no TCP unless asked."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+
+import pytest
+
+import slitter
+from slitter import address
+
+
+def test_class_cap_is_out_of_memory_for_that_class_alone(daemon, heap):
+    capped = heap.register_class("capped", size=64, cap=1000)
+    other = heap.register_class("free_range", size=64)
+    got = []
+    with pytest.raises(slitter.OutOfMemory, match="'capped' reached its cap of 1000"):
+        while True:
+            got.append(capped.allocate())
+    assert len(got) == 1000 and len(set(got)) == 1000
+    assert [other.allocate() for _ in range(2000)]  # other classes go on
+    with slitter.connect(daemon.address) as second:
+        with pytest.raises(slitter.OutOfMemory):
+            second.register_class("capped", size=64).allocate()
+    capped.release(got.pop())
+    assert capped.allocate()  # a released object is allocatable again under the cap
+    stats = heap.stats()["classes"]["capped"]
+    assert stats["cap"] == 1000 and stats["carved"] == 1000 and stats["live"] == 1000
+
+
+def test_dead_clients_live_objects_are_reported_per_pid(daemon, heap):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            h = slitter.connect(daemon.address, name="leaver")
+            cls = h.register_class("kept", size=64)
+            for _ in range(7):
+                cls.allocate()
+            h.close()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    departed = heap.stats()["instance"]["departed"]
+    assert {"pid": pid, "name": "leaver", "live": {"kept": 7}} in departed
+    assert heap.stats()["classes"]["kept"]["live"] == 7
+
+
+def _other_user() -> tuple[int, int]:
+    try:
+        nobody = pwd.getpwnam("nobody")
+        return nobody.pw_uid, nobody.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+def test_another_uid_cannot_attach(daemon):
+    sock_mode = stat.S_IMODE(os.stat(daemon.address).st_mode)
+    seg_modes = [stat.S_IMODE(p.stat().st_mode) for p in address.segment_paths(daemon.name)]
+    assert sock_mode & 0o077 == 0 and seg_modes == [0o600, 0o600]
+    uid, gid = _other_user()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            results = []
+            try:
+                slitter.connect(daemon.address, timeout=1)
+                results.append("attached")
+            except slitter.DaemonUnavailable as exc:
+                results.append(f"unavailable: {exc}")
+            for path in address.segment_paths(daemon.name):
+                try:
+                    open(path, "rb").close()
+                    results.append(f"opened {path}")
+                except PermissionError:
+                    results.append("denied")
+            os.write(w, "\n".join(results).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 4096):
+        out += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("unavailable:") and daemon.address in lines[0], lines
+    assert lines[1:] == ["denied", "denied"], lines
+
+
+def _listening_tcp_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A":  # LISTEN
+                inodes.add(cols[9])
+    return inodes
+
+
+def test_nothing_listens_on_tcp_unless_configured(daemon, heap):
+    heap.register_class("x", size=8).allocate()
+    fds = os.listdir(f"/proc/{daemon.pid}/fd")
+    sockets = set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{daemon.pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            sockets.add(target[8:-1])
+    assert sockets, "the daemon has its ipc socket at least"
+    assert not sockets & _listening_tcp_inodes()
