@@ -7,6 +7,8 @@ slow path.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from slitter import _fastpath, errors
@@ -16,6 +18,8 @@ if TYPE_CHECKING:
 
 _allocate = _fastpath.allocate_key
 _release = _fastpath.release_key
+_allocate_many = _fastpath.lib.slitter_allocate_many_key
+_from_buffer = _fastpath.ffi.from_buffer
 assert _fastpath.KEY_BITS == 16
 _FOREIGN = _fastpath.lib.SLITTER_E_FOREIGN_ADDRESS
 
@@ -68,6 +72,32 @@ class Class:
             result = _FOREIGN
         if result:
             self._heap._release_slow(self, handle, result)
+
+    def allocate_many(self, n: int) -> array:
+        """``n`` fresh objects as an ``array('Q')`` of handles: one native call per magazine.
+
+        Raises:
+            OutOfMemory: as ``allocate``; the objects allocated before it stay live
+            and are in the exception's ``handles`` attribute.
+        """
+        out = array("Q", bytes(8 * n))
+        got = _allocate_many(self._key, _from_buffer("uint64_t[]", out), n) if n else 0
+        if got < n:
+            self._heap._allocate_many_slow(self, out, got)
+        return out
+
+    def release_many(self, handles: Iterable[int]) -> None:
+        """Release every handle, with every check of ``release``.
+
+        The whole batch is checked first: if any handle fails (foreign, wrong
+        class, interior, not live) its error is raised for that handle and
+        none of the batch is released.  A duplicate inside the batch, or
+        another thread releasing one of the objects at the same moment, is
+        found while releasing; then the handles before the magazine-sized
+        chunk in which it was found are released (the error's ``released``
+        says how many) and the rest are not.
+        """
+        self._heap._release_many(self, handles)
 
     def __repr__(self) -> str:
         return f"<slitter.Class '{self.name}' id={self.id} size={self.size}>"

@@ -15,6 +15,8 @@ import os
 import sys
 import threading
 import weakref
+from array import array
+from collections.abc import Iterable
 from typing import Any
 
 from slitter import _fastpath, errors
@@ -250,6 +252,61 @@ class Heap:
             if handle:
                 return handle
         raise errors.SlitterError(f"class '{cls.name}': refills brought no usable object", class_name=cls.name)
+
+    def _allocate_many_slow(self, cls: Class, out: array, got: int) -> None:
+        buf = ffi.from_buffer("uint64_t[]", out)
+        n = len(out)
+        while got < n:
+            slot = self._bind(cls)
+            more = lib.slitter_allocate_many_key(cls._key, buf + got, n - got)
+            if more == 0:
+                try:
+                    self._call(Op.REFILL, thread=slot, class_id=cls.id)
+                except errors.OutOfMemory as exc:
+                    exc.handles = out[:got]
+                    raise
+                self._apply_guards()
+            got += more
+
+    def _release_many(self, cls: Class, handles: Iterable[int]) -> None:
+        if isinstance(handles, array) and handles.typecode == "Q":
+            batch = handles
+        else:
+            handles = list(handles)
+            try:
+                batch = array("Q", handles)
+            except (OverflowError, TypeError):
+                for index, handle in enumerate(handles):  # find the one that is no u64
+                    if not isinstance(handle, int) or not 0 <= handle <= U64:
+                        self._refused(cls, handle, lib.SLITTER_ERR_FOREIGN_ADDRESS)
+                        raise errors.ForeignAddress(f"handle {handle!r} at index {index}", handle=handle,
+                                                    class_name=cls.name) from None
+                raise
+        n = len(batch)
+        if n == 0:
+            return
+        buf = ffi.from_buffer("uint64_t[]", batch)
+        bad = ffi.new("uint32_t *")
+        result = lib.slitter_check_many_key(cls._key, buf, n, bad)
+        if result == _fastpath.NEED_SLOW:
+            self._bind(cls)
+            result = lib.slitter_check_many_key(cls._key, buf, n, bad)
+        if result < 0:
+            self._refused(cls, batch[bad[0]], -1 - result)
+            return
+        done = 0
+        while done < n:
+            result = lib.slitter_release_many_key(cls._key, buf + done, n - done, bad)
+            if result < 0:
+                try:
+                    self._refused(cls, batch[done + bad[0]], -1 - result)
+                except errors.ReleaseError as exc:
+                    exc.released = done
+                    raise
+                return
+            done += bad[0]
+            if result == _fastpath.NEED_FLUSH or (result == _fastpath.NEED_SLOW and done < n):
+                self._flush(cls, self._bind(cls))
 
     def _release_slow(self, cls: Class, handle: int, result: int) -> None:
         for _ in range(8):

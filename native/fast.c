@@ -378,6 +378,99 @@ int slitter_release_key(uint64_t packed)
     return slitter_release(keys[key].client, keys[key].class_id, packed >> SLITTER_KEY_BITS);
 }
 
+uint32_t slitter_allocate_many_key(uint32_t key, uint64_t *out, uint32_t n)
+{
+    if (slitter_unlikely(key >= SLITTER_MAX_KEYS || keys[key].client == NULL))
+        return 0;
+    struct slitter_client *c = keys[key].client;
+    uint32_t class_id = keys[key].class_id;
+    uint32_t got = 0;
+    /* The single-object path per object: its checks stay, the call is amortised. */
+    while (got < n) {
+        uint64_t handle = slitter_allocate(c, class_id);
+        if (handle == 0)
+            break;
+        out[got++] = handle;
+    }
+    return got;
+}
+
+/* The checks of slitter_release() up to the live byte, with nothing changed.
+ * Returns the live-map index, or -1 - SLITTER_ERR_*. */
+static inline int64_t slitter__check(const struct slitter_client *c, uint32_t class_id, uint64_t handle)
+{
+    const struct slitter_span *sp = slitter__span(&c->view, handle);
+    if (sp == NULL)
+        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;
+    if (sp->class_id != class_id)
+        return -1 - SLITTER_ERR_CLASS_MISMATCH;
+    return slitter__object_bit(sp, &c->view.classes[class_id], handle);
+}
+
+int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *bad)
+{
+    if (key >= SLITTER_MAX_KEYS || keys[key].client == NULL)
+        return SLITTER_NEED_SLOW;
+    struct slitter_client *c = keys[key].client;
+    uint32_t class_id = keys[key].class_id;
+    struct slitter_thread_slot *slot = slitter__slot(c);
+    if (slot == NULL || slot->classes[class_id].capacity == 0)
+        return SLITTER_NEED_SLOW;
+    for (uint32_t i = 0; i < n; i++) {
+        int64_t obj = slitter__check(c, class_id, handles[i]);
+        if (obj >= 0 && !__atomic_load_n(&c->view.live_map[obj], __ATOMIC_ACQUIRE))
+            obj = -1 - SLITTER_ERR_DOUBLE_FREE;
+        if (obj < 0) {
+            *bad = i;
+            return slitter__refuse(&slot->classes[class_id], (int)(-1 - obj));
+        }
+    }
+    return SLITTER_OK;
+}
+
+int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done)
+{
+    *done = 0;
+    if (key >= SLITTER_MAX_KEYS || keys[key].client == NULL)
+        return SLITTER_NEED_SLOW;
+    struct slitter_client *c = keys[key].client;
+    uint32_t class_id = keys[key].class_id;
+    struct slitter_thread_slot *slot = slitter__slot(c);
+    if (slot == NULL)
+        return SLITTER_NEED_SLOW;
+    struct slitter_thread_class *tc = &slot->classes[class_id];
+    uint32_t capacity = tc->capacity;
+    uint32_t room = (capacity - tc->alloc_count) + (capacity - tc->release_count);
+    if (capacity == 0 || room == 0)
+        return SLITTER_NEED_SLOW;
+    if (n > room)
+        n = room;
+    /* Pass 1: every check, and the live byte of each, all or none. */
+    for (uint32_t i = 0; i < n; i++) {
+        int64_t obj = slitter__check(c, class_id, handles[i]);
+        if (obj >= 0 && __atomic_exchange_n(&c->view.live_map[obj], 0, __ATOMIC_ACQ_REL) == 0)
+            obj = -1 - SLITTER_ERR_DOUBLE_FREE;
+        if (slitter_unlikely(obj < 0)) {
+            /* Undo: nobody can have taken the objects we marked, since none
+             * of them is in a magazine yet. */
+            for (uint32_t j = 0; j < i; j++)
+                __atomic_store_n(&c->view.live_map[slitter__check(c, class_id, handles[j])], 1,
+                                 __ATOMIC_RELEASE);
+            *done = i;
+            return slitter__refuse(tc, (int)(-1 - obj));
+        }
+    }
+    /* Pass 2: push, allocation magazine first. */
+    uint32_t i = 0;
+    while (i < n && tc->alloc_count < capacity)
+        tc->alloc[tc->alloc_count++] = handles[i++];
+    while (i < n)
+        tc->release[tc->release_count++] = handles[i++];
+    tc->counters.releases += n;
+    *done = n;
+    return tc->release_count >= capacity ? SLITTER_NEED_FLUSH : SLITTER_OK;
+}
+
 /* bench/ baselines: magazine traffic alone (see slitter_fast.h). */
 static inline struct slitter_thread_class *slitter__bare_tc(struct slitter_client *c, uint32_t class_id)
 {

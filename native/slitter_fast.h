@@ -96,6 +96,29 @@ uint64_t slitter_allocate_key(uint32_t key);
 int slitter_release_key(uint64_t packed);
 
 /**
+ * Allocate up to `n` objects of the class behind `key` into `out`, from the
+ * thread's magazines only.  Returns how many (0 when the slow path must run).
+ */
+uint32_t slitter_allocate_many_key(uint32_t key, uint64_t *out, uint32_t n);
+
+/**
+ * Check `n` handles for a release as the class behind `key` without
+ * changing anything: foreign, class, interior, and not live (double free).
+ * Returns SLITTER_OK, SLITTER_NEED_SLOW (thread or class unbound), or
+ * SLITTER_E_* with the first bad handle's index in `*bad`.
+ */
+int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *bad);
+
+/**
+ * Release as many of `n` handles as fit in the thread's magazines, all or
+ * none: `*done` gets how many were released.  On a refusal (a duplicate in
+ * the batch, or a release racing with another thread) the ones already
+ * marked are restored, `*done` gets the bad handle's index and SLITTER_E_*
+ * is returned.  SLITTER_NEED_FLUSH: the release magazine is full.
+ */
+int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done);
+
+/**
  * Count a refusal that never reached slitter_release() (a handle that is
  * not even a u64) against the calling thread's counters.  The thread must
  * be bound (slitter_bind); otherwise nothing is counted and -1 returned.
