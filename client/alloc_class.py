@@ -21,7 +21,7 @@ _release = _fastpath.release_key
 _allocate_many = _fastpath.lib.slitter_allocate_many_key
 _from_buffer = _fastpath.ffi.from_buffer
 assert _fastpath.KEY_BITS == 16
-_FOREIGN = _fastpath.lib.SLITTER_E_FOREIGN_ADDRESS
+_FOREIGN_KIND = _fastpath.lib.SLITTER_ERR_FOREIGN_ADDRESS
 
 
 class Class:
@@ -69,7 +69,8 @@ class Class:
             # 16 is SLITTER_KEY_BITS, a literal so the compiler folds it.
             result = _release(handle << 16 | self._key)
         except OverflowError:
-            result = _FOREIGN
+            self._heap._refused(self, handle, _FOREIGN_KIND, counted=False)
+            return
         if result:
             self._heap._release_slow(self, handle, result)
 

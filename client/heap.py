@@ -276,11 +276,10 @@ class Heap:
             try:
                 batch = array("Q", handles)
             except (OverflowError, TypeError):
-                for index, handle in enumerate(handles):  # find the one that is no u64
-                    if not isinstance(handle, int) or not 0 <= handle <= U64:
-                        self._refused(cls, handle, lib.SLITTER_ERR_FOREIGN_ADDRESS)
-                        raise errors.ForeignAddress(f"handle {handle!r} at index {index}", handle=handle,
-                                                    class_name=cls.name) from None
+                for handle in handles:  # find the one that is no u64: none is released
+                    if isinstance(handle, int) and not 0 <= handle <= U64:
+                        self._refused(cls, handle, lib.SLITTER_ERR_FOREIGN_ADDRESS, counted=False)
+                        return
                 raise
         n = len(batch)
         if n == 0:
@@ -331,16 +330,19 @@ class Heap:
         for handle, kind in reply["refused"]:
             log.warning("the daemon's audit refused handle %#x of class '%s': %s", handle, cls.name, kind)
 
-    def _refused(self, cls: Class, handle: object, kind: int) -> None:
-        """A release was refused: report it, then apply the error policy."""
+    def _refused(self, cls: Class, handle: object, kind: int, *, counted: bool = True) -> None:
+        """A release was refused: report it, then apply the error policy.
+
+        ``counted`` is False when the native code never saw the handle (it
+        did not fit its argument), so the refusal is counted here.
+        """
         owner = None
         if kind == lib.SLITTER_ERR_CLASS_MISMATCH:
             _ptr, owner_id, _kind = _fastpath.locate(self._view, handle)
             owner = self._class_name(owner_id) if owner_id else None
         err = _fastpath.release_error(kind, handle, cls.name, owner)
         in_range = isinstance(handle, int) and 0 <= handle <= U64
-        if not in_range:
-            # cffi refused it before C could count it: count it here.
+        if not counted:
             self._bind(cls)
             lib.slitter_count_error(self._client, cls.id, kind)
         try:

@@ -135,3 +135,22 @@ def test_slitterctl_audit_and_follow(daemon, heap):
     finally:
         follower.kill()
         follower.wait()
+
+
+@pytest.mark.parametrize("bad", [1 << 48, (1 << 64) - 1, 1 << 64, 1 << 80, -5])
+def test_every_refusal_is_counted_once(heap, bad):
+    cls = heap.register_class("counted", size=16)
+    with pytest.raises(slitter.ForeignAddress):
+        cls.release(bad)
+    with pytest.raises(slitter.ForeignAddress):
+        cls.release_many([bad])
+    assert heap.stats()["classes"]["counted"]["errors"]["foreign_address"] == 2
+    assert len(heap.audit()["entries"]) == 2
+
+
+def test_log_policy_applies_to_batches_of_non_u64(daemon):
+    with slitter.connect(daemon.address, policy="log") as heap:
+        cls = heap.register_class("batchlog", size=16)
+        h = cls.allocate()
+        assert cls.release_many([h, 1 << 70]) is None  # refused, logged, nothing released
+        assert heap.stats()["classes"]["batchlog"]["live"] == 1
