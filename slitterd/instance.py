@@ -51,6 +51,8 @@ class Instance:
         self.specs: dict[str, tuple[int, ClassSpec]] = {}
         self.depots: dict[int, Depot] = {}
         self.audit = AuditLog()
+        #: The policy of classes registered without one (the config's error_policy).
+        self.default_policy = "raise"
         #: Clients that left with objects still live, newest last: (pid, name, {class: live}).
         self.departed: deque[tuple[int, str, dict[str, int]]] = deque(maxlen=100)
 
@@ -98,8 +100,9 @@ class Instance:
         return depot
 
     def policy(self, class_id: int) -> str:
-        """The class's error policy ('raise' unless one was set)."""
-        return POLICIES[max(((self.arena.classes[class_id].flags >> POLICY_SHIFT) & 3) - 1, 0)]
+        """The class's error policy: its own if one was set, else the instance's default."""
+        bits = (self.arena.classes[class_id].flags >> POLICY_SHIFT) & 3
+        return POLICIES[bits - 1] if bits else self.default_policy
 
     def set_policy(self, class_id: int, policy: str) -> str:
         """Give a class its error policy once; '' keeps what it has.  Returns the policy."""

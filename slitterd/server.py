@@ -3,7 +3,9 @@
 Each frame is decoded and validated (``slitter.protocol``), dispatched to
 ``handlers`` and answered; any refusal, and any bug, becomes an error reply
 without a traceback, and the loop goes on.  A client's pidfd turning
-readable means the client died: its rack is reclaimed at once.
+readable means the client died: its rack is reclaimed at once.  After every
+poll the loop runs its ``tick_hooks`` (sd_notify watchdog, metrics snapshot,
+SIGHUP reload); a hook that raises is logged and the loop goes on.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
 
 import zmq
 
@@ -43,6 +47,10 @@ class Server:
             os.umask(old)
         self.running = False
         self.requests = 0
+        #: Called with time.monotonic() after every poll, in the loop's thread.
+        self.tick_hooks: list[Callable[[float], None]] = []
+        #: Poll timeout: the longest a tick hook waits on an idle daemon.
+        self.poll_ms = 200
 
     def stop(self, *_args: object) -> None:
         self.running = False
@@ -60,11 +68,20 @@ class Server:
             pidfds = {c.pidfd: c for c in self.instance.racks.clients.values() if c.pidfd is not None}
             for fd in pidfds:
                 poller.register(fd, zmq.POLLIN)
-            for item, _ in poller.poll(200):
+            for item, _ in poller.poll(self.poll_ms):
                 if item is self.socket:
                     self._drain()
                 elif item in pidfds and pidfds[item].id in self.instance.racks.clients:
                     self.instance.reclaim(pidfds[item], "died")
+            self._tick()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for hook in self.tick_hooks:
+            try:
+                hook(now)
+            except Exception:
+                log.exception("tick hook %s failed", getattr(hook, "__qualname__", hook))
 
     def _drain(self) -> None:
         for _ in range(256):
@@ -87,7 +104,11 @@ class Server:
         try:
             req = protocol.parse_request(frame)
             request_id = req.id
-            return protocol.ok_reply(req.id, **HANDLERS[req.op](self.instance, req))
+            result = HANDLERS[req.op](self.instance, req)
+            if req.op is protocol.Op.ATTACH:
+                log.info("client %d (pid %d, %s) attached", result["client"], req.args["pid"],
+                         req.args["name"] or "-")
+            return protocol.ok_reply(req.id, **result)
         except Refusal as exc:
             return protocol.error_reply(exc.request_id or request_id, exc.code, exc.message)
         except errors.SlitterError as exc:

@@ -78,3 +78,14 @@ def test_client_log_policy_overrides_class_abort(daemon):
     r = subprocess.run([sys.executable, "-c", ABORT, daemon.address, "log"], capture_output=True, text=True,
                        timeout=60, cwd="/")
     assert r.returncode == 0 and "survived" in r.stdout
+
+
+def test_daemon_default_policy_applies_to_classes_without_one(manual_daemon):
+    d = manual_daemon("--ephemeral").start("--error-policy", "log")
+    with slitter.connect(d.address) as heap:
+        plain = heap.register_class("plain", size=16)
+        strict = heap.register_class("strict", size=16, policy="raise")
+        assert plain.policy == "log" and strict.policy == "raise"
+        plain.release(16)  # logged
+        with pytest.raises(slitter.ForeignAddress):
+            strict.release(16)
