@@ -87,6 +87,31 @@ def follow_audit(transport: Transport, console: Console, as_json: bool, interval
         return 0
 
 
+def top(transport: Transport, console: Console, interval: float, count: int | None) -> int:
+    """Refresh the stats table in place, like top(1), until interrupted (or ``count`` frames)."""
+    from rich.console import Group
+    from rich.live import Live
+
+    def frame() -> Group:
+        stats = transport.call(Op.STATS)
+        inst = stats["instance"]
+        title = (f"slitter instance '{inst['name']}' - {inst['clients']} clients, {inst['runs']} runs, "
+                 f"{inst['committed_bytes']:,} bytes committed - {time.strftime('%H:%M:%S')}")
+        return Group(stats_table(stats, title=title), clients_table(stats))
+
+    shown = 0
+    try:
+        with Live(frame(), console=console, auto_refresh=False, transient=False) as live:
+            shown = 1
+            while count is None or shown < count:
+                time.sleep(interval)
+                live.update(frame(), refresh=True)
+                shown += 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="slitterctl", description="Query a running slitterd.")
     p.add_argument("--socket", default=None, help="daemon socket (default: $SLITTER_ADDRESS or the default socket)")
@@ -97,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("classes", help="registered classes and their runs")
     sub.add_parser("clients", help="attached clients: pid, name, live and cached per class")
     sub.add_parser("ping", help="is the daemon there; protocol version and ops")
+    t = sub.add_parser("top", help="the stats table, refreshed live")
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    t.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
     a = sub.add_parser("audit", help="refused releases and audit findings, with counters")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
@@ -109,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"slitterd pid {reply['pid']} instance '{reply['instance']}' protocol v{reply['version']} "
                   f"ops: {', '.join(reply['ops'])}")
             return 0
+        if ns.command == "top":
+            return top(transport, Console(), ns.interval, ns.count)
         if ns.command == "audit":
             if ns.follow:
                 return follow_audit(transport, Console(), ns.json)

@@ -102,3 +102,19 @@ def test_client_limit(manual_daemon):
     with slitter.connect(d.address) as c:
         assert len(c.stats()["clients"]) == 2
     b.close()
+
+
+def test_slitterctl_top_refreshes(daemon, heap):
+    cls = heap.register_class("topped", size=64)
+    held = [cls.allocate() for _ in range(3)]
+    r = ctl("--socket", daemon.address, "top", "--interval", "0.05", "--count", "3",
+            env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "topped" in r.stdout and "clients" in r.stdout and str(os.getpid()) in r.stdout
+    for h in held:
+        cls.release(h)
+
+
+def test_slitterctl_top_without_daemon(tmp_path):
+    r = ctl("--socket", str(tmp_path / "none.sock"), "top", "--count", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
