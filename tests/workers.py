@@ -143,3 +143,162 @@ def load_until(address, seed, stop_path, queue):
         for cls, h in held[len(held) // 2:]:
             cls.release(h)
     queue.put({"seed": seed, "ops": ops, "bad": bad, "held": [(cls.name, h) for cls, h in keep]})
+
+
+def model_stamp(handle: int, serial: int, size: int) -> bytes:
+    """The content the model test writes into an object: its handle and a serial of the write."""
+    return ((handle.to_bytes(8, "little") + serial.to_bytes(8, "little")) * (size // 16 + 1))[:size]
+
+
+def model_client(address, conn):
+    """One client of the stateful model test: executes commands from ``conn`` until "stop".
+
+    Each command is a tuple; each answer is ("ok", value) or ("error", exception class name)
+    (a batch release answers ("ok", [per-handle "ok" or exception class name])).
+    """
+    import os
+
+    heap = slitter.connect(address, name=f"model{os.getpid()}", timeout=20)
+    classes = {"a": heap.register_class("a", size=40), "b": heap.register_class("b", size=3000)}
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            op, *args = conn.recv()
+        except EOFError:
+            break
+        if op == "stop":
+            heap.close()
+            conn.send(("ok", None))
+            break
+        try:
+            if op == "allocate":  # (class, n, first serial): n handles, each stamped
+                name, n, serial = args
+                cls = classes[name]
+                handles = []
+                for i in range(n):
+                    h = cls.allocate()
+                    heap.view(h)[:] = model_stamp(h, serial + i, cls.size)
+                    handles.append(h)
+                result = handles
+            elif op == "release":  # ([(class, handle), ...]): each result on its own
+                result = []
+                for name, h in args[0]:
+                    try:
+                        classes[name].release(h)
+                        result.append("ok")
+                    except slitter.SlitterError as exc:
+                        result.append(type(exc).__name__)
+            elif op == "view":
+                result = bytes(heap.view(args[0]))
+            elif op == "write":
+                handle, data = args
+                heap.view(handle)[:] = data
+                result = None
+            else:
+                raise ValueError(f"unknown command {op!r}")
+            conn.send(("ok", result))
+        except slitter.SlitterError as exc:
+            conn.send(("error", type(exc).__name__))
+
+
+def death_encode(class_index: int, handle: int) -> int:
+    """A held handle as the client-death record stores it: class index + 1 in the top byte."""
+    return (class_index + 1) << 56 | handle
+
+
+def death_decode(value: int) -> tuple[int, int]:
+    """(class index, handle) of a record entry; the index is -1 for an empty entry."""
+    return (value >> 56) - 1, value & ((1 << 56) - 1)
+
+
+def death_loop(address, seed, record_path, slots, sizes):
+    """Allocate, stamp, verify and release at random on ``sizes`` until SIGKILLed.
+
+    Everything the process holds is in the shared file ``record_path``, an
+    array of uint64: [0] 1 once attached, [1] operations done, [2] the
+    operation under way (0 none, 1 allocate, 2 release), [3] its encoded
+    handle (only the class for an allocate), [4] objects whose content was
+    wrong, [5..7] unused, then ``slots`` entries of encoded held handles (0:
+    empty).  An allocate is recorded after it returned and its object was
+    stamped; a release is recorded (entry cleared) before it starts.  So at
+    any instant the held set is the recorded set, plus at most the one
+    object of the operation under way.
+    """
+    import mmap
+    import random
+
+    rng = random.Random(seed)
+    with open(record_path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 8 * (8 + slots))
+    rec = memoryview(mm).cast("Q")
+    heap = slitter.connect(address, name=f"victim{seed}", timeout=10)
+    classes = [heap.register_class(f"death{size}", size=size) for size in sizes]
+    view = heap.view
+    free = list(range(slots - 1, -1, -1))
+    held = []  # (slot, class index, handle)
+    ops = 0
+    rec[0] = 1
+    while True:
+        bias = rng.choice((0.25, 0.5, 0.75))  # shrink, steady or grow for a batch
+        for _ in range(rng.randint(1, 600)):
+            ops += 1
+            if held and (rng.random() > bias or not free):
+                i = rng.randrange(len(held))
+                held[i], held[-1] = held[-1], held[i]
+                slot, ci, h = held.pop()
+                cls = classes[ci]
+                if bytes(view(h)) != stamp(h, cls.size):
+                    rec[4] += 1
+                rec[3] = death_encode(ci, h)
+                rec[2] = 2
+                rec[8 + slot] = 0
+                cls.release(h)
+                rec[2] = 0
+                free.append(slot)
+            else:
+                ci = 0 if rng.random() < 0.6 else 1
+                cls = classes[ci]
+                rec[3] = death_encode(ci, 0)
+                rec[2] = 1
+                h = cls.allocate()
+                view(h)[:] = stamp(h, cls.size)
+                slot = free.pop()
+                rec[8 + slot] = death_encode(ci, h)
+                rec[2] = 0
+                held.append((slot, ci, h))
+        rec[1] = ops
+
+
+def death_bystander(address, seed, sizes, conn):
+    """A client that survives: a burst of random work on ``conn``'s "burst", then idle.
+
+    Answers "burst" with ("idle", held count) and "stop" with ("done", objects
+    whose content was wrong) after verifying, releasing and detaching.
+    """
+    import random
+
+    rng = random.Random(seed)
+    heap = slitter.connect(address, name="bystander", timeout=10)
+    classes = [heap.register_class(f"death{size}", size=size) for size in sizes]
+    held = []
+    bad = 0
+    while True:
+        command = conn.recv()
+        if command == "stop":
+            break
+        for _ in range(rng.randint(100, 3000)):
+            if held and rng.random() < 0.5:
+                cls, h = held.pop(rng.randrange(len(held)))
+                bad += bytes(heap.view(h)) != stamp(h, cls.size)
+                cls.release(h)
+            else:
+                cls = rng.choice(classes)
+                h = cls.allocate()
+                heap.view(h)[:] = stamp(h, cls.size)
+                held.append((cls, h))
+        conn.send(("idle", len(held)))
+    for cls, h in held:
+        bad += bytes(heap.view(h)) != stamp(h, cls.size)
+        cls.release(h)
+    heap.close()
+    conn.send(("done", bad))
