@@ -175,10 +175,10 @@ def pack(message: dict[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
-def unpack(frame: bytes) -> Any:
+def unpack(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
     """Deserialise one frame with hostile-input limits; raises Refusal(MALFORMED)."""
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise Refusal(ErrorCode.MALFORMED, f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if len(frame) > max_bytes:
+        raise Refusal(ErrorCode.MALFORMED, f"message of {len(frame)} bytes exceeds {max_bytes}")
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises many types for bad input
@@ -190,13 +190,13 @@ def request(op: Op, request_id: int, **args: Any) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "op": op.value, **args}
 
 
-def parse_request(frame: bytes) -> Request:
+def parse_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Request:
     """Decode and validate a request frame (the daemon side).
 
     Raises:
         Refusal: with the code and a message naming the bad field.
     """
-    message = unpack(frame)
+    message = unpack(frame, max_bytes)
     if not isinstance(message, dict):
         raise Refusal(ErrorCode.MALFORMED, "a request must be a msgpack map")
     request_id = message.get("id", 0)

@@ -71,6 +71,13 @@ def parse_positive_int(value: object) -> int:
     return n
 
 
+def parse_message_limit(value: object) -> int:
+    n = parse_size(value) if isinstance(value, str) else _int(value)
+    if not 1024 <= n <= 1 << 20:
+        raise ValueError(f"must be between 1024 and 1048576 bytes, not {n}")
+    return n
+
+
 def parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -271,6 +278,8 @@ OPTIONS: tuple[Option, ...] = (
            "group that owns the socket and the segments (default: the daemon's)", metavar="GROUP"),
     Option("arena_size", parse_size, "64G", "virtual size of the data segment (sparse)", metavar="SIZE"),
     Option("max_clients", parse_positive_int, 64, "clients attached at once (one rack each)", metavar="N"),
+    Option("max_message_bytes", parse_message_limit, 65536,
+           "largest request frame accepted (1 KiB..1 MiB); bigger ones are dropped unanswered", metavar="BYTES"),
     Option("ephemeral", parse_bool, False, "remove the segments on exit"),
     Option("metrics", parse_metrics, None,
            "serve Prometheus metrics over HTTP at [HOST:]PORT (host default 127.0.0.1); off by default",
@@ -296,6 +305,7 @@ class Config:
     socket_group: str | None
     arena_size: int
     max_clients: int
+    max_message_bytes: int
     ephemeral: bool
     metrics: tuple[str, int] | None
     error_policy: str

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     server = metrics = None
     what = cfg.socket
     try:
-        server = Server(instance, address.endpoint(cfg.socket))
+        server = Server(instance, address.endpoint(cfg.socket), cfg.max_message_bytes)
         apply_access(cfg, arena, sock)
         if cfg.metrics is not None:
             what = "metrics address {}:{}".format(*cfg.metrics)

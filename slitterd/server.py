@@ -32,13 +32,16 @@ _EXCEPTION_CODES = {v: k for k, v in reversed(protocol.ERROR_EXCEPTIONS.items())
 class Server:
     """Serves one instance on one socket until stopped."""
 
-    def __init__(self, instance: Instance, endpoint: str) -> None:
+    def __init__(self, instance: Instance, endpoint: str,
+                 max_message_bytes: int = protocol.MAX_MESSAGE_BYTES) -> None:
         self.instance = instance
         self.endpoint = endpoint
+        self.max_message_bytes = max_message_bytes
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        # ZeroMQ drops a bigger frame (and the connection that sent it) itself.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         old = os.umask(0o077)
         try:
@@ -102,7 +105,7 @@ class Server:
         self.requests += 1
         request_id = 0
         try:
-            req = protocol.parse_request(frame)
+            req = protocol.parse_request(frame, self.max_message_bytes)
             request_id = req.id
             result = HANDLERS[req.op](self.instance, req)
             if req.op is protocol.Op.ATTACH:

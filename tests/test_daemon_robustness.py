@@ -196,3 +196,19 @@ def test_full_dev_shm_is_out_of_memory_not_sigbus():
                             timeout=120, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OOM after" in result.stdout and "served" in result.stdout, result.stdout
+
+
+def test_message_size_limit_is_configurable(manual_daemon):
+    d = manual_daemon("--ephemeral").start("--max-message-bytes", "2048")
+    ctx = zmq.Context()
+    try:
+        big = ctx.socket(zmq.DEALER)
+        big.setsockopt(zmq.LINGER, 0)
+        big.connect("ipc://" + d.address)
+        big.send(msgpack.packb({"v": 1, "id": 1, "op": "attach", "pid": os.getpid(), "name": "x" * 3000}))
+        assert not big.poll(500), "a frame over the limit is dropped unanswered"
+        big.close(0)
+        with slitter.connect(d.address) as heap:  # the daemon carries on
+            assert heap.register_class("ok", size=8).allocate()
+    finally:
+        ctx.term()
