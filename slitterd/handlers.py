@@ -39,8 +39,11 @@ def _slot(inst: Instance, req: Request) -> tuple[Client, int, int]:
     return client, thread, class_id
 
 
+_OP_NAMES = [op.value for op in Op]
+
+
 def ping(inst: Instance, req: Request) -> Reply:
-    return {"version": PROTOCOL_VERSION, "ops": [op.value for op in Op], "instance": inst.name, "pid": os.getpid()}
+    return {"version": PROTOCOL_VERSION, "ops": _OP_NAMES, "instance": inst.name, "pid": os.getpid()}
 
 
 def attach(inst: Instance, req: Request) -> Reply:

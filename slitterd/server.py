@@ -65,12 +65,17 @@ class Server:
         self.running = True
         if on_ready is not None:
             on_ready()
+        poller, pidfds, watched = None, {}, None
         while self.running:
-            poller = zmq.Poller()
-            poller.register(self.socket, zmq.POLLIN)
-            pidfds = {c.pidfd: c for c in self.instance.racks.clients.values() if c.pidfd is not None}
-            for fd in pidfds:
-                poller.register(fd, zmq.POLLIN)
+            clients = self.instance.racks.clients
+            now_watched = frozenset((c.id, c.pidfd) for c in clients.values() if c.pidfd is not None)
+            if now_watched != watched:  # rebuild the poller only when clients come or go
+                watched = now_watched
+                poller = zmq.Poller()
+                poller.register(self.socket, zmq.POLLIN)
+                pidfds = {c.pidfd: c for c in clients.values() if c.pidfd is not None}
+                for fd in pidfds:
+                    poller.register(fd, zmq.POLLIN)
             for item, _ in poller.poll(self.poll_ms):
                 if item is self.socket:
                     self._drain()
