@@ -30,6 +30,8 @@ from slitter.shm import RW, GuardApplier, Mapping, open_segment
 log = logging.getLogger("slitter")
 
 _OPEN_HEAPS: weakref.WeakSet[Heap] = weakref.WeakSet()
+_object_size = lib.slitter_object_size_key
+_NOT_A_U48 = -1 - lib.SLITTER_ERR_FOREIGN_ADDRESS
 _ORPHANS: list[object] = []  # a forked child's inherited transports: never touched, never freed
 
 
@@ -52,6 +54,8 @@ class Heap:
         self._data: Mapping | None = None
         self._tables = self._live_map = self._rack = None
         self._guards: GuardApplier | None = None
+        self._view_key: int | None = None
+        self._arena: memoryview | None = None
         self._transport: Transport | None = None
         self._closed = False
         self._attach()
@@ -97,6 +101,14 @@ class Heap:
                                       ffi.cast("struct slitter_rack *", self._rack.ptr), self._data.ptr)
         if err:
             raise errors.LimitExceeded(f"cannot open a client of {self.address}: {os.strerror(err)}")
+        self._guards.client = self._client
+        self._client.guards_applied = self._guards.applied
+        if self._view_key is None:
+            self._view_key = lib.slitter_key_new(self._client, 0)
+            # One memoryview of the whole arena: a view is a checked slice of it.  It owns
+            # the mapping, so views outlive close() safely.
+            data = self._data
+            self._arena = memoryview(ffi.buffer(ffi.gc(data.ptr, lambda _p, _keep=data: None), data.length))
         self._apply_guards()
         self._pid = os.getpid()
 
@@ -145,7 +157,7 @@ class Heap:
         for mapping in (self._rack, self._live_map, self._tables):
             if mapping is not None:
                 mapping.close()
-        self._data = None  # unmapped when the last view goes
+        self._data = self._arena = None  # the arena is unmapped when the last view goes
 
     def __enter__(self) -> Heap:
         return self
@@ -184,18 +196,33 @@ class Heap:
         Raises:
             ForeignAddress, InteriorPointer: ``handle`` is not an object start.
         """
-        if self._data is None:
+        try:
+            size = _object_size(handle << 16 | self._view_key)
+        except OverflowError:
+            size = _NOT_A_U48
+        arena = self._arena
+        if size > 0 and arena is not None:
+            return arena[handle:handle + size]
+        return self._view_slow(handle, size)
+
+    def _view_slow(self, handle: int, size: int) -> memoryview:
+        if self._arena is None or self._closed:
             raise errors.SlitterError(f"the heap of {self.address} is closed")
-        self._apply_guards()
-        ptr, class_id, kind = _fastpath.locate(self._view, handle)
-        if ptr == ffi.NULL:
-            owner = self._class_name(class_id) if class_id else None
-            err = _fastpath.release_error(kind, handle, owner or "?", owner)
-            raise type(err)(str(err).replace("released as class", "viewed in class", 1), handle=handle,
-                            class_name=owner)
-        size = self._classes_table[class_id].size
-        data = self._data
-        return memoryview(ffi.buffer(ffi.gc(ptr, lambda _p, _keep=data: None), size))
+        if size == lib.SLITTER_VIEW_DETACHED:  # a forked child: get its own rack first
+            self._ensure_attached()
+            return self.view(handle)
+        if size == lib.SLITTER_VIEW_GUARDS:
+            self._apply_guards()
+            return self.view(handle)
+        _ptr, class_id, kind = _fastpath.locate(self._view, handle)
+        owner = self._class_name(class_id) if class_id else None
+        h = f"{handle:#x}" if isinstance(handle, int) and handle >= 0 else repr(handle)
+        if owner is None:
+            raise errors.ForeignAddress(f"handle {h} is not an object of this arena (outside it, in a span "
+                                        "no class owns, or in a guard page)", handle=handle, class_name=None)
+        err = _fastpath.release_error(kind, handle, owner, owner)
+        raise type(err)(str(err).replace("released as class", "viewed in class", 1), handle=handle,
+                        class_name=owner)
 
     def stats(self) -> dict[str, Any]:
         """{"instance": {...}, "classes": {name: {...}}, "clients": [...]} from the daemon."""

@@ -516,6 +516,28 @@ int64_t slitter_bench_bare_pairs(struct slitter_client *c, uint32_t class_id, ui
     return (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
 }
 
+int64_t slitter_object_size_key(uint64_t packed)
+{
+    uint32_t key = (uint32_t)(packed & (SLITTER_MAX_KEYS - 1));
+    struct slitter_client *c = keys[key].client;
+    if (slitter_unlikely(c == NULL))
+        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;
+    /* Closed (its tables may be unmapped by now) or forked: the slow path knows. */
+    if (slitter_unlikely(c->epoch == 0))
+        return SLITTER_VIEW_DETACHED;
+    /* A run carved since the last slow path: its guard page must be
+     * PROT_NONE here before anyone touches its objects. */
+    if (slitter_unlikely(__atomic_load_n(&c->view.header->nruns, __ATOMIC_ACQUIRE) != c->guards_applied))
+        return SLITTER_VIEW_GUARDS;
+    uint64_t handle = packed >> SLITTER_KEY_BITS;
+    const struct slitter_span *sp = slitter__span(&c->view, handle);
+    if (sp == NULL)
+        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;
+    const struct slitter_class *cls = &c->view.classes[sp->class_id];
+    int64_t obj = slitter__object_bit(sp, cls, handle);
+    return obj < 0 ? obj : (int64_t)cls->size;
+}
+
 int slitter_count_error(struct slitter_client *c, uint32_t class_id, int kind)
 {
     struct slitter_thread_slot *slot = slitter__slot(c);

@@ -57,6 +57,8 @@
 #define SLITTER_OK           0
 #define SLITTER_NEED_FLUSH   1   /* released; the release magazine is now full */
 #define SLITTER_NEED_SLOW    2   /* nothing done: thread/class not bound or no room */
+#define SLITTER_VIEW_GUARDS  (-100) /* slitter_object_size_key: protect new guard pages first */
+#define SLITTER_VIEW_DETACHED (-101) /* slitter_object_size_key: closed, or forked and not re-attached */
 #define SLITTER_E_CLASS_MISMATCH   (-1 - SLITTER_ERR_CLASS_MISMATCH)
 #define SLITTER_E_INTERIOR_POINTER (-1 - SLITTER_ERR_INTERIOR_POINTER)
 #define SLITTER_E_FOREIGN_ADDRESS  (-1 - SLITTER_ERR_FOREIGN_ADDRESS)

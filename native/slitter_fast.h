@@ -34,6 +34,7 @@ struct slitter_client {
     uint64_t epoch;            /* unique per open; 0 once closed or forked */
     unsigned int thread_key;   /* pthread_key_t: this thread's slot */
     int has_key;
+    uint64_t guards_applied;   /* runs whose guard page this process has protected */
 };
 
 /** Fill `v` from a mapping of the meta segment's tables (read-only is enough). */
@@ -117,6 +118,16 @@ int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, ui
  * is returned.  SLITTER_NEED_FLUSH: the release magazine is full.
  */
 int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done);
+
+/**
+ * The size of the object at `packed >> SLITTER_KEY_BITS`, for a view of it,
+ * with the client behind the low bits' key (any key of that client).
+ * Returns the size (> 0), SLITTER_VIEW_GUARDS when runs were carved whose
+ * guard pages this process has not protected yet (apply them, then ask
+ * again), SLITTER_VIEW_DETACHED when the client is closed or forked and
+ * not re-attached, or -1 - SLITTER_ERR_* when the handle is not an object start.
+ */
+int64_t slitter_object_size_key(uint64_t packed);
 
 /**
  * Count a refusal that never reached slitter_release() (a handle that is

@@ -40,9 +40,10 @@ class ClassGeometry:
         target = min(max(MIN_RUN_BYTES, MIN_RUN_OBJECTS * stride) + PAGE, lib.SLITTER_MAX_RUN)
         spans = -(-target // SPAN)
         objects = (spans * SPAN - PAGE) // stride
-        # Magazines hold about 256 KiB of objects: thousands of small ones, a
-        # few large ones; never fewer than 8, never more than the layout allows.
-        capacity = max(8, min(lib.SLITTER_MAG_CAP, (256 << 10) // stride))
+        # Magazines hold about 256 KiB of small objects (up to the layout's
+        # 512) and at least 64 large ones, so a batch of 64 takes one round
+        # trip whatever the size (64 KiB objects: 4 MiB per magazine).
+        capacity = max(64, min(lib.SLITTER_MAG_CAP, (256 << 10) // stride))
         return cls(size, stride, objects, spans, capacity)
 
 

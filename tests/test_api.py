@@ -165,3 +165,26 @@ def test_ping_reports_version_and_ops(daemon):
     assert reply["version"] == slitter.protocol.PROTOCOL_VERSION
     assert set(reply["ops"]) == {op.value for op in Op}
     assert reply["pid"] == daemon.pid
+
+
+def test_views_outlive_close(daemon):
+    heap = slitter.connect(daemon.address)
+    cls = heap.register_class("late", size=32)
+    h = cls.allocate()
+    view = heap.view(h)
+    view[:4] = b"kept"
+    heap.close()
+    assert bytes(view[:4]) == b"kept"  # the arena stays mapped while a view exists
+    with pytest.raises(slitter.SlitterError, match="closed"):
+        heap.view(h)
+
+
+def test_view_of_an_object_in_a_run_carved_by_another_process(daemon, heap):
+    """A view applies the guard pages of runs this process has not seen yet."""
+    with slitter.connect(daemon.address) as other:
+        big = other.register_class("elsewhere", size=60000)
+        handles = [big.allocate() for _ in range(40)]  # several new runs
+        seen = heap._guards.applied
+        assert heap._view.header.nruns > seen
+        assert len(heap.view(handles[-1])) == 60000
+        assert heap._guards.applied == heap._view.header.nruns

@@ -1,0 +1,1090 @@
+"""slitter against its peers in the standard library (a benchmark, not a test: it asserts nothing).
+
+Three workloads.  Each runs against every peer that can do it, in worker
+processes forked from this one (``multiprocessing.get_context("fork")``).
+Each result has a rate and the CPU time per record or operation. The CPU
+time counts every process involved, all threads included:
+
+- each worker's ``time.process_time()`` over its own timed window;
+- any server process over the same window (``/proc/PID/stat`` utime + stime):
+  slitterd for slitter, the manager process for ``Manager`` and
+  ``SharedMemoryManager``, and the ``multiprocessing`` resource tracker for
+  everything built on ``SharedMemory``;
+- this process, which only waits, over the same window.
+
+Workers do their setup first (connect, attach, warm up, cache views). Then
+they all wait on one barrier, and the timed windows start there.
+
+1. Shared objects, 64 B each.  A producer allocates an object, writes it
+   (a 64 B template, then its sequence number) and passes it on.  A consumer
+   in another process reads it (CRC-32 of the object, sequence number
+   checked) and releases it.  Objects travel in batches of 64. The producer
+   sends the batch's 64 handles or names with ``send_bytes`` on a Pipe. The
+   consumer acks each batch, and at most 4 batches are in flight. So the IPC
+   of the handles costs every peer the same.
+   - slitter: ``allocate_many(64)``, ``heap.view`` per object,
+     ``release_many`` in the consumer.
+   - SharedMemory: one ``SharedMemory(create=True, size=64)`` per object,
+     closed by the producer. The consumer attaches, reads, closes and unlinks
+     it. All processes share this process's resource tracker: the create and
+     the attach each register the name, and the unlink unregisters it, so
+     nothing leaks and nothing is reported at exit.
+   - SharedMemoryManager: ``smm.SharedMemory(64)`` per object (the library
+     opens a new authenticated connection to the manager for each call). The
+     consumer attaches, reads and closes the object, then asks the manager to
+     ``release_segment`` it (the manager unlinks it). The manager serves one
+     request per connection, so that is a new connection per object too.
+   - RawArray (``multiprocessing.heap``): ``RawArray('B', 64)`` per object.
+     A RawArray refuses to be pickled outside process creation. Its
+     ``BufferWrapper`` (arena, offset) does not, so the batch sends those.
+     Pickling an arena hands its file descriptor to the consumer through
+     ``multiprocessing.resource_sharer``: one connection per batch and arena.
+     The consumer maps the arena, reads the object and closes the descriptor,
+     which the library would otherwise leak. The producer frees the 64 blocks
+     when the batch is acked, since only the creating process can free them.
+
+2. Shared mutable table: 100,000 records of 64 B. 4 worker processes each
+   update random records in place. An update writes two 8-byte fields
+   (worker id, sequence number) with ``struct.pack_into``. Every peer uses
+   the same pregenerated random record indices.
+   - slitter, view per update: 100,000 objects of one class, allocated by
+     this process. Their handles are known to all workers, and each update
+     calls ``heap.view(handle)``.
+   - slitter, cached views: the same objects, but each worker takes the
+     100,000 views once, before the timed window.
+   - Manager dict and Manager list: ``d[k] = record`` / ``l[k] = record``.
+     A proxy cannot change part of a value, so each update sends a whole
+     64 B record: one round trip.
+   - Hand-rolled table: one ``SharedMemory`` of 100,000 × 64 B, attached by
+     name, with record k at offset 64·k.
+
+3. Streaming: 1, 2 or 4 producers send records of 64 B, 1 KiB or 64 KiB to
+   one consumer, in batches of 64. The consumer takes the CRC-32 of every
+   record and checks the sequence number of each batch's first record.
+   - slitter: the producer calls ``allocate_many(64)``, writes each record
+     through ``heap.view``, and sends ``array('Q')`` of the 64 handles on its
+     own Pipe. The consumer views, checksums and calls ``release_many``.
+     A semaphore per producer allows 4 batches in flight.
+   - Queue: one ``multiprocessing.Queue(maxsize=4 × producers)``. Each put is
+     a list of 64 records (``bytearray``).
+   - Pipe: one Pipe per producer; ``send_bytes`` of a 64-record batch buffer.
+   - Ring: one ``SharedMemory`` holding a ring of 256 slots (4 batches) per
+     producer. Each producer publishes its head in shared memory (an aligned
+     8-byte store). A shared "items" semaphore wakes the consumer, and a
+     per-producer "space" semaphore holds the producer back when its ring is
+     full. Producers write records straight into their slots.
+
+Every repetition runs all peers of a configuration one after another, so
+they share the machine's noise. The tables give medians over repetitions.
+Ratios are slitter ÷ peer, taken per repetition; the table shows their
+median.
+
+Run it:
+
+    cd bench && ../.venv/bin/python peers.py            # about 2 minutes on 2 cores
+    cd bench && ../.venv/bin/python peers.py --quick    # about 25 s
+    cd bench && ../.venv/bin/python peers.py --json     # the full result as JSON on stdout
+
+It writes bench/results/peers.json and bench/results/streaming.png
+(peers-quick.json and streaming-quick.png with ``--quick``). The PNG needs
+matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import json
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import random
+import statistics
+import struct
+import sys
+import time
+import traceback
+import zlib
+from array import array
+from multiprocessing import resource_tracker, shared_memory
+from multiprocessing.connection import wait as mp_wait
+from multiprocessing.managers import SharedMemoryManager, dispatch
+from multiprocessing.reduction import ForkingPickler
+from multiprocessing.sharedctypes import RawArray
+from pathlib import Path
+from typing import Any, Callable
+
+import slitter
+
+CTX = mp.get_context("fork")
+perf = time.perf_counter
+RESULTS = Path(__file__).resolve().parent / "results"
+
+BATCH = 64
+WINDOW = 4  # batches in flight per producer
+OBJECT_SIZE = 64
+TABLE_RECORDS = 100_000
+TABLE_RECORD = 64
+TABLE_WORKERS = 4
+STREAM_SIZES = (64, 1024, 65536)
+
+SIZES = {
+    #           reps  objects-s  table-s  stream-s  producers
+    "default": (3,    1.0,       1.0,     0.6,      (1, 2, 4)),
+    "quick":   (1,    0.3,       0.3,     0.3,      (1, 4)),
+}
+
+TARGETS = {
+    "objects": {"SharedMemory": 300.0, "RawArray": 50.0, "SharedMemoryManager": 1000.0},
+    "table": {"Manager dict": 100.0, "Manager list": 100.0, "hand-rolled table": 0.8},
+    "streaming_ring_rate": 0.9,
+}
+
+HEAD = struct.Struct("<QQ")  # sequence number, producer id: the first 16 bytes of every record
+
+
+def template(size: int) -> bytes:
+    return bytes((i * 7 + 3) & 0xFF for i in range(size))
+
+
+# -- CPU accounting ----------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process, all threads, in seconds (10 ms resolution)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def tracker_pid() -> int | None:
+    return getattr(resource_tracker._resource_tracker, "_pid", None)
+
+
+# -- the harness -------------------------------------------------------------------
+
+Setup = Callable[..., tuple[Callable[[], tuple[int, int]], Callable[[], None]]]
+
+
+def _child(index: int, setup: Setup, args: tuple, barrier, results, done) -> None:
+    try:
+        work, cleanup = setup(*args)
+        gc.collect()
+        gc.disable()
+        barrier.wait(120)
+        c0, t0 = time.process_time(), perf()
+        records, errors = work()
+        t1, c1 = perf(), time.process_time()
+        results.put((index, {"records": records, "errors": errors, "cpu": c1 - c0, "t0": t0, "t1": t1}))
+    except BaseException:
+        results.put((index, {"error": traceback.format_exc()}))
+        barrier.abort()
+        return
+    done.wait(300)
+    cleanup()
+
+
+def trial(parts: list[tuple[Setup, tuple]], servers: list[int | None], timeout: float = 300) -> dict[str, Any]:
+    """Run each (setup, args) in a forked worker; one timed window for all of them."""
+    servers = [pid for pid in servers if pid]
+    barrier = CTX.Barrier(len(parts) + 1)
+    results = CTX.Queue()
+    done = CTX.Event()
+    procs = [CTX.Process(target=_child, args=(i, setup, args, barrier, results, done), daemon=True)
+             for i, (setup, args) in enumerate(parts)]
+    for p in procs:
+        p.start()
+    out: dict[int, dict] = {}
+    try:
+        try:
+            barrier.wait(120)
+        except Exception:
+            pass  # a worker failed during setup: its traceback is in the queue
+        s0, p0 = sum(proc_cpu(pid) for pid in servers), time.process_time()
+        while len(out) < len(parts):
+            i, r = results.get(timeout=timeout)
+            if "error" in r:
+                raise RuntimeError(f"worker {i} ({parts[i][0].__name__}) failed:\n{r['error']}")
+            out[i] = r
+        s1, p1 = sum(proc_cpu(pid) for pid in servers), time.process_time()
+    finally:
+        done.set()
+        for p in procs:
+            p.join(30)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results.close()
+    rs = list(out.values())
+    records = sum(r["records"] for r in rs)
+    seconds = max(r["t1"] for r in rs) - min(r["t0"] for r in rs)
+    cpu_workers = sum(r["cpu"] for r in rs)
+    cpu_servers, cpu_parent = s1 - s0, p1 - p0
+    cpu = cpu_workers + cpu_servers + cpu_parent
+    return {"records": records, "errors": sum(r["errors"] for r in rs), "seconds": seconds,
+            "rate": records / seconds, "cpu_us": cpu / records * 1e6 if records else float("nan"),
+            "cpu_workers_s": cpu_workers, "cpu_servers_s": cpu_servers, "cpu_parent_s": cpu_parent}
+
+
+# -- 1. shared objects ---------------------------------------------------------------
+#
+# A peer is a pair of setups.  produce(seq) makes, writes and returns one batch
+# as bytes-like; acked() runs when the consumer has acked the oldest batch;
+# consume(msg, seq) reads, verifies and releases a batch and returns its errors.
+
+def _write(buf, seq: int, tmpl: bytes, size: int) -> None:
+    buf[:size] = tmpl
+    HEAD.pack_into(buf, 0, seq, 0)
+
+
+def _check(buf, seq: int, size: int) -> int:
+    zlib.crc32(buf[:size])
+    return HEAD.unpack_from(buf)[0] != seq
+
+
+def _objects_producer(make: Callable, conn, duration: float) -> tuple:
+    produce, acked, cleanup = make()
+
+    def work() -> tuple[int, int]:
+        deadline = perf() + duration
+        seq = inflight = 0
+        while perf() < deadline:
+            if inflight == WINDOW:
+                conn.recv_bytes()
+                acked()
+                inflight -= 1
+            conn.send_bytes(produce(seq))
+            seq += BATCH
+            inflight += 1
+        conn.send_bytes(b"")
+        while inflight:
+            conn.recv_bytes()
+            acked()
+            inflight -= 1
+        return 0, 0
+
+    return work, cleanup
+
+
+def _objects_consumer(make: Callable, conn) -> tuple:
+    consume, cleanup = make()
+
+    def work() -> tuple[int, int]:
+        seq = errors = 0
+        while True:
+            msg = conn.recv_bytes()
+            if not msg:
+                return seq, errors
+            errors += consume(msg, seq)
+            conn.send_bytes(b"k")
+            seq += BATCH
+
+    return work, cleanup
+
+
+def slitter_objects(address: str, role: str):
+    heap = slitter.connect(address)
+    cls = heap.register_class(f"objects-{OBJECT_SIZE}", OBJECT_SIZE)
+    cls.release_many(cls.allocate_many(BATCH))  # bind this thread to the class
+    view, size, tmpl = heap.view, OBJECT_SIZE, template(OBJECT_SIZE)
+    if role == "producer":
+        def produce(seq: int):
+            handles = cls.allocate_many(BATCH)
+            for h in handles:
+                _write(view(h), seq, tmpl, size)
+                seq += 1
+            return handles
+
+        return produce, lambda: None, heap.close
+
+    def consume(msg: bytes, seq: int) -> int:
+        handles = array("Q")
+        handles.frombytes(msg)
+        errors = 0
+        for h in handles:
+            errors += _check(view(h), seq, size)
+            seq += 1
+        cls.release_many(handles)
+        return errors
+
+    return consume, heap.close
+
+
+def shm_objects(role: str):
+    size, tmpl, SharedMemory = OBJECT_SIZE, template(OBJECT_SIZE), shared_memory.SharedMemory
+    if role == "producer":
+        def produce(seq: int) -> bytes:
+            names = []
+            for _ in range(BATCH):
+                shm = SharedMemory(create=True, size=size)
+                _write(shm.buf, seq, tmpl, size)
+                names.append(shm.name)
+                shm.close()
+                seq += 1
+            return "\0".join(names).encode()
+
+        return produce, lambda: None, lambda: None
+
+    def consume(msg: bytes, seq: int) -> int:
+        errors = 0
+        for name in msg.decode().split("\0"):
+            shm = SharedMemory(name)
+            errors += _check(shm.buf, seq, size)
+            shm.close()
+            shm.unlink()
+            seq += 1
+        return errors
+
+    return consume, lambda: None
+
+
+def smm_objects(smm: SharedMemoryManager, role: str):
+    size, tmpl = OBJECT_SIZE, template(OBJECT_SIZE)
+    if role == "producer":
+        def produce(seq: int) -> bytes:
+            names = []
+            for _ in range(BATCH):
+                shm = smm.SharedMemory(size)
+                _write(shm.buf, seq, tmpl, size)
+                names.append(shm.name)
+                shm.close()
+                seq += 1
+            return "\0".join(names).encode()
+
+        return produce, lambda: None, lambda: None
+
+    def consume(msg: bytes, seq: int) -> int:
+        errors = 0
+        for name in msg.decode().split("\0"):
+            shm = shared_memory.SharedMemory(name)
+            errors += _check(shm.buf, seq, size)
+            shm.close()
+            # The manager serves one request per connection, as in smm.SharedMemory().
+            with smm._Client(smm._address, authkey=smm._authkey) as conn:
+                dispatch(conn, None, "release_segment", (name,))
+            seq += 1
+        return errors
+
+    return consume, lambda: None
+
+
+def rawarray_objects(role: str):
+    size, tmpl = OBJECT_SIZE, template(OBJECT_SIZE)
+    if role == "producer":
+        inflight: collections.deque = collections.deque()
+
+        def produce(seq: int) -> bytes:
+            batch = []
+            for _ in range(BATCH):
+                a = RawArray("B", size)
+                _write(memoryview(a).cast("B"), seq, tmpl, size)
+                batch.append(a)
+                seq += 1
+            inflight.append(batch)
+            return ForkingPickler.dumps([a._wrapper for a in batch])
+
+        return produce, inflight.popleft, lambda: None
+
+    def consume(msg: bytes, seq: int) -> int:
+        errors = 0
+        wrappers = pickle.loads(msg)
+        for w in wrappers:
+            errors += _check(w.create_memoryview(), seq, size)
+            seq += 1
+        # rebuild_arena() maps the received descriptor and never closes it.
+        for fd in {w._state[0][0].fd for w in wrappers}:
+            os.close(fd)
+        return errors
+
+    return consume, lambda: None
+
+
+def run_objects(address: str, reps: int, duration: float, progress) -> dict[str, Any]:
+    resource_tracker.ensure_running()  # one tracker, inherited by every worker
+    smm = SharedMemoryManager(ctx=CTX)
+    smm.start()
+    daemon_pid = _DAEMON_PID
+    peers = {
+        "slitter": (lambda r: (lambda: slitter_objects(address, r)), [daemon_pid]),
+        "SharedMemory": (lambda r: (lambda: shm_objects(r)), [tracker_pid()]),
+        "SharedMemoryManager": (lambda r: (lambda: smm_objects(smm, r)), [smm._process.pid, tracker_pid()]),
+        "RawArray": (lambda r: (lambda: rawarray_objects(r)), []),
+    }
+    per_rep: list[dict[str, dict]] = []
+    try:
+        for rep in range(reps):
+            row = {}
+            for name, (maker, servers) in peers.items():
+                progress(f"shared objects, repetition {rep + 1}/{reps}: {name}")
+                a, b = CTX.Pipe()
+                row[name] = trial([(_objects_producer, (maker("producer"), a, duration)),
+                                   (_objects_consumer, (maker("consumer"), b))], servers)
+                a.close()
+                b.close()
+            per_rep.append(row)
+    finally:
+        smm.shutdown()
+    return summarize(per_rep, "slitter")
+
+
+# -- 2. shared mutable table ---------------------------------------------------------
+
+RECORD_TAIL = bytes(TABLE_RECORD - HEAD.size)
+CHUNK = 256  # updates between clock checks
+
+
+def _indices(worker: int) -> list[list[int]]:
+    rng = random.Random(1000 + worker)
+    idx = [rng.randrange(TABLE_RECORDS) for _ in range(1 << 16)]
+    return [idx[i:i + CHUNK] for i in range(0, len(idx), CHUNK)]
+
+
+def _table_loop(update: Callable[[int, int], None], chunks: list[list[int]], duration: float) -> int:
+    deadline = perf() + duration
+    n = 0
+    while True:
+        for chunk in chunks:
+            for k in chunk:
+                update(k, n)
+                n += 1
+            if perf() >= deadline:
+                return n
+
+
+def table_slitter(address: str, handles: array, worker: int, duration: float, cached: bool):
+    heap = slitter.connect(address)
+    chunks = _indices(worker)
+    pack_into = HEAD.pack_into
+    if cached:
+        views = [heap.view(h) for h in handles]
+
+        def update(k: int, i: int) -> None:
+            pack_into(views[k], 0, worker, i)
+    else:
+        view = heap.view
+
+        def update(k: int, i: int) -> None:
+            pack_into(view(handles[k]), 0, worker, i)
+
+    def cleanup() -> None:
+        if cached:
+            views.clear()
+        heap.close()
+
+    return (lambda: (_table_loop(update, chunks, duration), 0)), cleanup
+
+
+def table_proxy(proxy, worker: int, duration: float):
+    chunks = _indices(worker)
+    pack, tail = HEAD.pack, RECORD_TAIL
+    proxy[0] = pack(worker, 0) + tail  # connect outside the timed window
+
+    def update(k: int, i: int) -> None:
+        proxy[k] = pack(worker, i) + tail
+
+    return (lambda: (_table_loop(update, chunks, duration), 0)), lambda: None
+
+
+def table_shm(name: str, worker: int, duration: float):
+    shm = shared_memory.SharedMemory(name)
+    buf = shm.buf
+    chunks = [[k * TABLE_RECORD for k in chunk] for chunk in _indices(worker)]
+    pack_into = HEAD.pack_into
+
+    def update(off: int, i: int) -> None:
+        pack_into(buf, off, worker, i)
+
+    def cleanup() -> None:
+        nonlocal buf
+        buf = None
+        shm.close()
+
+    return (lambda: (_table_loop(update, chunks, duration), 0)), cleanup
+
+
+def run_table(address: str, heap: slitter.Heap, reps: int, duration: float, progress) -> dict[str, Any]:
+    cls = heap.register_class(f"table-{TABLE_RECORD}", TABLE_RECORD)
+    handles = cls.allocate_many(TABLE_RECORDS)
+    for h in handles:
+        heap.view(h)[:] = bytes(TABLE_RECORD)
+    record = bytes(TABLE_RECORD)
+    mgr = CTX.Manager()
+    progress("shared table: filling the Manager dict and list")
+    mdict = mgr.dict(dict.fromkeys(range(TABLE_RECORDS), record))
+    mlist = mgr.list([record] * TABLE_RECORDS)
+    table = shared_memory.SharedMemory(create=True, size=TABLE_RECORDS * TABLE_RECORD)
+    peers = {
+        "slitter, view per update": (lambda w: (table_slitter, (address, handles, w, duration, False)),
+                                     [_DAEMON_PID]),
+        "slitter, cached views": (lambda w: (table_slitter, (address, handles, w, duration, True)), [_DAEMON_PID]),
+        "Manager dict": (lambda w: (table_proxy, (mdict, w, duration)), [mgr._process.pid]),
+        "Manager list": (lambda w: (table_proxy, (mlist, w, duration)), [mgr._process.pid]),
+        "hand-rolled table": (lambda w: (table_shm, (table.name, w, duration)), [tracker_pid()]),
+    }
+    per_rep = []
+    try:
+        for rep in range(reps):
+            row = {}
+            for name, (part, servers) in peers.items():
+                progress(f"shared table, repetition {rep + 1}/{reps}: {name}")
+                row[name] = trial([part(w) for w in range(TABLE_WORKERS)], servers)
+            per_rep.append(row)
+    finally:
+        mgr.shutdown()
+        table.close()
+        table.unlink()
+        cls.release_many(handles)
+    out = summarize(per_rep, "slitter, view per update")
+    cached = summarize(per_rep, "slitter, cached views")
+    for name in out["peers"]:
+        out["peers"][name]["ratio_cached"] = cached["peers"][name]["ratio"]
+    return out
+
+
+# -- 3. streaming --------------------------------------------------------------------
+
+def _stream_write(buf, off: int, size: int, tmpl: bytes, seq: int, producer: int) -> None:
+    buf[off:off + size] = tmpl
+    HEAD.pack_into(buf, off, seq, producer)
+
+
+class _Verify:
+    """The consumer's check: per producer, the first record of each batch carries the next sequence number."""
+
+    def __init__(self, producers: int) -> None:
+        self.expected = [0] * producers
+        self.errors = 0
+
+    def batch(self, buf) -> None:
+        seq, producer = HEAD.unpack_from(buf)
+        if producer >= len(self.expected) or self.expected[producer] != seq:
+            self.errors += 1
+        else:
+            self.expected[producer] += BATCH
+
+
+def _produce_loop(send_batch: Callable[[int], None], duration: float, finish: Callable[[], None]):
+    def work() -> tuple[int, int]:
+        deadline = perf() + duration
+        seq = 0
+        while perf() < deadline:
+            send_batch(seq)
+            seq += BATCH
+        finish()
+        return 0, 0
+
+    return work
+
+
+# slitter
+
+def stream_slitter_producer(address: str, size: int, producer: int, conn, space, duration: float):
+    heap = slitter.connect(address)
+    cls = heap.register_class(f"stream-{size}", size)
+    cls.release_many(cls.allocate_many(BATCH))
+    view, tmpl = heap.view, template(size)
+
+    def send_batch(seq: int) -> None:
+        space.acquire()
+        handles = cls.allocate_many(BATCH)
+        for h in handles:
+            _stream_write(view(h), 0, size, tmpl, seq, producer)
+            seq += 1
+        conn.send_bytes(handles)
+
+    return _produce_loop(send_batch, duration, lambda: conn.send_bytes(b"")), heap.close
+
+
+def stream_slitter_consumer(address: str, size: int, conns: list, spaces: list):
+    heap = slitter.connect(address)
+    cls = heap.register_class(f"stream-{size}", size)
+    cls.release_many(cls.allocate_many(BATCH))
+    view, crc32 = heap.view, zlib.crc32
+
+    def work() -> tuple[int, int]:
+        verify = _Verify(len(conns))
+        live = dict(enumerate(conns))
+        n = 0
+        while live:
+            ready = [live[0]] if len(conns) == 1 else mp_wait(list(live.values()))
+            for conn in ready:
+                p = conns.index(conn)
+                msg = conn.recv_bytes()
+                if not msg:
+                    del live[p]
+                    continue
+                handles = array("Q")
+                handles.frombytes(msg)
+                first = True
+                for h in handles:
+                    v = view(h)
+                    crc32(v)
+                    if first:
+                        verify.batch(v)
+                        first = False
+                cls.release_many(handles)
+                spaces[p].release()
+                n += len(handles)
+        return n, verify.errors
+
+    return work, heap.close
+
+
+# Queue
+
+def stream_queue_producer(q, size: int, producer: int, duration: float):
+    tmpl = template(size)
+
+    def send_batch(seq: int) -> None:
+        batch = []
+        for _ in range(BATCH):
+            rec = bytearray(size)
+            _stream_write(rec, 0, size, tmpl, seq, producer)
+            batch.append(rec)
+            seq += 1
+        q.put(batch)
+
+    return _produce_loop(send_batch, duration, lambda: q.put(None)), lambda: None
+
+
+def stream_queue_consumer(q, producers: int):
+    crc32 = zlib.crc32
+
+    def work() -> tuple[int, int]:
+        verify = _Verify(producers)
+        done = n = 0
+        while done < producers:
+            batch = q.get()
+            if batch is None:
+                done += 1
+                continue
+            for rec in batch:
+                crc32(rec)
+            verify.batch(batch[0])
+            n += len(batch)
+        return n, verify.errors
+
+    return work, lambda: None
+
+
+# Pipe
+
+def stream_pipe_producer(conn, size: int, producer: int, duration: float):
+    tmpl = template(size)
+    buf = bytearray(BATCH * size)
+
+    def send_batch(seq: int) -> None:
+        for j in range(BATCH):
+            _stream_write(buf, j * size, size, tmpl, seq + j, producer)
+        conn.send_bytes(buf)
+
+    return _produce_loop(send_batch, duration, lambda: conn.send_bytes(b"")), lambda: None
+
+
+def stream_pipe_consumer(conns: list, size: int):
+    crc32 = zlib.crc32
+
+    def work() -> tuple[int, int]:
+        verify = _Verify(len(conns))
+        live = list(conns)
+        n = 0
+        while live:
+            ready = live if len(live) == 1 else mp_wait(live)
+            for conn in ready:
+                data = conn.recv_bytes()
+                if not data:
+                    live.remove(conn)
+                    continue
+                mv = memoryview(data)
+                for off in range(0, len(data), size):
+                    crc32(mv[off:off + size])
+                verify.batch(mv)
+                n += len(data) // size
+        return n, verify.errors
+
+    return work, lambda: None
+
+
+# Ring in one SharedMemory
+
+RING_SLOTS = WINDOW * BATCH
+CTL_STRIDE = 64  # bytes between producers' heads: one cache line each
+
+
+def ring_layout(producers: int, size: int) -> tuple[int, int]:
+    """(offset of producer 0's ring, total bytes)."""
+    base = producers * CTL_STRIDE
+    base = (base + 4095) // 4096 * 4096
+    return base, base + producers * RING_SLOTS * size
+
+
+def stream_ring_producer(name: str, producers: int, size: int, producer: int, items, space, duration: float):
+    shm = shared_memory.SharedMemory(name)
+    data = shm.buf
+    heads = data[:producers * CTL_STRIDE].cast("Q")
+    me = producer * CTL_STRIDE // 8
+    ring = ring_layout(producers, size)[0] + producer * RING_SLOTS * size
+    tmpl = template(size)
+
+    def send_batch(seq: int) -> None:
+        space.acquire()
+        head = heads[me]
+        base = ring + (head % RING_SLOTS) * size
+        for j in range(BATCH):
+            _stream_write(data, base + j * size, size, tmpl, seq + j, producer)
+        heads[me] = head + BATCH  # publish: one aligned 8-byte store
+        items.release()
+
+    def finish() -> None:
+        items.release()  # a token with no batch behind it: "I am done"
+
+    def cleanup() -> None:
+        nonlocal data, heads
+        heads.release()
+        data = heads = None
+        shm.close()
+
+    return _produce_loop(send_batch, duration, finish), cleanup
+
+
+def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: list):
+    shm = shared_memory.SharedMemory(name)
+    data = shm.buf
+    heads = data[:producers * CTL_STRIDE].cast("Q")
+    base = ring_layout(producers, size)[0]
+    crc32 = zlib.crc32
+
+    def work() -> tuple[int, int]:
+        verify = _Verify(producers)
+        tails = [0] * producers
+        n = finished = rr = 0
+        while finished < producers:
+            items.acquire()
+            for _ in range(producers):
+                p, rr = rr, (rr + 1) % producers
+                if heads[p * CTL_STRIDE // 8] != tails[p]:
+                    break
+            else:
+                finished += 1  # every published batch is consumed: this token was a "done"
+                continue
+            start = base + p * RING_SLOTS * size + (tails[p] % RING_SLOTS) * size
+            for off in range(start, start + BATCH * size, size):
+                crc32(data[off:off + size])
+            verify.batch(data[start:start + 16])
+            tails[p] += BATCH
+            spaces[p].release()
+            n += BATCH
+        return n, verify.errors
+
+    def cleanup() -> None:
+        nonlocal data, heads
+        heads.release()
+        data = heads = None
+        shm.close()
+
+    return work, cleanup
+
+
+def stream_trial(peer: str, address: str, size: int, producers: int, duration: float) -> dict[str, Any]:
+    if peer == "slitter":
+        pipes = [CTX.Pipe(duplex=False) for _ in range(producers)]
+        spaces = [CTX.Semaphore(WINDOW) for _ in range(producers)]
+        parts = [(stream_slitter_producer, (address, size, p, pipes[p][1], spaces[p], duration))
+                 for p in range(producers)]
+        parts.append((stream_slitter_consumer, (address, size, [r for r, _ in pipes], spaces)))
+        result = trial(parts, [_DAEMON_PID])
+    elif peer == "Queue":
+        q = CTX.Queue(maxsize=WINDOW * producers)
+        parts = [(stream_queue_producer, (q, size, p, duration)) for p in range(producers)]
+        parts.append((stream_queue_consumer, (q, producers)))
+        result = trial(parts, [])
+        q.close()
+        return result
+    elif peer == "Pipe":
+        pipes = [CTX.Pipe(duplex=False) for _ in range(producers)]
+        parts = [(stream_pipe_producer, (pipes[p][1], size, p, duration)) for p in range(producers)]
+        parts.append((stream_pipe_consumer, ([r for r, _ in pipes], size)))
+        result = trial(parts, [])
+    else:  # ring
+        shm = shared_memory.SharedMemory(create=True, size=ring_layout(producers, size)[1])
+        try:
+            items = CTX.Semaphore(0)
+            spaces = [CTX.Semaphore(WINDOW) for _ in range(producers)]
+            parts = [(stream_ring_producer, (shm.name, producers, size, p, items, spaces[p], duration))
+                     for p in range(producers)]
+            parts.append((stream_ring_consumer, (shm.name, producers, size, items, spaces)))
+            return trial(parts, [tracker_pid()])
+        finally:
+            shm.close()
+            shm.unlink()
+    for r, w in pipes:
+        r.close()
+        w.close()
+    return result
+
+
+STREAM_PEERS = ("slitter", "Queue", "Pipe", "ring")
+
+
+def run_streaming(address: str, heap: slitter.Heap, reps: int, duration: float, producer_counts: tuple,
+                  progress) -> dict[str, Any]:
+    for size in STREAM_SIZES:
+        heap.register_class(f"stream-{size}", size)
+    configs = [(size, p) for size in STREAM_SIZES for p in producer_counts]
+    per_rep: dict[tuple, list] = {c: [] for c in configs}
+    for rep in range(reps):
+        for size, producers in configs:
+            row = {}
+            for peer in STREAM_PEERS:
+                progress(f"streaming, repetition {rep + 1}/{reps}: {size} B, {producers} producer(s), {peer}")
+                row[peer] = stream_trial(peer, address, size, producers, duration)
+            per_rep[(size, producers)].append(row)
+    return {"configs": [{"size": size, "producers": p, **summarize(per_rep[(size, p)], "slitter")}
+                        for size, p in configs]}
+
+
+# -- summaries -----------------------------------------------------------------------
+
+def summarize(per_rep: list[dict[str, dict]], ours: str) -> dict[str, Any]:
+    """Medians per peer; ratio = median of per-repetition slitter/peer rates, cpu_ratio likewise for CPU."""
+    names = list(per_rep[0])
+    peers = {}
+    for name in names:
+        runs = [row[name] for row in per_rep]
+        peers[name] = {
+            "rate": statistics.median(r["rate"] for r in runs),
+            "rate_range": [min(r["rate"] for r in runs), max(r["rate"] for r in runs)],
+            "cpu_us": statistics.median(r["cpu_us"] for r in runs),
+            "cpu_servers_s": statistics.median(r["cpu_servers_s"] for r in runs),
+            "records": sum(r["records"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+            "ratio": statistics.median(row[ours]["rate"] / row[name]["rate"] for row in per_rep),
+            "cpu_ratio": statistics.median(row[ours]["cpu_us"] / row[name]["cpu_us"] for row in per_rep),
+            "repetitions": runs,
+        }
+    return {"peers": peers}
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "implementation": platform.python_implementation(), "platform": platform.platform()}
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "objects" in result:
+        peers = result["objects"]["peers"]
+        for name, target in TARGETS["objects"].items():
+            out[f"objects vs {name}"] = {"target": f">= {target:g}x", "value": peers[name]["ratio"],
+                                         "met": peers[name]["ratio"] >= target}
+    if "table" in result:
+        peers = result["table"]["peers"]
+        for name, target in TARGETS["table"].items():
+            for variant, key in (("view per update", "ratio"), ("cached views", "ratio_cached")):
+                out[f"table ({variant}) vs {name}"] = {"target": f">= {target:g}x", "value": peers[name][key],
+                                                       "met": peers[name][key] >= target}
+    if "streaming" in result:
+        for c in result["streaming"]["configs"]:
+            ring, queue = c["peers"]["ring"], c["peers"]["Queue"]
+            tag = f"{c['size']} B, {c['producers']}P"
+            out[f"streaming {tag}: rate vs ring"] = {"target": f">= {TARGETS['streaming_ring_rate']}x",
+                                                     "value": ring["ratio"],
+                                                     "met": ring["ratio"] >= TARGETS["streaming_ring_rate"]}
+            out[f"streaming {tag}: CPU/record vs Queue"] = {"target": "<= 1.0x", "value": queue["cpu_ratio"],
+                                                            "met": queue["cpu_ratio"] <= 1.0}
+    return out
+
+
+def run(size: str, only: set[str], progress) -> dict[str, Any]:
+    global _DAEMON_PID
+    reps, obj_s, table_s, stream_s, producer_counts = SIZES[size]
+    result: dict[str, Any] = {"machine": machine(), "size": size,
+                              "parameters": {"repetitions": reps, "objects_seconds": obj_s, "table_seconds": table_s,
+                                             "streaming_seconds": stream_s, "producers": list(producer_counts),
+                                             "batch": BATCH, "window": WINDOW, "object_size": OBJECT_SIZE,
+                                             "table_records": TABLE_RECORDS, "table_workers": TABLE_WORKERS,
+                                             "stream_sizes": list(STREAM_SIZES)}}
+    daemon = slitter.spawn_daemon(arena_size="8G")
+    address = daemon.start()
+    _DAEMON_PID = daemon.pid
+    try:
+        with slitter.connect(address) as heap:
+            if "objects" in only:
+                result["objects"] = run_objects(address, reps, obj_s, progress)
+            if "table" in only:
+                result["table"] = run_table(address, heap, reps, table_s, progress)
+            if "streaming" in only:
+                result["streaming"] = run_streaming(address, heap, reps, stream_s, producer_counts, progress)
+    finally:
+        daemon.stop()
+    result["targets"] = targets(result)
+    return result
+
+
+_DAEMON_PID: int | None = None
+
+
+# -- output --------------------------------------------------------------------------
+
+def _rate(x: float) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M/s"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f} k/s"
+    return f"{x:.0f} /s"
+
+
+def _x(x: float) -> str:
+    return f"{x:.3g}×" if x < 100 else f"{x:,.0f}×"
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(110, Console().width))
+    reps = result["parameters"]["repetitions"]
+    tg = result["targets"]
+
+    def verdict(key: str) -> str:
+        if key not in tg:
+            return ""
+        t = tg[key]
+        return f"{t['target']} " + ("[green]met[/green]" if t["met"] else "[red]NOT met[/red]")
+
+    if "objects" in result:
+        t = Table(title=f"Shared objects ({OBJECT_SIZE} B, batches of {BATCH}): medians of {reps} repetitions",
+                  title_justify="left", caption="objects/s: allocate+write, read in another process, release; "
+                  "CPU: all processes", caption_justify="left")
+        for col in ("peer", "objects/s", "CPU µs/object", "slitter ÷ peer (rate)", "target", "errors"):
+            t.add_column(col, justify="left" if col in ("peer", "target") else "right")
+        for name, p in result["objects"]["peers"].items():
+            mine = name == "slitter"
+            t.add_row(name, _rate(p["rate"]), f"{p['cpu_us']:.2f}", "" if mine else _x(p["ratio"]),
+                      "" if mine else verdict(f"objects vs {name}"), str(p["errors"]))
+        console.print(t)
+
+    if "table" in result:
+        t = Table(title=f"Shared mutable table ({TABLE_RECORDS:,} × {TABLE_RECORD} B, {TABLE_WORKERS} processes): "
+                  f"medians of {reps} repetitions", title_justify="left",
+                  caption="ratios: slitter (view per update | cached views) ÷ peer, updates/s", caption_justify="left")
+        for col in ("peer", "updates/s", "CPU µs/update", "per-update view ÷", "target", "cached views ÷", "target "):
+            t.add_column(col, justify="left" if col.startswith(("peer", "target")) else "right")
+        for name, p in result["table"]["peers"].items():
+            mine = name.startswith("slitter")
+            t.add_row(name, _rate(p["rate"]), f"{p['cpu_us']:.2f}", "" if mine else _x(p["ratio"]),
+                      "" if mine else verdict(f"table (view per update) vs {name}"),
+                      "" if mine else _x(p["ratio_cached"]), "" if mine else verdict(f"table (cached views) vs {name}"))
+        console.print(t)
+
+    if "streaming" in result:
+        t = Table(title=f"Streaming (batches of {BATCH}, 1 consumer): medians of {reps} repetitions",
+                  title_justify="left", caption="ratios are slitter ÷ peer; targets: rate >= 0.9× ring, "
+                  "CPU/record <= Queue's", caption_justify="left")
+        for col in ("size", "prod.", "peer", "records/s", "MB/s", "CPU µs/rec", "rate ÷", "CPU ÷", "target"):
+            t.add_column(col, justify="left" if col in ("peer", "target") else "right")
+        last = None
+        for c in result["streaming"]["configs"]:
+            if last is not None and c["size"] != last:
+                t.add_section()
+            last = c["size"]
+            for name, p in c["peers"].items():
+                mine = name == "slitter"
+                tag = f"{c['size']} B, {c['producers']}P"
+                v = {"ring": verdict(f"streaming {tag}: rate vs ring"),
+                     "Queue": verdict(f"streaming {tag}: CPU/record vs Queue")}.get(name, "")
+                t.add_row(f"{c['size']:,}" if name == "slitter" else "", str(c["producers"]) if mine else "", name,
+                          _rate(p["rate"]), f"{p['rate'] * c['size'] / 1e6:,.1f}", f"{p['cpu_us']:.2f}",
+                          "" if mine else f"{p['ratio']:.2f}", "" if mine else f"{p['cpu_ratio']:.2f}", v)
+        console.print(t)
+    m = result["machine"]
+    print(f"machine: {m['nproc']} CPUs, {m['cpu']}, {m['implementation']} {m['python']}, {m['platform']}")
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no PNG written", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = result["streaming"]["configs"]
+    counts = sorted({c["producers"] for c in configs})
+    fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts), 4), sharey=True, squeeze=False)
+    styles = {"slitter": ("tab:red", "o"), "Queue": ("tab:blue", "s"), "Pipe": ("tab:green", "^"),
+              "ring": ("tab:gray", "D")}
+    for ax, p in zip(axes[0], counts):
+        rows = [c for c in configs if c["producers"] == p]
+        sizes = [c["size"] for c in rows]
+        for peer in STREAM_PEERS:
+            color, marker = styles[peer]
+            ax.plot(sizes, [c["peers"][peer]["rate"] for c in rows], marker=marker, color=color,
+                    label="SharedMemory ring" if peer == "ring" else f"multiprocessing.{peer}" if peer != "slitter"
+                    else "slitter")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sizes, [f"{s} B" if s < 1024 else f"{s // 1024} KiB" for s in sizes])
+        ax.set_title(f"{p} producer{'s' if p > 1 else ''} → 1 consumer")
+        ax.set_xlabel("record size")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("records/s (median)")
+    axes[0][-1].legend(fontsize="small")
+    fig.suptitle(f"Streaming records in batches of {BATCH} (CRC-32 of every record), "
+                 f"{result['machine']['nproc']} CPUs", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 repetition, short windows, 1 and 4 producers")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of tables")
+    parser.add_argument("--only", default="objects,table,streaming",
+                        help="comma-separated workloads to run (objects, table, streaming)")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    start = time.monotonic()
+    result = run("quick" if args.quick else "default", only, progress)
+    result["wall_seconds"] = round(time.monotonic() - start, 1)
+    suffix = "-quick" if args.quick else ""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"peers{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    if "streaming" in result:
+        plot(result, RESULTS / f"streaming{suffix}.png")
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+    else:
+        print_tables(result)
+        print(f"wall time: {result['wall_seconds']} s; results in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
