@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml setup.py $(wildcard native/*.h native/*.c native/*.py client/*.py slitterd/*.py)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-all install clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	cd bench && ../$(PY) fastpath.py
+
+# Every benchmark in bench/, as recorded in doc/performance.md (several minutes).
+bench-all: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check 'matplotlib>=3.5'
+	cd bench && for b in fastpath overhead daemon peers scaling; do ../$(PY) $$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

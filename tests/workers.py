@@ -218,11 +218,12 @@ def death_loop(address, seed, record_path, slots, sizes):
     array of uint64: [0] 1 once attached, [1] operations done, [2] the
     operation under way (0 none, 1 allocate, 2 release), [3] its encoded
     handle (only the class for an allocate), [4] objects whose content was
-    wrong, [5..7] unused, then ``slots`` entries of encoded held handles (0:
-    empty).  An allocate is recorded after it returned and its object was
-    stamped; a release is recorded (entry cleared) before it starts.  So at
-    any instant the held set is the recorded set, plus at most the one
-    object of the operation under way.
+    wrong, [5] the entry an allocate under way fills, [6..7] unused, then
+    ``slots`` entries of encoded held handles (0: empty).  An allocate is
+    recorded in the same statement as the call (its object is stamped
+    after, while [2] still says 1); a release is recorded (entry cleared)
+    before it starts.  So at any instant the held set is the recorded set,
+    plus at most the one object of the operation under way.
     """
     import mmap
     import random
@@ -258,12 +259,14 @@ def death_loop(address, seed, record_path, slots, sizes):
             else:
                 ci = 0 if rng.random() < 0.6 else 1
                 cls = classes[ci]
-                rec[3] = death_encode(ci, 0)
-                rec[2] = 1
-                h = cls.allocate()
-                view(h)[:] = stamp(h, cls.size)
+                tag = death_encode(ci, 0)
                 slot = free.pop()
-                rec[8 + slot] = death_encode(ci, h)
+                rec[5] = slot
+                rec[3] = tag
+                rec[2] = 1
+                rec[8 + slot] = tag | cls.allocate()
+                h = rec[8 + slot] ^ tag
+                view(h)[:] = stamp(h, cls.size)
                 rec[2] = 0
                 held.append((slot, ci, h))
         rec[1] = ops
