@@ -98,7 +98,8 @@ class Heap:
             self._guards = GuardApplier(header, runs, self._data)
             self._classes_table = ffi.cast("struct slitter_class *", self._tables.ptr + header.class_table_off)
         err = lib.slitter_client_open(self._client, self._tables.ptr, self._live_map.ptr,
-                                      ffi.cast("struct slitter_rack *", self._rack.ptr), self._data.ptr)
+                                      ffi.cast("struct slitter_rack *", self._rack.ptr), reply["rack_index"],
+                                      self._data.ptr)
         if err:
             raise errors.LimitExceeded(f"cannot open a client of {self.address}: {os.strerror(err)}")
         self._guards.client = self._client

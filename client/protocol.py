@@ -26,6 +26,7 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CLASS_NAME = 47  # bytes of UTF-8; the class table keeps a NUL after it
 MAX_OBJECT_SIZE = 64 << 20
 U32 = (1 << 32) - 1
+PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT
 U64 = (1 << 64) - 1
 
 
@@ -109,7 +110,7 @@ _SLOT = (Field("thread", int, 0, 63, "thread slot in the client's rack"),
 #: Every op's request fields, in order; nothing else is accepted.
 REQUEST_FIELDS: dict[Op, tuple[Field, ...]] = {
     Op.PING: (),
-    Op.ATTACH: (Field("pid", int, 1, U32, "the client's process id"),
+    Op.ATTACH: (Field("pid", int, 1, PID_MAX, "the client's process id"),
                 Field("name", str, 0, 64, "free-form client name for stats")),
     Op.DETACH: _CLIENT,
     Op.REGISTER_CLASS: (*_CLIENT,

@@ -35,6 +35,7 @@ def cdef_of(text: str) -> str:
     """Turn a C header into cffi cdef text."""
     text = re.sub(r"^#(ifndef|endif|include).*$", "", text, flags=re.MULTILINE)
     text = re.sub(r"^#define SLITTER_\w+_H\s*$", "", text, flags=re.MULTILINE)
+    text = re.sub(r"^#define \w+\(.*$", "", text, flags=re.MULTILINE)  # function-like: C only
     text = re.sub(r"^#define (\w+)\s+.*$", r"#define \1 ...", text, flags=re.MULTILINE)
     return re.sub(r"\[SLITTER_\w+\]", "[...]", text)
 

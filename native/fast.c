@@ -95,7 +95,7 @@ void slitter_view_init(struct slitter_view *v, const void *meta_tables,
 }
 
 int slitter_client_open(struct slitter_client *c, const void *meta_tables,
-                        void *live_map, struct slitter_rack *rack, void *data)
+                        void *live_map, struct slitter_rack *rack, uint32_t rack_index, void *data)
 {
     pthread_key_t key;
     int err = pthread_key_create(&key, slitter__thread_exit);
@@ -103,6 +103,7 @@ int slitter_client_open(struct slitter_client *c, const void *meta_tables,
         return err;
     slitter_view_init(&c->view, meta_tables, live_map, NULL, data);
     c->rack = rack;
+    c->cache_tag = (uint8_t)SLITTER_TAG(rack_index);
     c->thread_key = (unsigned int)key;
     c->has_key = 1;
     pthread_mutex_lock(&open_lock);
@@ -282,12 +283,13 @@ uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
         int64_t obj = -1;
         if (slitter_likely(sp != NULL && sp->class_id == class_id))
             obj = slitter__object_bit(sp, cls, handle);
-        /* No atomic here: a cached object belongs to this thread alone, and
-         * the live map has a byte per object, so a plain store disturbs no
-         * neighbour.  A set byte means a magazine held a live object, which
-         * only rack corruption can cause. */
-        if (slitter_likely(obj >= 0 && !__atomic_load_n(&c->view.live_map[obj], __ATOMIC_RELAXED))) {
-            __atomic_store_n(&c->view.live_map[obj], 1, __ATOMIC_RELEASE);
+        /* No atomic here: an object cached under our tag belongs to this
+         * thread alone, and the live map has a byte per object, so a plain
+         * store disturbs no neighbour.  Any other byte means the magazine
+         * held what it must not (live, free, another rack's), which only
+         * rack corruption can cause. */
+        if (slitter_likely(obj >= 0 && __atomic_load_n(&c->view.live_map[obj], __ATOMIC_RELAXED) == c->cache_tag)) {
+            __atomic_store_n(&c->view.live_map[obj], SLITTER_LIVE, __ATOMIC_RELEASE);
             tc->counters.allocations++;
             if (cls->flags & SLITTER_CLASS_ZERO_INIT)
                 memset(c->view.data + handle, 0, cls->size);
@@ -328,10 +330,13 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
     int64_t obj = slitter__object_bit(sp, cls, handle);
     if (slitter_unlikely(obj < 0))
         return slitter__refuse(tc, (int)(-1 - obj));
-    /* Double free: the one atomic of the pair (xchg).  A 0 byte means the
-     * object is cached or in the depot already, whoever released it and
-     * when; of two racing releases exactly one sees the 1. */
-    if (slitter_unlikely(__atomic_exchange_n(&c->view.live_map[obj], 0, __ATOMIC_ACQ_REL) == 0))
+    /* Double free: the one atomic of the pair (lock cmpxchg, LIVE -> our
+     * tag).  Anything but LIVE means the object is cached or in the depot
+     * already, whoever released it and when; of two racing releases
+     * exactly one wins, and a loser changes nothing. */
+    uint8_t expected = SLITTER_LIVE;
+    if (slitter_unlikely(!__atomic_compare_exchange_n(&c->view.live_map[obj], &expected, c->cache_tag, 0,
+                                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)))
         return slitter__refuse(tc, SLITTER_ERR_DOUBLE_FREE);
 
     tc->counters.releases++;
@@ -418,7 +423,7 @@ int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, ui
         return SLITTER_NEED_SLOW;
     for (uint32_t i = 0; i < n; i++) {
         int64_t obj = slitter__check(c, class_id, handles[i]);
-        if (obj >= 0 && !__atomic_load_n(&c->view.live_map[obj], __ATOMIC_ACQUIRE))
+        if (obj >= 0 && __atomic_load_n(&c->view.live_map[obj], __ATOMIC_ACQUIRE) != SLITTER_LIVE)
             obj = -1 - SLITTER_ERR_DOUBLE_FREE;
         if (obj < 0) {
             *bad = i;
@@ -448,13 +453,15 @@ int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, 
     /* Pass 1: every check, and the live byte of each, all or none. */
     for (uint32_t i = 0; i < n; i++) {
         int64_t obj = slitter__check(c, class_id, handles[i]);
-        if (obj >= 0 && __atomic_exchange_n(&c->view.live_map[obj], 0, __ATOMIC_ACQ_REL) == 0)
+        uint8_t expected = SLITTER_LIVE;
+        if (obj >= 0 && !__atomic_compare_exchange_n(&c->view.live_map[obj], &expected, c->cache_tag, 0,
+                                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             obj = -1 - SLITTER_ERR_DOUBLE_FREE;
         if (slitter_unlikely(obj < 0)) {
             /* Undo: nobody can have taken the objects we marked, since none
              * of them is in a magazine yet. */
             for (uint32_t j = 0; j < i; j++)
-                __atomic_store_n(&c->view.live_map[slitter__check(c, class_id, handles[j])], 1,
+                __atomic_store_n(&c->view.live_map[slitter__check(c, class_id, handles[j])], SLITTER_LIVE,
                                  __ATOMIC_RELEASE);
             *done = i;
             return slitter__refuse(tc, (int)(-1 - obj));
@@ -566,12 +573,7 @@ void *slitter_object(const struct slitter_view *v, uint64_t handle,
     return v->data + handle;
 }
 
-static inline int slitter__test_bit(const uint64_t *bits, uint64_t bit)
-{
-    return (__atomic_load_n(&bits[bit >> 6], __ATOMIC_ACQUIRE) >> (bit & 63)) & 1;
-}
-
-uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id,
+uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, uint8_t tag,
                              const uint64_t *handles, uint32_t n,
                              uint64_t *accepted, uint64_t *refused,
                              uint8_t *refused_kind, uint32_t *nrefused)
@@ -587,15 +589,19 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id,
         } else if (sp->class_id != class_id) {
             kind = SLITTER_ERR_CLASS_MISMATCH;
         } else {
-            int64_t bit = slitter__object_bit(sp, cls, handle);
-            if (bit < 0)
-                kind = (int)(-1 - bit);
-            else if (__atomic_load_n(&v->live_map[bit], __ATOMIC_ACQUIRE))
-                kind = SLITTER_ERR_CORRUPT;         /* flushed while live */
-            else if (slitter__test_bit(v->depot_bits, (uint64_t)bit))
+            int64_t obj = slitter__object_bit(sp, cls, handle);
+            uint8_t state = obj >= 0 ? __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE) : 0;
+            if (obj < 0)
+                kind = (int)(-1 - obj);
+            else if (state == SLITTER_FREE)
                 kind = SLITTER_ERR_DOUBLE_FREE;     /* in the depot, or twice in this batch */
-            else
-                v->depot_bits[bit >> 6] |= 1ULL << (bit & 63);
+            else if (state != tag)
+                kind = SLITTER_ERR_CORRUPT;         /* live, or cached by another rack */
+            else {
+                /* Only this rack moves objects out of its tag; it waits for us. */
+                __atomic_store_n(&v->live_map[obj], SLITTER_FREE, __ATOMIC_RELEASE);
+                v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
+            }
         }
         if (kind < 0) {
             accepted[nacc++] = handle;
@@ -609,19 +615,39 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id,
     return nacc;
 }
 
-uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run)
+uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *adopted)
 {
     uint64_t live = 0;
     for (uint32_t i = 0; i < run->nobjects; i++) {
         uint64_t obj = run->obj_base + i;
-        int is_free = i < run->carved && !__atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE);
-        live += i < run->carved && !is_free;
-        if (is_free)
+        uint8_t state = __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE);
+        int carved = i < run->carved;
+        int keep = carved && (state == SLITTER_LIVE || (state >= SLITTER_TAG_BASE && adopted[state]));
+        live += carved && state == SLITTER_LIVE;
+        if (carved && !keep) {
+            __atomic_store_n(&v->live_map[obj], SLITTER_FREE, __ATOMIC_RELEASE);
             v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
-        else
+        } else {
             v->depot_bits[obj >> 6] &= ~(1ULL << (obj & 63));
+        }
     }
     return live;
+}
+
+uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_run *run, uint8_t tag, uint64_t *out)
+{
+    const struct slitter_class *cls = &v->classes[run->class_id];
+    uint64_t base = (uint64_t)run->first_span << SLITTER_SPAN_SHIFT;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < run->carved && i < run->nobjects; i++) {
+        uint64_t obj = run->obj_base + i;
+        if (__atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE) == tag) {
+            __atomic_store_n(&v->live_map[obj], SLITTER_FREE, __ATOMIC_RELEASE);
+            v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
+            out[n++] = base + (uint64_t)i * cls->stride;
+        }
+    }
+    return n;
 }
 
 uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitter_run *run, uint64_t *out)
@@ -637,16 +663,26 @@ uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitte
     return n;
 }
 
-void slitter_depot_take(const struct slitter_view *v, const uint64_t *handles, uint32_t n)
+void slitter_hand_out(const struct slitter_view *v, const uint64_t *handles, uint32_t n, uint8_t tag)
 {
     for (uint32_t i = 0; i < n; i++) {
         const struct slitter_span *sp = slitter__span(v, handles[i]);
         if (sp == NULL)
             continue;
-        int64_t bit = slitter__object_bit(sp, &v->classes[sp->class_id], handles[i]);
-        if (bit >= 0)
-            v->depot_bits[bit >> 6] &= ~(1ULL << (bit & 63));
+        int64_t obj = slitter__object_bit(sp, &v->classes[sp->class_id], handles[i]);
+        if (obj >= 0) {
+            v->depot_bits[obj >> 6] &= ~(1ULL << (obj & 63));
+            __atomic_store_n(&v->live_map[obj], tag, __ATOMIC_RELEASE);
+        }
     }
+}
+
+void slitter_mark_touched(struct slitter_rack *rack, uint32_t thread, uint32_t class_id)
+{
+    if (thread >= SLITTER_MAX_THREADS || class_id >= SLITTER_MAX_CLASSES)
+        return;
+    __atomic_fetch_or(&rack->threads_touched, 1ULL << thread, __ATOMIC_ACQ_REL);
+    __atomic_fetch_or(&rack->threads[thread].classes_touched, 1ULL << class_id, __ATOMIC_ACQ_REL);
 }
 
 void slitter_carve(uint64_t *out, uint64_t base, uint64_t stride, uint32_t n)

@@ -13,8 +13,8 @@
  *   meta  /slitter.NAME.meta   header | span table | run table | class table
  *                              (clients map these read-only) | live map,
  *                              one byte per object (clients map read-write)
- *                              | depot bits (daemon only) | racks (each
- *                              client maps its own).
+ *                              | depot bits and rack owners (daemon only)
+ *                              | racks (each client maps its own).
  *
  * A handle is a u64: segment index in the top 16 bits (0: the data segment),
  * byte offset of the object inside that segment below.  Handle 0 is never an
@@ -65,6 +65,16 @@
 #define SLITTER_E_DOUBLE_FREE      (-1 - SLITTER_ERR_DOUBLE_FREE)
 
 #define SLITTER_CLASS_ZERO_INIT 1u
+
+/* Live-map states.  A byte says where its object is: in no magazine
+ * (SLITTER_FREE: in the depot, or never handed out), in a user's hands
+ * (SLITTER_LIVE), or cached in the magazines of rack r (SLITTER_TAG(r)).
+ * Only the owner of a state moves an object out of it, so a flush can take
+ * back only what its own rack caches. */
+#define SLITTER_FREE 0
+#define SLITTER_LIVE 1
+#define SLITTER_TAG_BASE 2
+#define SLITTER_TAG(rack) (SLITTER_TAG_BASE + (rack))
 #define SLITTER_CLASS_POLICY_SHIFT 4   /* flags bits 4-5: 0 unset (raise), 1 raise, 2 log, 3 abort */
 #define SLITTER_CLASS_POLICY_MASK  (3u << SLITTER_CLASS_POLICY_SHIFT)
 
@@ -85,10 +95,11 @@ struct slitter_header {
     uint64_t class_table_off;  /* struct slitter_class[SLITTER_MAX_CLASSES] */
     uint64_t totals_off;       /* struct slitter_class_totals[SLITTER_MAX_CLASSES] */
     uint64_t tables_end;       /* end of the read-only part (page aligned) */
-    uint64_t live_map_off;     /* one byte per object: 1 = live (see slitter__mark_live) */
+    uint64_t live_map_off;     /* one byte per object: SLITTER_FREE, SLITTER_LIVE or a cache tag */
     uint64_t live_map_bytes;
     uint64_t depot_bits_off;   /* one bit per object: 1 = in the depot */
     uint64_t depot_bits_bytes;
+    uint64_t owners_off;       /* struct slitter_rack_owner[max_racks]: daemon only */
     uint64_t rack_area_off;    /* struct slitter_rack, max_racks of them */
     uint64_t rack_size;        /* bytes per rack, page aligned */
     uint32_t max_racks;
@@ -158,6 +169,17 @@ struct slitter_class_totals {
     uint64_t flushes;
 };
 
+/**
+ * Who holds rack i: written by the daemon in its own region, which clients
+ * never map, so a restarted daemon trusts it over anything a rack says of
+ * itself.  `client_id` 0: the rack is free.
+ */
+struct slitter_rack_owner {
+    uint32_t client_id;
+    uint32_t pid;
+    uint64_t token;
+};
+
 /** Fast-path counters of one thread for one class.  Only that thread writes. */
 struct slitter_counters {
     uint64_t allocations;
@@ -170,7 +192,7 @@ struct slitter_counters {
  *
  * Invariants: alloc_count <= capacity and release_count <= capacity; every
  * handle in `alloc[0..alloc_count)` and `release[0..release_count)` is an
- * object of this class whose live byte is 0 (cached: not live, not in the
+ * object of this class whose live byte is this rack's tag (cached: not live, not in the
  * depot).  `capacity` is 0 until the thread binds the class (slow path), so
  * an unbound slot always sends the fast path to the slow path.  The daemon
  * writes `alloc` (refill) and drains `release` (flush) only while the owning
@@ -204,10 +226,9 @@ struct slitter_thread_slot {
 struct slitter_rack {
     uint64_t threads_claimed;
     uint64_t threads_touched;
-    uint32_t pid;
+    uint32_t pid;              /* informational: the owner table is the truth */
     uint32_t client_id;
-    uint64_t token;            /* the client's secret, so a restarted daemon can adopt the rack */
-    uint32_t reserved[8];
+    uint32_t reserved[10];
     struct slitter_thread_slot threads[SLITTER_MAX_THREADS];
 };
 

@@ -35,6 +35,7 @@ struct slitter_client {
     unsigned int thread_key;   /* pthread_key_t: this thread's slot */
     int has_key;
     uint64_t guards_applied;   /* runs whose guard page this process has protected */
+    uint8_t cache_tag;         /* SLITTER_TAG(rack index): the live byte of our cached objects */
 };
 
 /** Fill `v` from a mapping of the meta segment's tables (read-only is enough). */
@@ -46,7 +47,7 @@ void slitter_view_init(struct slitter_view *v, const void *meta_tables,
  * pthread key is left.
  */
 int slitter_client_open(struct slitter_client *c, const void *meta_tables,
-                        void *live_map, struct slitter_rack *rack, void *data);
+                        void *live_map, struct slitter_rack *rack, uint32_t rack_index, void *data);
 
 /** Forget the client: its threads' slots stop resolving.  Idempotent. */
 void slitter_client_close(struct slitter_client *c);
@@ -145,22 +146,33 @@ void *slitter_object(const struct slitter_view *v, uint64_t handle,
                      uint32_t *class_out, int *kind_out);
 
 /**
- * Daemon: audit `n` handles a client flushed as `class_id`.  Each must be an
- * object start of that class, not live, not in the depot and not repeated in
- * the batch.  Accepted ones get their depot bit set and are written to
- * `accepted`; refused ones go to `refused` with their SLITTER_ERR_* kind in
- * `refused_kind`.  Returns the number accepted; `*nrefused` gets the rest.
+ * Daemon: audit `n` handles the rack tagged `tag` flushed as `class_id`.
+ * Each must be an object start of that class whose live byte is `tag` (so
+ * cached by that very rack: not live, not in the depot, not in another
+ * rack, not repeated in the batch).  Accepted ones become SLITTER_FREE with
+ * their depot bit set and are written to `accepted`; refused ones go to
+ * `refused` with their SLITTER_ERR_* kind in `refused_kind`.  Returns the
+ * number accepted; `*nrefused` gets the rest.
  */
-uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id,
+uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, uint8_t tag,
                              const uint64_t *handles, uint32_t n,
                              uint64_t *accepted, uint64_t *refused,
                              uint8_t *refused_kind, uint32_t *nrefused);
 
 /**
- * Daemon recovery: set the depot bit of every object of `run` that was
- * carved and is not live, clear the others'.  Returns how many are live.
+ * Daemon recovery: every carved object of `run` that is neither live nor
+ * cached by a rack with `adopted[tag]` set becomes SLITTER_FREE with its
+ * depot bit set; the others' depot bits are cleared.  Returns how many are live.
  */
-uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run);
+uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *adopted);
+
+/**
+ * Daemon: every object of `run` cached by the rack tagged `tag` becomes
+ * SLITTER_FREE with its depot bit set and is written to `out`; returns how
+ * many.  The live map is the truth, so whatever the rack says, nothing of
+ * a reclaimed rack stays cached.
+ */
+uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_run *run, uint8_t tag, uint64_t *out);
 
 /**
  * Daemon recovery: write to `out` the handles of `run` whose depot bit is
@@ -168,8 +180,15 @@ uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_
  */
 uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitter_run *run, uint64_t *out);
 
-/** Daemon: clear the depot bits of `n` handles leaving the depot. */
-void slitter_depot_take(const struct slitter_view *v, const uint64_t *handles, uint32_t n);
+/** Daemon: `n` handles leave the depot for the rack tagged `tag` (depot bit cleared, live byte = tag). */
+void slitter_hand_out(const struct slitter_view *v, const uint64_t *handles, uint32_t n, uint8_t tag);
+
+/**
+ * Daemon: mark a thread slot and class of a rack as holding magazines (the
+ * client marks them when it binds; a refill into a slot it never bound must
+ * be seen too).  Atomic, as the client may be binding another thread.
+ */
+void slitter_mark_touched(struct slitter_rack *rack, uint32_t thread, uint32_t class_id);
 
 /** Daemon: write `n` handles base, base+stride, ... into `out` (bump carving). */
 void slitter_carve(uint64_t *out, uint64_t base, uint64_t stride, uint32_t n);

@@ -38,6 +38,7 @@ class Geometry:
     live_map_bytes: int
     depot_bits_off: int
     depot_bits_bytes: int
+    owners_off: int
     rack_area_off: int
     rack_size: int
     max_racks: int
@@ -63,10 +64,11 @@ class Geometry:
         objects = arena_size // lib.SLITTER_MIN_STRIDE + 64 * nspans
         live_map_off, live_map_bytes = tables_end, page_align(objects)
         depot_bits_off, depot_bits_bytes = live_map_off + live_map_bytes, page_align(objects // 8)
-        rack_area_off = depot_bits_off + depot_bits_bytes
+        owners_off = depot_bits_off + depot_bits_bytes  # daemon-only, like the depot bits
+        rack_area_off = owners_off + page_align(max_racks * ffi.sizeof("struct slitter_rack_owner"))
         rack_size = page_align(ffi.sizeof("struct slitter_rack"))
         return cls(arena_size, nspans, span_table_off, run_table_off, class_table_off, totals_off, tables_end,
-                   live_map_off, live_map_bytes, depot_bits_off, depot_bits_bytes, rack_area_off, rack_size, max_racks,
+                   live_map_off, live_map_bytes, depot_bits_off, depot_bits_bytes, owners_off, rack_area_off, rack_size, max_racks,
                    rack_area_off + rack_size * max_racks)
 
 
@@ -86,6 +88,7 @@ class Arena:
         self.runs = ffi.cast("struct slitter_run *", base + geometry.run_table_off)
         self.classes = ffi.cast("struct slitter_class *", base + geometry.class_table_off)
         self.totals = ffi.cast("struct slitter_class_totals *", base + geometry.totals_off)
+        self.owners = ffi.cast("struct slitter_rack_owner *", base + geometry.owners_off)
         self.view = ffi.new("struct slitter_view *")
         self.guards = None
         self._init_view()
@@ -161,7 +164,7 @@ class Arena:
         h.span_table_off, h.run_table_off, h.class_table_off = g.span_table_off, g.run_table_off, g.class_table_off
         h.totals_off = g.totals_off
         h.tables_end, h.live_map_off, h.live_map_bytes = g.tables_end, g.live_map_off, g.live_map_bytes
-        h.depot_bits_off, h.depot_bits_bytes = g.depot_bits_off, g.depot_bits_bytes
+        h.depot_bits_off, h.depot_bits_bytes, h.owners_off = g.depot_bits_off, g.depot_bits_bytes, g.owners_off
         h.rack_area_off, h.rack_size = g.rack_area_off, g.rack_size
         h.max_racks, h.max_classes = g.max_racks, lib.SLITTER_MAX_CLASSES
         h.max_threads, h.mag_cap = lib.SLITTER_MAX_THREADS, lib.SLITTER_MAG_CAP

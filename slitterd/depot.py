@@ -35,6 +35,9 @@ class Depot:
     def take(self, n: int) -> array:
         """Up to ``n`` objects: free ones first, then freshly carved.
 
+        The caller hands them out (``slitter_hand_out``), which clears their
+        depot bits and tags them with the receiving rack.
+
         Returns fewer than ``n`` only when the arena is exhausted after at
         least one object was found.
 
@@ -43,8 +46,6 @@ class Depot:
         """
         taken = self.free[-n:] if n <= len(self.free) else self.free[:]
         del self.free[len(self.free) - len(taken):]
-        if taken:
-            lib.slitter_depot_take(self.arena.view, ffi.from_buffer("uint64_t[]", taken), len(taken))
         while len(taken) < n:
             try:
                 taken.extend(self._carve(n - len(taken)))
@@ -75,5 +76,5 @@ class Depot:
         return out
 
     def give(self, handles: array) -> None:
-        """Take back audited objects (their depot bits are already set)."""
+        """Take back audited or reclaimed objects (already FREE, depot bits set)."""
         self.free.extend(handles)

@@ -50,7 +50,7 @@ def attach(inst: Instance, req: Request) -> Reply:
     pid = req.args["pid"]
     try:
         pidfd = os.pidfd_open(pid)
-    except OSError:
+    except (OSError, OverflowError, ValueError):
         raise Refusal(ErrorCode.INVALID_FIELD, f"attach: pid {pid} is not a live process") from None
     client = inst.racks.attach(pid, req.args["name"], pidfd)
     if client is None:
@@ -70,6 +70,8 @@ def detach(inst: Instance, req: Request) -> Reply:
 def register_class(inst: Instance, req: Request) -> Reply:
     _client(inst, req)
     a = req.args
+    if not a["name"].isprintable():
+        raise Refusal(ErrorCode.INVALID_FIELD, "register_class: a class name must be printable (no NUL or control characters)")
     spec = ClassSpec(a["name"], a["size"], a["zero_init"])
     if a["policy"] and a["policy"] not in POLICIES:
         raise Refusal(ErrorCode.INVALID_FIELD, f"register_class: policy {a['policy']!r} is not one of {POLICIES}")

@@ -29,6 +29,12 @@ from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks
 log = logging.getLogger("slitterd")
 
 POLICY_SHIFT = lib.SLITTER_CLASS_POLICY_SHIFT
+TOTAL_LIMIT = (1 << 63) - 1  # what msgpack and the u64 totals can both carry
+
+
+def tag(client: Client) -> int:
+    """The live-map tag of the objects cached in a client's rack."""
+    return lib.SLITTER_TAG_BASE + client.rack_index
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,10 @@ class Instance:
             return min(tc.alloc_count, cap)
         depot = self.depots[class_id]
         handles = depot.take(cap)
-        ffi.memmove(tc.alloc, ffi.from_buffer("uint64_t[]", handles), 8 * len(handles))
+        buf = ffi.from_buffer("uint64_t[]", handles)
+        lib.slitter_mark_touched(self.arena.rack(client.rack_index), thread, class_id)  # stats must see them
+        lib.slitter_hand_out(self.arena.view, buf, len(handles), tag(client))  # before the client can see them
+        ffi.memmove(tc.alloc, buf, 8 * len(handles))
         tc.alloc_count = len(handles)
         self.arena.totals[class_id].refills += 1
         return len(handles)
@@ -156,9 +165,9 @@ class Instance:
         ffi.memmove(ffi.from_buffer("uint64_t[]", handles), tc.release, 8 * count)
         tc.release_count = 0
         self.arena.totals[class_id].flushes += 1
-        return self._audit_into_depot(client.pid, class_id, handles, "flush")
+        return self._audit_into_depot(client, class_id, handles, "flush")
 
-    def _audit_into_depot(self, pid: int, class_id: int, handles: array,
+    def _audit_into_depot(self, client: Client, class_id: int, handles: array,
                           source: str) -> tuple[int, list[tuple[int, str]]]:
         n = len(handles)
         if n == 0:
@@ -167,15 +176,15 @@ class Instance:
         refused = ffi.new("uint64_t[]", n)
         kinds = ffi.new("uint8_t[]", n)
         nrefused = ffi.new("uint32_t *")
-        nacc = lib.slitter_audit_flush(self.arena.view, class_id, ffi.from_buffer("uint64_t[]", handles), n,
-                                       accepted, refused, kinds, nrefused)
+        nacc = lib.slitter_audit_flush(self.arena.view, class_id, tag(client), ffi.from_buffer("uint64_t[]", handles),
+                                       n, accepted, refused, kinds, nrefused)
         good = array("Q", bytes(8 * nacc))
         ffi.memmove(ffi.from_buffer("uint64_t[]", good), accepted, 8 * nacc)
         self.depots[class_id].give(good)
         bad = [(refused[i], ERROR_KINDS[kinds[i]]) for i in range(nrefused[0])]
         for handle, kind in bad:
             self.arena.totals[class_id].audit_errors[ERROR_KINDS.index(kind)] += 1
-            self.audit.record(pid, self.class_name(class_id), handle, kind, source)
+            self.audit.record(client.pid, self.class_name(class_id), handle, kind, source)
         return nacc, bad
 
     # -- clients ---------------------------------------------------------
@@ -184,14 +193,15 @@ class Instance:
         return {cid: self.mag_capacity(cid) for cid in self.depots}
 
     def reclaim(self, client: Client, why: str) -> int:
-        """Take back every cached object of a leaving client; returns how many."""
+        """Take back every cached object of a leaving client; returns how many.
+
+        The live map, not the rack, says what the client cached: every
+        object tagged with its rack returns to its depot, whatever state the
+        rack was left in.
+        """
         caps = self._caps()
         totals = self.racks.totals(client, caps)
-        reclaimed = 0
-        for class_id, tc in list(self.racks.magazines(client)):
-            if class_id in caps:
-                handles = self.racks.drain(client, class_id, tc, caps[class_id])
-                reclaimed += self._audit_into_depot(client.pid, class_id, handles, "reclaim")[0]
+        reclaimed = self._reclaim_tag(tag(client))
         # Retire the counters, then forget the rack.  A crash between the two
         # counts the client twice; recover() reconciles against the live map.
         for class_id, t in totals.items():
@@ -205,12 +215,26 @@ class Instance:
                  client.name or "-", why, reclaimed)
         return reclaimed
 
+    def _reclaim_tag(self, rack_tag: int) -> int:
+        reclaimed = 0
+        for index in range(self.arena.header.nruns):
+            run = self.arena.runs + index
+            if not run.carved:
+                continue
+            out = array("Q", bytes(8 * run.carved))
+            n = lib.slitter_reclaim_run(self.arena.view, run, rack_tag, ffi.from_buffer("uint64_t[]", out))
+            if n:
+                self.depots[run.class_id].give(out[:n])
+                reclaimed += n
+        return reclaimed
+
     def _retire(self, class_id: int, t: ClassTotals) -> None:
         kept = self.arena.totals[class_id]
-        kept.retired_allocations += t.allocations
-        kept.retired_releases += t.releases
+        # Saturating: a hostile rack cannot overflow what the daemon keeps.
+        kept.retired_allocations = min(kept.retired_allocations + t.allocations, TOTAL_LIMIT)
+        kept.retired_releases = min(kept.retired_releases + t.releases, TOTAL_LIMIT)
         for kind in range(ERR_KINDS):
-            kept.retired_errors[kind] += t.errors[kind]
+            kept.retired_errors[kind] = min(kept.retired_errors[kind] + t.errors[kind], TOTAL_LIMIT)
 
     # -- recovery --------------------------------------------------------
 
@@ -232,41 +256,42 @@ class Instance:
             spec = ClassSpec(ffi.string(entry.name).decode(), entry.size,
                              bool(entry.flags & lib.SLITTER_CLASS_ZERO_INIT))
             self._add_class(class_id, spec)
-        live: dict[int, int] = dict.fromkeys(self.depots, 0)
         for index in range(header.nruns):
             run = self.arena.runs + index  # a pointer: the C helpers take one
             depot = self.depots[run.class_id]
             depot.runs += 1
             depot.carved += run.carved
-            live[run.class_id] += lib.slitter_recover_run(self.arena.view, run)  # depot bit = carved and not live
             if run.carved < run.nobjects:
                 depot.run = Run(run.first_span * lib.SLITTER_SPAN_SIZE, run.nobjects, run[0], run.carved)
         adopted = retired = 0
         caps = self._caps()
+        adopted_tags = ffi.new("uint8_t[256]")
         for index in range(self.arena.geometry.max_racks):
-            if not header.racks_used >> index & 1:
+            owner = self.arena.owners[index]
+            if owner.client_id == 0:
                 continue
-            rack = self.arena.rack(index)
             try:
-                pidfd = os.pidfd_open(rack.pid) if rack.client_id else None
-            except OSError:
+                pidfd = os.pidfd_open(owner.pid)
+            except (OSError, OverflowError, ValueError):
                 pidfd = None
             if pidfd is None:
-                # Its cached objects are not live and in no adopted rack: they
-                # return to the depots below.
-                gone = Client(rack.client_id, 0, rack.pid, "(gone)", index, None)
+                # Its cached objects are tagged with a rack nobody adopts: the
+                # scan below returns them to the depots.
+                gone = Client(owner.client_id, 0, owner.pid, "(gone)", index, None)
                 for class_id, t in self.racks.totals(gone, caps).items():
                     self._retire(class_id, t)
                 self.arena.wipe_rack(index)
+                owner.client_id = 0
                 header.racks_used &= ~(1 << index)
                 retired += 1
                 continue
-            client = self.racks.adopt(index, pidfd)
-            for class_id, tc in self.racks.magazines(client):
-                if class_id in caps:
-                    cached = self.racks.drain(client, class_id, tc, caps[class_id], empty=False)
-                    lib.slitter_depot_take(self.arena.view, ffi.from_buffer("uint64_t[]", cached), len(cached))
+            self.racks.adopt(index, pidfd)
+            adopted_tags[lib.SLITTER_TAG_BASE + index] = 1
             adopted += 1
+        live = dict.fromkeys(self.depots, 0)
+        for index in range(header.nruns):
+            run = self.arena.runs + index
+            live[run.class_id] += lib.slitter_recover_run(self.arena.view, run, adopted_tags)
         free = 0
         for index in range(header.nruns):
             run = self.arena.runs + index
@@ -288,7 +313,11 @@ class Instance:
             if counted != live[class_id]:
                 log.warning("class '%s': counters said %d live, the live map says %d; reconciled",
                             self.class_name(class_id), counted, live[class_id])
-                self.arena.totals[class_id].retired_releases += counted - live[class_id]
+                kept = self.arena.totals[class_id]
+                if counted > live[class_id]:
+                    kept.retired_releases = min(kept.retired_releases + counted - live[class_id], TOTAL_LIMIT)
+                else:
+                    kept.retired_allocations = min(kept.retired_allocations + live[class_id] - counted, TOTAL_LIMIT)
 
     # -- figures ---------------------------------------------------------
 

@@ -24,6 +24,7 @@ from slitterd.arena import Arena
 MAX_THREADS = lib.SLITTER_MAX_THREADS
 MAX_CLASSES = lib.SLITTER_MAX_CLASSES
 ERR_KINDS = lib.SLITTER_ERR_KINDS
+COUNTER_LIMIT = 1 << 48
 
 
 @dataclass
@@ -85,15 +86,20 @@ class Racks:
         rack = self.arena.rack(index)
         client = Client(self.next_id, secrets.randbits(64), pid, name, index, pidfd)
         self.next_id += 1
-        rack.pid, rack.client_id, rack.token = pid, client.id, client.token
+        rack.pid, rack.client_id = pid, client.id
+        owner = self.arena.owners[index]
+        owner.pid, owner.token, owner.client_id = pid, client.token, client.id
         self.arena.header.racks_used |= 1 << index
         self.clients[client.id] = client
         return client
 
     def adopt(self, index: int, pidfd: int) -> Client:
-        """Take over a rack a previous daemon handed out to a client that still runs."""
-        rack = self.arena.rack(index)
-        client = Client(rack.client_id, rack.token, rack.pid, "(recovered)", index, pidfd)
+        """Take over a rack a previous daemon handed out to a client that still runs.
+
+        Identity comes from the owner table, which only daemons write.
+        """
+        owner = self.arena.owners[index]
+        client = Client(owner.client_id, owner.token, owner.pid, "(recovered)", index, pidfd)
         self.clients[client.id] = client
         self.free_racks.remove(index)
         self.next_id = max(self.next_id, client.id + 1)
@@ -127,11 +133,12 @@ class Racks:
             cap = mag_caps[class_id]
             t = out.setdefault(class_id, ClassTotals())
             c = tc.counters
-            t.allocations += c.allocations
-            t.releases += c.releases
+            # A rack is written by its client: no count in it is trusted past 2**48.
+            t.allocations += min(c.allocations, COUNTER_LIMIT)
+            t.releases += min(c.releases, COUNTER_LIMIT)
             t.cached += min(tc.alloc_count, cap) + min(tc.release_count, cap)
             for kind in range(ERR_KINDS):
-                t.errors[kind] += c.errors[kind]
+                t.errors[kind] += min(c.errors[kind], COUNTER_LIMIT)
         return out
 
     def drain(self, client: Client, class_id: int, tc, cap: int, *, empty: bool = True) -> array:
@@ -151,6 +158,7 @@ class Racks:
         """Forget the client; its rack is wiped when next handed out."""
         self.clients.pop(client.id, None)
         self.arena.wipe_rack(client.rack_index)
+        self.arena.owners[client.rack_index].client_id = 0
         self.arena.header.racks_used &= ~(1 << client.rack_index)
         self.free_racks.append(client.rack_index)
         if client.pidfd is not None:

@@ -80,7 +80,10 @@ class Server:
                 if item is self.socket:
                     self._drain()
                 elif item in pidfds and pidfds[item].id in self.instance.racks.clients:
-                    self.instance.reclaim(pidfds[item], "died")
+                    try:
+                        self.instance.reclaim(pidfds[item], "died")
+                    except Exception:  # never die of a client's death
+                        log.exception("reclaiming client %d failed", pidfds[item].id)
             self._tick()
 
     def _tick(self) -> None:
@@ -101,7 +104,13 @@ class Server:
                 continue  # no routing id: nobody to answer
             reply = self.handle(frames[-1] if len(frames) == 2 else b"")
             try:
-                self.socket.send_multipart([frames[0], protocol.pack(reply)], zmq.NOBLOCK)
+                payload = protocol.pack(reply)
+            except Exception:  # e.g. a figure msgpack cannot carry: answer, never die
+                log.exception("could not encode the reply to request %s", reply.get("id"))
+                payload = protocol.pack(protocol.error_reply(reply.get("id", 0), ErrorCode.INTERNAL,
+                                                             "internal error; see the daemon log"))
+            try:
+                self.socket.send_multipart([frames[0], payload], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.warning("could not reply: %s", exc)
 
