@@ -253,7 +253,7 @@ static SLITTER_NOINLINE int slitter__swap_in_release(struct slitter_thread_class
     return 1;
 }
 
-/* Rare: a magazine held an object that is live (or not of its class). */
+/* Rare: a magazine held an object not cached under our tag, or not of its class. */
 static SLITTER_NOINLINE void slitter__count_corrupt(struct slitter_thread_class *tc)
 {
     tc->counters.errors[SLITTER_ERR_CORRUPT]++;

@@ -1,7 +1,7 @@
 """The ``AuditLog``: every refused release and every object the frees-audit refused.
 
-Entries come from two places: the daemon's own audit of flushed and
-reclaimed magazines (``source`` "flush" / "reclaim"), and clients reporting
+Entries come from two places: the daemon's own audit of flushed magazines
+(``source`` "flush"), and clients reporting
 what their fast path refused (``source`` "release").  The log is bounded: the
 oldest entries go first and ``dropped`` counts them; the per-class, per-kind
 counters are never dropped.  Each entry is also one log line.

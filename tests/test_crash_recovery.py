@@ -136,3 +136,37 @@ def test_another_layout_version_is_refused(manual_daemon, tmp_path):
     r = subprocess.run([sys.executable, "-m", "slitterd", "--name", d.name, "--socket", str(tmp_path / "v.sock")],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode != 0 and "layout version" in r.stderr and "refusing to guess" in r.stderr
+
+
+def test_counters_stay_exact_while_a_client_cycles_through_restarts(manual_daemon, tmp_path):
+    """Regression: recovery must not 'correct' counters against a live map that moves under it."""
+    import os
+
+    d = manual_daemon().start()
+    stop = tmp_path / "stop"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            with slitter.connect(d.address, timeout=30) as heap:
+                cls = heap.register_class("cycle", size=64)
+                held = [cls.allocate() for _ in range(5)]
+                while not stop.exists():
+                    for _ in range(1000):
+                        cls.release(cls.allocate())
+                assert len(held) == 5
+            code = 0
+        finally:
+            os._exit(code)
+    time.sleep(0.5)
+    for _ in range(4):
+        d.kill(signal.SIGKILL)
+        d.start()
+        time.sleep(0.3)
+    stop.touch()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with slitter.connect(d.address) as heap:
+        c = heap.stats()["classes"]["cycle"]
+        assert c["live"] == 5 and c["cached"] == 0
+        assert c["carved"] == c["live"] + c["cached"] + c["free"]
