@@ -122,3 +122,47 @@ def test_nothing_listens_on_tcp_unless_configured(daemon, heap):
             sockets.add(target[8:-1])
     assert sockets, "the daemon has its ipc socket at least"
     assert not sockets & _listening_tcp_inodes()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+def test_group_mode_lets_another_uid_of_the_group_attach(manual_daemon):
+    import grp
+    import shutil
+    import tempfile
+
+    uid, gid = _other_user()
+    group = grp.getgrgid(gid).gr_name
+    top = tempfile.mkdtemp(prefix="slitter-group-", dir="/tmp")
+    os.chmod(top, 0o755)
+    try:
+        d = manual_daemon("--ephemeral", "--socket-mode", "0660", "--socket-group", group)
+        d.address = os.path.join(top, "run", "d.sock")
+        d.start("--socket", d.address)
+        assert stat.S_IMODE(os.stat(d.address).st_mode) == 0o660 and os.stat(d.address).st_gid == gid
+        for p in address.segment_paths(d.name):
+            assert stat.S_IMODE(p.stat().st_mode) == 0o660 and p.stat().st_gid == gid
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.setgroups([gid])
+                os.setgid(gid)
+                os.setuid(uid)
+                with slitter.connect(d.address, timeout=5) as heap:
+                    cls = heap.register_class("grouped", size=32)
+                    h = cls.allocate()
+                    heap.view(h)[:2] = b"ok"
+                    cls.release(h)
+                os.write(w, b"attached")
+            except BaseException as exc:  # report, never raise in the child
+                os.write(w, f"failed: {exc!r}".encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        out = os.read(r, 4096).decode()
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert out == "attached", out
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
