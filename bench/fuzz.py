@@ -373,7 +373,7 @@ class Victim:
         clients = self.heap.stats()["clients"]
         r = self.rack
         return {"client": [c for c in clients if c["id"] == self.heap._client_id],
-                "rack": (r.threads_claimed, r.threads_touched, r.pid, r.client_id, r.token,
+                "rack": (r.threads_claimed, r.threads_touched, r.pid, r.client_id,
                          [tc_state(self.tc(c)) for c in self.classes],
                          [r.threads[s].classes_touched for s in sorted(set(self.slot.values()))])}
 
@@ -428,7 +428,7 @@ class RackAttacker:
         self.pool, self.victim = pool, victim
         self.class_ids = [c.id for c in classes]
         r = self.rack
-        self.saved = (r.threads_claimed, r.threads_touched, r.pid, r.client_id, r.token)
+        self.saved = (r.threads_claimed, r.threads_touched, r.pid, r.client_id)
 
     def creds(self) -> tuple[int, int]:
         return self.heap._client_id, self.heap._token
@@ -466,7 +466,7 @@ class RackAttacker:
             r.threads_claimed, r.threads_touched = rng.randrange(U64 + 1), rng.randrange(U64 + 1)
             r.threads[self.slot].classes_touched = rng.randrange(U64 + 1)
         if rng.random() < 0.2:
-            r.pid, r.client_id, r.token = rng.randrange(U32 + 1), rng.randrange(U32 + 1), rng.randrange(U64 + 1)
+            r.pid, r.client_id = rng.randrange(U32 + 1), rng.randrange(U32 + 1)
 
         def restore() -> None:
             for tc, cap, errs, allocs, rels in undo:
@@ -475,7 +475,7 @@ class RackAttacker:
                 tc.counters.allocations, tc.counters.releases = allocs, rels
                 for k, v in enumerate(errs):
                     tc.counters.errors[k] = v
-            r.threads_claimed, r.threads_touched, r.pid, r.client_id, r.token = self.saved
+            r.threads_claimed, r.threads_touched, r.pid, r.client_id = self.saved
             for t, m in enumerate(masks):
                 r.threads[t].classes_touched = m
 
