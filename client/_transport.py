@@ -39,6 +39,8 @@ class Transport:
         #: Set once attached: wait out daemon restarts instead of failing fast.
         self.patient = False
         self.messages = 0
+        #: Calls that waited for a reply (``send_nowait`` ones do not).
+        self.round_trips = 0
         #: Requests sent, by op name (tests and bench/ count slow-path trips).
         self.sent: collections.Counter[str] = collections.Counter()
 
@@ -69,6 +71,7 @@ class Transport:
         """
         deadline = time.monotonic() + self.timeout_ms / 1000
         with self.lock:
+            self.round_trips += 1
             while True:
                 reply = self._attempt(op, args, deadline)
                 if reply is not None:
@@ -80,6 +83,27 @@ class Transport:
                 time.sleep(0.05)
         protocol.raise_for_reply(reply, self.address)
         return reply
+
+    def send_nowait(self, op: protocol.Op, **args: Any) -> bool:
+        """Send a request whose reply nobody waits for (a prefetch); never blocks.
+
+        Returns False when it could not go now (another thread is mid-call,
+        no socket, or ZeroMQ would block).  Its reply is read and dropped by
+        the next ``call``, which matches replies by id.
+        """
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if self.socket is None:
+                return False
+            self.socket.send(protocol.pack(protocol.request(op, next(self.ids), **args)), zmq.NOBLOCK)
+            self.messages += 1
+            self.sent[op.value] += 1
+            return True
+        except zmq.ZMQError:
+            return False
+        finally:
+            self.lock.release()
 
     def _attempt(self, op: protocol.Op, args: dict[str, Any], deadline: float) -> dict[str, Any] | None:
         """One send and wait; None when nothing answered (the socket is then reset)."""

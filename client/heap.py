@@ -102,6 +102,7 @@ class Heap:
                                       self._data.ptr)
         if err:
             raise errors.LimitExceeded(f"cannot open a client of {self.address}: {os.strerror(err)}")
+        _BY_CLIENT[int(ffi.cast("uintptr_t", self._client))] = weakref.ref(self)
         self._guards.client = self._client
         self._client.guards_applied = self._guards.applied
         if self._view_key is None:
@@ -274,7 +275,7 @@ class Heap:
             handle = _fastpath.allocate(self._client, cls.id)
             if handle:
                 return handle
-            self._call(Op.REFILL, thread=slot, class_id=cls.id)
+            self._call(Op.REFILL, thread=slot, class_id=cls.id, spare=False)
             self._apply_guards()
             handle = _fastpath.allocate(self._client, cls.id)
             if handle:
@@ -289,7 +290,7 @@ class Heap:
             more = lib.slitter_allocate_many_key(cls._key, buf + got, n - got)
             if more == 0:
                 try:
-                    self._call(Op.REFILL, thread=slot, class_id=cls.id)
+                    self._call(Op.REFILL, thread=slot, class_id=cls.id, spare=False)
                 except errors.OutOfMemory as exc:
                     exc.handles = out[:got]
                     raise
@@ -353,6 +354,13 @@ class Heap:
                 result = _fastpath.release(self._client, cls.id, handle)
         raise errors.SlitterError(f"class '{cls.name}': could not release handle {handle:#x}", class_name=cls.name)
 
+    def _prefetch(self, thread: int, class_id: int) -> None:
+        """A thread took its spare magazine: ask for the next one, without waiting."""
+        transport = self._transport
+        if transport is not None and not self._closed:
+            transport.send_nowait(Op.REFILL, client=self._client_id, token=self._token, thread=thread,
+                                  class_id=class_id, spare=True)
+
     def _flush(self, cls: Class, slot: int) -> None:
         reply = self._call(Op.FLUSH, thread=slot, class_id=cls.id)
         for handle, kind in reply["refused"]:
@@ -390,6 +398,21 @@ class Heap:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"client {self._client_id}"
         return f"<slitter.Heap {self.address} {state}>"
+
+
+_BY_CLIENT: dict[int, weakref.ref[Heap]] = {}  # native client address -> heap, for the hook
+
+
+@ffi.def_extern()
+def slitter_spare_taken(client, thread: int, class_id: int) -> None:
+    """Called by the fast path when a thread took its prefetched magazine."""
+    try:
+        ref = _BY_CLIENT.get(int(ffi.cast("uintptr_t", client)))
+        heap = ref() if ref is not None else None
+        if heap is not None:
+            heap._prefetch(thread, class_id)
+    except Exception:  # a hook must never raise into C
+        log.exception("prefetch request failed")
 
 
 def _after_fork_in_child() -> None:

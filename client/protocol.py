@@ -100,6 +100,8 @@ class Field:
     low: int = 0
     high: int = U64
     doc: str = ""
+    #: Optional fields take this value when absent; None: the field is required.
+    default: Any = None
 
 
 _CLIENT = (Field("client", int, 1, U32, "client id from attach"),
@@ -119,7 +121,9 @@ REQUEST_FIELDS: dict[Op, tuple[Field, ...]] = {
                         Field("zero_init", bool, doc="objects read as zeros when allocated"),
                         Field("policy", str, 0, 5, "error policy of the class: raise, log, abort; '' keeps it"),
                         Field("cap", int, 0, U64, "most objects the class may ever carve; 0 keeps it")),
-    Op.REFILL: (*_CLIENT, *_SLOT),
+    Op.REFILL: (*_CLIENT, *_SLOT,
+                Field("spare", bool, doc="fill only the prefetch magazine (sent without waiting); optional",
+                      default=False)),
     Op.FLUSH: (*_CLIENT, *_SLOT),
     Op.STATS: (),
     Op.REPORT: (*_CLIENT,
@@ -136,7 +140,7 @@ OP_DOCS: dict[Op, str] = {
     Op.ATTACH: "Join the instance. Reply: client, token, rack index/offset/size, segment names and layout sizes.",
     Op.DETACH: "Leave: the daemon reclaims every magazine in the rack. Reply: reclaimed.",
     Op.REGISTER_CLASS: "Create a class, or return the existing one with the same spec. Reply: class_id, size, stride, zero_init.",
-    Op.REFILL: "Fill the thread's empty allocation magazine in the rack. Reply: count.",
+    Op.REFILL: "Fill the thread's empty allocation magazine, and its spare if empty; with spare, only the spare. Reply: count.",
     Op.FLUSH: "Audit and take back the thread's release magazine. Reply: accepted, refused [[handle, kind]].",
     Op.STATS: "Per-class and per-client figures. Reply: instance, classes, clients.",
     Op.REPORT: "A release the fast path refused, for the audit log (counted in the rack already). Reply: seq.",
@@ -222,6 +226,9 @@ def parse_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Request:
     args = {}
     for field in fields:
         if field.name not in message:
+            if field.default is not None:
+                args[field.name] = field.default
+                continue
             raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{field.name}'", request_id)
         args[field.name] = _check(op, field, message[field.name], request_id)
     return Request(op, request_id, args)

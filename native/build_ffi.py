@@ -41,7 +41,10 @@ def cdef_of(text: str) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef("".join(cdef_of((HERE / h).read_text()) for h in HEADERS) + LIBC)
+# The one call from C into Python: defined by slitter.heap with @ffi.def_extern().
+HOOKS = re.sub(r"^void slitter_spare_taken", 'extern "Python+C" void slitter_spare_taken',
+               "".join(cdef_of((HERE / h).read_text()) for h in HEADERS), flags=re.MULTILINE)
+ffibuilder.cdef(HOOKS + LIBC)
 ffibuilder.set_source(
     "slitter._native",
     '#include <fcntl.h>\n#include <sys/mman.h>\n#include "slitter_fast.h"',

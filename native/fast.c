@@ -241,15 +241,29 @@ static inline int64_t slitter__object_bit(const struct slitter_span *sp,
     return (int64_t)(sp->obj_base + index);
 }
 
-/* Rare: the allocation magazine is empty; take the release magazine's objects. */
-static SLITTER_NOINLINE int slitter__swap_in_release(struct slitter_thread_class *tc)
+/*
+ * Rare (once per magazine): the allocation magazine is empty.  Take the
+ * release magazine's objects, else the prefetched spare (and ask Python to
+ * prefetch the next one, without waiting), else give up: the slow path
+ * refills and waits.
+ */
+static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, struct slitter_thread_slot *slot,
+                                                    struct slitter_thread_class *tc, uint32_t class_id)
 {
     uint32_t n = tc->release_count;
-    if (n == 0)
+    if (n != 0) {
+        memcpy(tc->alloc, tc->release, n * sizeof(uint64_t));
+        tc->alloc_count = n;
+        tc->release_count = 0;
+        return 1;
+    }
+    n = __atomic_load_n(&tc->spare_count, __ATOMIC_ACQUIRE);
+    if (n == 0 || n > tc->capacity)
         return 0;
-    memcpy(tc->alloc, tc->release, n * sizeof(uint64_t));
+    memcpy(tc->alloc, tc->spare, n * sizeof(uint64_t));
     tc->alloc_count = n;
-    tc->release_count = 0;
+    __atomic_store_n(&tc->spare_count, 0, __ATOMIC_RELEASE);
+    slitter_spare_taken(c, (uint32_t)(slot - c->rack->threads), class_id);
     return 1;
 }
 
@@ -269,9 +283,9 @@ uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
     const struct slitter_class *cls = &c->view.classes[class_id];
     for (;;) {
         uint32_t n = tc->alloc_count;
-        /* Empty: refill from our own release magazine before asking the daemon. */
+        /* Empty: refill from our own magazines before asking the daemon. */
         if (slitter_unlikely(n == 0)) {
-            if (!slitter__swap_in_release(tc))
+            if (!slitter__refill_locally(c, slot, tc, class_id))
                 return 0;
             n = tc->alloc_count;
         }

@@ -197,15 +197,21 @@ struct slitter_counters {
  * an unbound slot always sends the fast path to the slow path.  The daemon
  * writes `alloc` (refill) and drains `release` (flush) only while the owning
  * thread waits for its reply.
+ *
+ * `spare` is the prefetched next magazine: the daemon fills it while the
+ * thread goes on, and publishes it last by storing `spare_count` (release);
+ * the thread takes it only when `spare_count` (acquire) is non-zero, then
+ * stores 0.  So each side writes `spare` only while the other cannot read it.
  */
 struct slitter_thread_class {
     uint32_t alloc_count;
     uint32_t release_count;
     uint32_t capacity;
-    uint32_t reserved;
+    uint32_t spare_count;
     struct slitter_counters counters;
     uint64_t alloc[SLITTER_MAG_CAP];
     uint64_t release[SLITTER_MAG_CAP];
+    uint64_t spare[SLITTER_MAG_CAP];
 };
 
 /** One thread of a client.  `classes_touched` bit i: classes[i] was bound. */

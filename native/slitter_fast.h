@@ -38,6 +38,13 @@ struct slitter_client {
     uint8_t cache_tag;         /* SLITTER_TAG(rack index): the live byte of our cached objects */
 };
 
+/**
+ * Implemented in Python (cffi `extern "Python+C"`): the thread took its
+ * spare magazine, so a new one should be prefetched.  Called at most once
+ * per magazine, from slitter_allocate's rare path; it must not block.
+ */
+void slitter_spare_taken(struct slitter_client *c, uint32_t thread, uint32_t class_id);
+
 /** Fill `v` from a mapping of the meta segment's tables (read-only is enough). */
 void slitter_view_init(struct slitter_view *v, const void *meta_tables,
                        void *live_map, void *depot_bits, void *data);

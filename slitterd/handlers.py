@@ -82,7 +82,7 @@ def register_class(inst: Instance, req: Request) -> Reply:
 
 
 def refill(inst: Instance, req: Request) -> Reply:
-    return {"count": inst.refill(*_slot(inst, req))}
+    return {"count": inst.refill(*_slot(inst, req), spare=req.args["spare"])}
 
 
 def flush(inst: Instance, req: Request) -> Reply:

@@ -141,20 +141,36 @@ class Instance:
 
     # -- magazines -------------------------------------------------------
 
-    def refill(self, client: Client, thread: int, class_id: int) -> int:
-        """Fill an empty allocation magazine from the depot; returns its count."""
+    def refill(self, client: Client, thread: int, class_id: int, spare: bool = False) -> int:
+        """Fill the thread's empty allocation magazine, and its spare if that is empty.
+
+        With ``spare``, only the spare: the prefetch a client sends without
+        waiting when it took its spare.  Returns the handles written.
+        """
         tc = self.racks.thread_class(client, thread, class_id)
         cap = self.mag_capacity(class_id)
-        if tc.alloc_count:
-            return min(tc.alloc_count, cap)
-        depot = self.depots[class_id]
-        handles = depot.take(cap)
+        self.arena.totals[class_id].refills += 1
+        written = 0
+        if not spare and tc.alloc_count == 0:
+            written += self._fill(client, thread, class_id, tc.alloc, cap)
+            tc.alloc_count = written
+        if tc.spare_count == 0:
+            try:
+                n = self._fill(client, thread, class_id, tc.spare, cap)
+            except errors.OutOfMemory:
+                if spare or not written:
+                    raise
+                n = 0  # the allocation magazine got objects: no prefetch this time
+            tc.spare_count = n  # last: publishes the spare to the client
+            written += n
+        return written
+
+    def _fill(self, client: Client, thread: int, class_id: int, magazine, cap: int) -> int:
+        handles = self.depots[class_id].take(cap)
         buf = ffi.from_buffer("uint64_t[]", handles)
         lib.slitter_mark_touched(self.arena.rack(client.rack_index), thread, class_id)  # stats must see them
         lib.slitter_hand_out(self.arena.view, buf, len(handles), tag(client))  # before the client can see them
-        ffi.memmove(tc.alloc, buf, 8 * len(handles))
-        tc.alloc_count = len(handles)
-        self.arena.totals[class_id].refills += 1
+        ffi.memmove(magazine, buf, 8 * len(handles))
         return len(handles)
 
     def flush(self, client: Client, thread: int, class_id: int) -> tuple[int, list[tuple[int, str]]]:

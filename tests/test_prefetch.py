@@ -1,0 +1,37 @@
+"""The slow path hidden: a steady stream of allocations never waits for a refill."""
+
+from __future__ import annotations
+
+import time
+
+import slitter
+
+
+def test_spare_magazine_is_prefetched_without_waiting(heap):
+    cls = heap.register_class("stream", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    transport = heap._transport
+    held = [cls.allocate() for _ in range(cap)]  # the first refill waits, and fills the spare too
+    waited = transport.round_trips
+    sent = transport.sent["refill"]
+    for _ in range(5):
+        held += [cls.allocate() for _ in range(cap)]  # takes the spare, asks for the next one
+        time.sleep(0.05)  # the daemon fills the new spare meanwhile
+    assert transport.round_trips == waited, "a refill was waited for in steady state"
+    assert transport.sent["refill"] == sent + 5  # one prefetch per magazine, none waited for
+    assert len(set(held)) == len(held)
+    stats = heap.stats()["classes"]["stream"]
+    assert stats["live"] == len(held)
+    assert stats["cached"] == cap  # the prefetched spare
+    assert stats["carved"] == stats["live"] + stats["cached"] + stats["free"]
+    cls.release_many(held)
+
+
+def test_prefetched_objects_are_reclaimed_with_the_client(daemon):
+    with slitter.connect(daemon.address) as heap:
+        cls = heap.register_class("spare", size=64)
+        cls.allocate()
+        assert heap.stats()["classes"]["spare"]["cached"] > 0
+    with slitter.connect(daemon.address) as other:
+        c = other.stats()["classes"]["spare"]
+        assert c["cached"] == 0 and c["live"] == 1 and c["carved"] == c["live"] + c["free"]
