@@ -42,14 +42,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any
 
 import slitter
+from benchlib import loop_py_pairs, loop_two_noops, machine
 from slitter._native import lib
 from slitter._transport import Transport
 from slitter.protocol import Op
@@ -85,21 +84,8 @@ def loop_empty(n: int) -> float:
     return (perf_ns() - t0) / n
 
 
-def loop_two_noops(n: int) -> float:
-    noop = lib.slitter_noop
-    t0 = perf_ns()
-    for _ in range(n):
-        noop()
-        noop()
-    return (perf_ns() - t0) / n
 
 
-def loop_py_pairs(cls: slitter.Class, n: int) -> float:
-    allocate, release = cls.allocate, cls.release
-    t0 = perf_ns()
-    for _ in range(n):
-        release(allocate())
-    return (perf_ns() - t0) / n
 
 
 def c_pairs(heap: slitter.Heap, cls: slitter.Class, n: int) -> float:
@@ -170,18 +156,6 @@ def pct(samples: list[int], p: float) -> float:
 
 # -- the run -------------------------------------------------------------------
 
-def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "implementation": platform.python_implementation(), "platform": platform.platform()}
 
 
 def run(size: str, progress) -> dict[str, Any]:

@@ -62,13 +62,13 @@ import errno
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any
 
 import slitter
+from benchlib import machine
 from slitter import address as _address
 from slitter._native import ffi, lib
 from slitterd.mill import ClassGeometry
@@ -363,18 +363,6 @@ def time_checks(reps: int, py_n: int, c_n: int, progress) -> dict[str, Any]:
 
 # -- the run ------------------------------------------------------------------------
 
-def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "implementation": platform.python_implementation(), "platform": platform.platform()}
 
 
 def run(size: str, progress) -> dict[str, Any]:

@@ -99,7 +99,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import platform
 import random
 import statistics
 import struct
@@ -117,6 +116,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import slitter
+from benchlib import machine
 
 CTX = mp.get_context("fork")
 perf = time.perf_counter
@@ -873,18 +873,6 @@ def summarize(per_rep: list[dict[str, dict]], ours: str) -> dict[str, Any]:
     return {"peers": peers}
 
 
-def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "implementation": platform.python_implementation(), "platform": platform.platform()}
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:

@@ -60,8 +60,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -71,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import slitter
+from benchlib import loop_py_pairs, loop_two_noops, machine
 from slitter._native import lib
 
 perf_ns = time.perf_counter_ns
@@ -99,21 +98,8 @@ def _timed(fn, *args) -> Any:
             gc.enable()
 
 
-def loop_two_noops(n: int) -> float:
-    noop = lib.slitter_noop
-    t0 = perf_ns()
-    for _ in range(n):
-        noop()
-        noop()
-    return (perf_ns() - t0) / n
 
 
-def loop_py_pairs(cls: slitter.Class, n: int) -> float:
-    allocate, release = cls.allocate, cls.release
-    t0 = perf_ns()
-    for _ in range(n):
-        release(allocate())
-    return (perf_ns() - t0) / n
 
 
 def loop_churn(cls: slitter.Class, live: array, idx: list[int]) -> float:
@@ -291,18 +277,6 @@ def run(size: str, progress) -> dict[str, Any]:
     return result
 
 
-def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "implementation": platform.python_implementation(), "platform": platform.platform()}
 
 
 def _bytes(n: float) -> str:
