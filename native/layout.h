@@ -112,7 +112,6 @@ struct slitter_header {
     uint64_t objects_mapped;   /* live-map entries handed to runs so far */
     uint32_t nclasses;         /* highest class id in use */
     uint32_t daemon_pid;
-    uint64_t racks_used;       /* bit i: rack i belongs to a client (max_racks <= 64) */
     uint64_t generation;       /* daemon starts over these segments, 1 for the creator */
 };
 

@@ -298,7 +298,6 @@ class Instance:
                     self._retire(class_id, t)
                 self.arena.wipe_rack(index)
                 owner.client_id = 0
-                header.racks_used &= ~(1 << index)
                 retired += 1
                 continue
             self.racks.adopt(index, pidfd)

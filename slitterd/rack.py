@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from array import array
 from dataclasses import dataclass, field
 
-from slitter._native import ffi, lib
+from slitter._native import lib
 
 from slitterd.arena import Arena
 
@@ -89,7 +88,6 @@ class Racks:
         rack.pid, rack.client_id = pid, client.id
         owner = self.arena.owners[index]
         owner.pid, owner.token, owner.client_id = pid, client.token, client.id
-        self.arena.header.racks_used |= 1 << index
         self.clients[client.id] = client
         return client
 
@@ -141,25 +139,11 @@ class Racks:
                 t.errors[kind] += min(c.errors[kind], COUNTER_LIMIT)
         return out
 
-    def drain(self, client: Client, class_id: int, tc, cap: int, *, empty: bool = True) -> array:
-        """Every handle cached in one magazine pair; emptied unless ``empty`` is False."""
-        handles = array("Q")
-        for count_field, mag in (("alloc_count", tc.alloc), ("release_count", tc.release)):
-            count = min(getattr(tc, count_field), cap)
-            if count:
-                buf = array("Q", bytes(8 * count))
-                ffi.memmove(ffi.from_buffer("uint64_t[]", buf), mag, 8 * count)
-                handles.extend(buf)
-            if empty:
-                setattr(tc, count_field, 0)
-        return handles
-
     def release_rack(self, client: Client) -> None:
         """Forget the client; its rack is wiped when next handed out."""
         self.clients.pop(client.id, None)
         self.arena.wipe_rack(client.rack_index)
         self.arena.owners[client.rack_index].client_id = 0
-        self.arena.header.racks_used &= ~(1 << client.rack_index)
         self.free_racks.append(client.rack_index)
         if client.pidfd is not None:
             os.close(client.pidfd)
