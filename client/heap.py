@@ -361,6 +361,13 @@ class Heap:
             transport.send_nowait(Op.REFILL, client=self._client_id, token=self._token, thread=thread,
                                   class_id=class_id, spare=True)
 
+    def _flush_ahead(self, thread: int, class_id: int) -> None:
+        """A thread moved a full release magazine out: have it audited, without waiting."""
+        transport = self._transport
+        if transport is not None and not self._closed:
+            transport.send_nowait(Op.FLUSH, client=self._client_id, token=self._token, thread=thread,
+                                  class_id=class_id, outgoing=True)
+
     def _flush(self, cls: Class, slot: int) -> None:
         reply = self._call(Op.FLUSH, thread=slot, class_id=cls.id)
         for handle, kind in reply["refused"]:
@@ -413,6 +420,18 @@ def slitter_spare_taken(client, thread: int, class_id: int) -> None:
             heap._prefetch(thread, class_id)
     except Exception:  # a hook must never raise into C
         log.exception("prefetch request failed")
+
+
+@ffi.def_extern()
+def slitter_outgoing_ready(client, thread: int, class_id: int) -> None:
+    """Called by the fast path when a thread moved a full release magazine out."""
+    try:
+        ref = _BY_CLIENT.get(int(ffi.cast("uintptr_t", client)))
+        heap = ref() if ref is not None else None
+        if heap is not None:
+            heap._flush_ahead(thread, class_id)
+    except Exception:  # a hook must never raise into C
+        log.exception("flush request failed")
 
 
 def _after_fork_in_child() -> None:

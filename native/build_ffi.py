@@ -41,8 +41,8 @@ def cdef_of(text: str) -> str:
 
 
 ffibuilder = FFI()
-# The one call from C into Python: defined by slitter.heap with @ffi.def_extern().
-HOOKS = re.sub(r"^void slitter_spare_taken", 'extern "Python+C" void slitter_spare_taken',
+# The calls from C into Python: defined by slitter.heap with @ffi.def_extern().
+HOOKS = re.sub(r"^void (slitter_spare_taken|slitter_outgoing_ready)", r'extern "Python+C" void \1',
                "".join(cdef_of((HERE / h).read_text()) for h in HEADERS), flags=re.MULTILINE)
 ffibuilder.cdef(HOOKS + LIBC)
 ffibuilder.set_source(

@@ -313,6 +313,24 @@ uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
     }
 }
 
+/*
+ * Rare (once per magazine): the release magazine is full.  Move it to the
+ * outgoing magazine, if the daemon is done with the last one, and ask
+ * Python to flush it without waiting; else the slow path flushes and waits.
+ */
+static SLITTER_NOINLINE int slitter__send_release_out(struct slitter_client *c, struct slitter_thread_slot *slot,
+                                                      struct slitter_thread_class *tc, uint32_t class_id)
+{
+    if (__atomic_load_n(&tc->outgoing_count, __ATOMIC_ACQUIRE) != 0)
+        return SLITTER_NEED_FLUSH;
+    uint32_t n = tc->release_count;
+    memcpy(tc->outgoing, tc->release, n * sizeof(uint64_t));
+    tc->release_count = 0;
+    __atomic_store_n(&tc->outgoing_count, n, __ATOMIC_RELEASE);
+    slitter_outgoing_ready(c, (uint32_t)(slot - c->rack->threads), class_id);
+    return SLITTER_OK;
+}
+
 /* Rare: count a refused release under the class it was released as. */
 static SLITTER_NOINLINE int slitter__refuse(struct slitter_thread_class *tc, int kind)
 {
@@ -365,7 +383,9 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
     uint32_t r = tc->release_count;
     tc->release[r] = handle;
     tc->release_count = r + 1;
-    return (r + 1 >= capacity) ? SLITTER_NEED_FLUSH : SLITTER_OK;
+    if (slitter_likely(r + 1 < capacity))
+        return SLITTER_OK;
+    return slitter__send_release_out(c, slot, tc, class_id);
 }
 
 int slitter_key_new(struct slitter_client *c, uint32_t class_id)

@@ -201,16 +201,22 @@ struct slitter_counters {
  * thread goes on, and publishes it last by storing `spare_count` (release);
  * the thread takes it only when `spare_count` (acquire) is non-zero, then
  * stores 0.  So each side writes `spare` only while the other cannot read it.
+ * `outgoing` is the mirror image for flushes: the thread moves a full release
+ * magazine there and publishes `outgoing_count`; the daemon audits it while
+ * the thread goes on, and stores 0 when done.
  */
 struct slitter_thread_class {
     uint32_t alloc_count;
     uint32_t release_count;
     uint32_t capacity;
     uint32_t spare_count;
+    uint32_t outgoing_count;
+    uint32_t reserved;
     struct slitter_counters counters;
     uint64_t alloc[SLITTER_MAG_CAP];
     uint64_t release[SLITTER_MAG_CAP];
     uint64_t spare[SLITTER_MAG_CAP];
+    uint64_t outgoing[SLITTER_MAG_CAP];
 };
 
 /** One thread of a client.  `classes_touched` bit i: classes[i] was bound. */

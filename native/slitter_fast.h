@@ -45,6 +45,13 @@ struct slitter_client {
  */
 void slitter_spare_taken(struct slitter_client *c, uint32_t thread, uint32_t class_id);
 
+/**
+ * Implemented in Python, like slitter_spare_taken: the thread moved a full
+ * release magazine to its outgoing one, which should be flushed without
+ * waiting.  Called at most once per magazine; it must not block.
+ */
+void slitter_outgoing_ready(struct slitter_client *c, uint32_t thread, uint32_t class_id);
+
 /** Fill `v` from a mapping of the meta segment's tables (read-only is enough). */
 void slitter_view_init(struct slitter_view *v, const void *meta_tables,
                        void *live_map, void *depot_bits, void *data);

@@ -86,7 +86,7 @@ def refill(inst: Instance, req: Request) -> Reply:
 
 
 def flush(inst: Instance, req: Request) -> Reply:
-    accepted, refused = inst.flush(*_slot(inst, req))
+    accepted, refused = inst.flush(*_slot(inst, req), outgoing=req.args["outgoing"])
     return {"accepted": accepted, "refused": [[h, kind] for h, kind in refused]}
 
 

@@ -32,6 +32,14 @@ POLICY_SHIFT = lib.SLITTER_CLASS_POLICY_SHIFT
 TOTAL_LIMIT = (1 << 63) - 1  # what msgpack and the u64 totals can both carry
 
 
+def _copy(magazine, count: int) -> array:
+    """The first ``count`` handles of a magazine in a rack."""
+    out = array("Q", bytes(8 * count))
+    if count:
+        ffi.memmove(ffi.from_buffer("uint64_t[]", out), magazine, 8 * count)
+    return out
+
+
 def tag(client: Client) -> int:
     """The live-map tag of the objects cached in a client's rack."""
     return lib.SLITTER_TAG_BASE + client.rack_index
@@ -173,15 +181,28 @@ class Instance:
         ffi.memmove(magazine, buf, 8 * len(handles))
         return len(handles)
 
-    def flush(self, client: Client, thread: int, class_id: int) -> tuple[int, list[tuple[int, str]]]:
-        """Audit the release magazine and return what passes to the depot."""
+    def flush(self, client: Client, thread: int, class_id: int,
+              outgoing: bool = False) -> tuple[int, list[tuple[int, str]]]:
+        """Audit the release magazine, and the outgoing one if published; the good go to the depot.
+
+        With ``outgoing``, only the outgoing magazine: the flush a client
+        sends without waiting when its fast path moved a full release
+        magazine out of the way.
+        """
         tc = self.racks.thread_class(client, thread, class_id)
-        count = min(tc.release_count, self.mag_capacity(class_id))
-        handles = array("Q", bytes(8 * count))
-        ffi.memmove(ffi.from_buffer("uint64_t[]", handles), tc.release, 8 * count)
-        tc.release_count = 0
+        cap = self.mag_capacity(class_id)
         self.arena.totals[class_id].flushes += 1
-        return self._audit_into_depot(client, class_id, handles, "flush")
+        handles = array("Q")
+        if not outgoing:
+            handles.extend(_copy(tc.release, min(tc.release_count, cap)))
+            tc.release_count = 0
+        published = min(tc.outgoing_count, cap)
+        if published:
+            handles.extend(_copy(tc.outgoing, published))
+        result = self._audit_into_depot(client, class_id, handles, "flush")
+        if published:
+            tc.outgoing_count = 0  # last: hands the outgoing magazine back to the client
+        return result
 
     def _audit_into_depot(self, client: Client, class_id: int, handles: array,
                           source: str) -> tuple[int, list[tuple[int, str]]]:

@@ -134,7 +134,8 @@ class Racks:
             # A rack is written by its client: no count in it is trusted past 2**48.
             t.allocations += min(c.allocations, COUNTER_LIMIT)
             t.releases += min(c.releases, COUNTER_LIMIT)
-            t.cached += min(tc.alloc_count, cap) + min(tc.release_count, cap) + min(tc.spare_count, cap)
+            t.cached += (min(tc.alloc_count, cap) + min(tc.release_count, cap) + min(tc.spare_count, cap)
+                         + min(tc.outgoing_count, cap))
             for kind in range(ERR_KINDS):
                 t.errors[kind] += min(c.errors[kind], COUNTER_LIMIT)
         return out

@@ -35,3 +35,23 @@ def test_prefetched_objects_are_reclaimed_with_the_client(daemon):
     with slitter.connect(daemon.address) as other:
         c = other.stats()["classes"]["spare"]
         assert c["cached"] == 0 and c["live"] == 1 and c["carved"] == c["live"] + c["free"]
+
+
+def test_full_release_magazines_are_flushed_without_waiting(heap):
+    cls = heap.register_class("drain", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    handles = list(cls.allocate_many(8 * cap))
+    transport = heap._transport
+    waited = transport.round_trips
+    flushes = transport.sent["flush"]
+    for i, h in enumerate(handles):
+        cls.release(h)
+        if i % cap == cap - 1:
+            time.sleep(0.05)  # the daemon audits the outgoing magazine meanwhile
+    assert transport.round_trips == waited, "a flush was waited for in steady state"
+    assert transport.sent["flush"] > flushes  # flushes went out, none waited for
+    time.sleep(0.1)
+    stats = heap.stats()["classes"]["drain"]
+    assert stats["live"] == 0 and stats["releases"] == len(handles)
+    assert stats["carved"] == stats["live"] + stats["cached"] + stats["free"]
+    assert stats["errors"] == dict.fromkeys(stats["errors"], 0)
