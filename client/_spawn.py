@@ -3,7 +3,10 @@
 For tests and single-program use.  The daemon gets a unique instance name
 and a socket in a private directory; leaving the ``with`` block stops it
 with SIGTERM (SIGKILL if it does not stop) and makes sure its segments are
-gone.
+gone.  If the program dies without leaving the block, the daemon gets
+SIGTERM from the kernel (PR_SET_PDEATHSIG) and removes its segments itself;
+that signal follows the *thread* that started it, so start a daemon that
+must outlive a thread from the main thread.
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ from slitter import address as _address
 from slitter import errors
 from slitter._transport import Transport
 from slitter.protocol import Op
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, so a private
+    daemon never outlives its program (it then removes its segments)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 class spawn_daemon:  # noqa: N801 - used like a function: `with spawn_daemon() as address`
@@ -46,7 +58,7 @@ class spawn_daemon:  # noqa: N801 - used like a function: `with spawn_daemon() a
                "--socket", self.address, "--arena-size", self.arena_size, *self.args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            cwd=self.directory)
+                                            cwd=self.directory, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -188,3 +188,31 @@ def test_view_of_an_object_in_a_run_carved_by_another_process(daemon, heap):
         assert heap._view.header.nruns > seen
         assert len(heap.view(handles[-1])) == 60000
         assert heap._guards.applied == heap._view.header.nruns
+
+
+def test_spawned_daemon_dies_with_its_parent(tmp_path):
+    """A program killed without cleaning up takes its private daemon (and segments) with it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import slitter, sys, time\n"
+            "d = slitter.spawn_daemon(arena_size='256M'); d.start()\n"
+            "print(d.pid, d.name, flush=True)\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd="/")
+    pid, name = parent.stdout.readline().split()
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.05)
+    try:
+        assert not os.path.exists(f"/proc/{pid}"), "the private daemon outlived its parent"
+        assert not any(p.exists() for p in slitter.address.segment_paths(name))
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(int(pid), signal.SIGKILL)
+        for p in slitter.address.segment_paths(name):
+            p.unlink(missing_ok=True)
