@@ -509,7 +509,10 @@ int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, 
         tc->release[tc->release_count++] = handles[i++];
     tc->counters.releases += n;
     *done = n;
-    return tc->release_count >= capacity ? SLITTER_NEED_FLUSH : SLITTER_OK;
+    if (tc->release_count < capacity)
+        return SLITTER_OK;
+    /* Full: out of the way to the daemon without waiting, if it is done with the last one. */
+    return slitter__send_release_out(c, slot, tc, class_id);
 }
 
 /* bench/ baselines: magazine traffic alone (see slitter_fast.h). */

@@ -55,3 +55,19 @@ def test_full_release_magazines_are_flushed_without_waiting(heap):
     assert stats["live"] == 0 and stats["releases"] == len(handles)
     assert stats["carved"] == stats["live"] + stats["cached"] + stats["free"]
     assert stats["errors"] == dict.fromkeys(stats["errors"], 0)
+
+
+def test_batch_releases_hand_full_magazines_out_without_waiting(heap):
+    cls = heap.register_class("batch_out", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    handles = cls.allocate_many(4 * cap)
+    transport = heap._transport
+    waited = transport.round_trips
+    for i in range(0, len(handles), cap):
+        cls.release_many(handles[i:i + cap])
+        time.sleep(0.05)  # the daemon audits the outgoing magazine meanwhile
+    assert transport.round_trips == waited, "a batch release waited for a flush"
+    time.sleep(0.1)
+    stats = heap.stats()["classes"]["batch_out"]
+    assert stats["live"] == 0 and stats["releases"] == len(handles)
+    assert stats["carved"] == stats["live"] + stats["cached"] + stats["free"]
