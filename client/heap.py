@@ -354,19 +354,12 @@ class Heap:
                 result = _fastpath.release(self._client, cls.id, handle)
         raise errors.SlitterError(f"class '{cls.name}': could not release handle {handle:#x}", class_name=cls.name)
 
-    def _prefetch(self, thread: int, class_id: int) -> None:
-        """A thread took its spare magazine: ask for the next one, without waiting."""
+    def _send_ahead(self, op: Op, thread: int, class_id: int, **flag: bool) -> None:
+        """A request nobody waits for: refill the spare, or flush the outgoing magazine."""
         transport = self._transport
         if transport is not None and not self._closed:
-            transport.send_nowait(Op.REFILL, client=self._client_id, token=self._token, thread=thread,
-                                  class_id=class_id, spare=True)
-
-    def _flush_ahead(self, thread: int, class_id: int) -> None:
-        """A thread moved a full release magazine out: have it audited, without waiting."""
-        transport = self._transport
-        if transport is not None and not self._closed:
-            transport.send_nowait(Op.FLUSH, client=self._client_id, token=self._token, thread=thread,
-                                  class_id=class_id, outgoing=True)
+            transport.send_nowait(op, client=self._client_id, token=self._token, thread=thread,
+                                  class_id=class_id, **flag)
 
     def _flush(self, cls: Class, slot: int) -> None:
         reply = self._call(Op.FLUSH, thread=slot, class_id=cls.id)
@@ -410,28 +403,27 @@ class Heap:
 _BY_CLIENT: dict[int, weakref.ref[Heap]] = {}  # native client address -> heap, for the hook
 
 
-@ffi.def_extern()
-def slitter_spare_taken(client, thread: int, class_id: int) -> None:
-    """Called by the fast path when a thread took its prefetched magazine."""
+def _ahead(client, op: Op, thread: int, class_id: int, **flag: bool) -> None:
+    """Send the request a fast-path hook asks for, to the heap that owns ``client``."""
     try:
         ref = _BY_CLIENT.get(int(ffi.cast("uintptr_t", client)))
         heap = ref() if ref is not None else None
         if heap is not None:
-            heap._prefetch(thread, class_id)
+            heap._send_ahead(op, thread, class_id, **flag)
     except Exception:  # a hook must never raise into C
-        log.exception("prefetch request failed")
+        log.exception("%s ahead of need failed", op.value)
+
+
+@ffi.def_extern()
+def slitter_spare_taken(client, thread: int, class_id: int) -> None:
+    """Called by the fast path when a thread took its prefetched magazine: prefetch the next."""
+    _ahead(client, Op.REFILL, thread, class_id, spare=True)
 
 
 @ffi.def_extern()
 def slitter_outgoing_ready(client, thread: int, class_id: int) -> None:
-    """Called by the fast path when a thread moved a full release magazine out."""
-    try:
-        ref = _BY_CLIENT.get(int(ffi.cast("uintptr_t", client)))
-        heap = ref() if ref is not None else None
-        if heap is not None:
-            heap._flush_ahead(thread, class_id)
-    except Exception:  # a hook must never raise into C
-        log.exception("flush request failed")
+    """Called by the fast path when a thread moved a full release magazine out: flush it."""
+    _ahead(client, Op.FLUSH, thread, class_id, outgoing=True)
 
 
 def _after_fork_in_child() -> None:
