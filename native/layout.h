@@ -41,6 +41,8 @@
 #define SLITTER_MAX_THREADS    32          /* thread slots per rack */
 #define SLITTER_MAG_CAP        512         /* handles per magazine, at most */
 #define SLITTER_CLASS_NAME_MAX 48          /* including the NUL */
+#define SLITTER_CLIENT_NAME_MAX 32         /* client names as kept, including the NUL */
+#define SLITTER_DEPARTED_MAX   128         /* departed clients remembered */
 #define SLITTER_KEY_BITS       16          /* release_key packs handle << 16 | key */
 #define SLITTER_MAX_KEYS       (1u << SLITTER_KEY_BITS)
 
@@ -100,6 +102,7 @@ struct slitter_header {
     uint64_t depot_bits_off;   /* one bit per object: 1 = in the depot */
     uint64_t depot_bits_bytes;
     uint64_t owners_off;       /* struct slitter_rack_owner[max_racks]: daemon only */
+    uint64_t departed_off;     /* struct slitter_departed_log: daemon only */
     uint64_t rack_area_off;    /* struct slitter_rack, max_racks of them */
     uint64_t rack_size;        /* bytes per rack, page aligned */
     uint32_t max_racks;
@@ -177,6 +180,24 @@ struct slitter_rack_owner {
     uint32_t client_id;
     uint32_t pid;
     uint64_t token;
+    char name[SLITTER_CLIENT_NAME_MAX];   /* the name the client attached with (stats) */
+};
+
+/**
+ * Clients that left with objects still live (another process may own them
+ * now), newest last: a ring of the last SLITTER_DEPARTED_MAX, kept in the
+ * segment so the figures outlive the daemon.  Daemon only.
+ */
+struct slitter_departed {
+    uint32_t pid;
+    uint32_t reserved;
+    char name[SLITTER_CLIENT_NAME_MAX];
+    int64_t live[SLITTER_MAX_CLASSES];    /* by class id: allocations - releases of that client */
+};
+
+struct slitter_departed_log {
+    uint64_t count;                        /* entries ever written; entry i is at i % SLITTER_DEPARTED_MAX */
+    struct slitter_departed entries[SLITTER_DEPARTED_MAX];
 };
 
 /** Fast-path counters of one thread for one class.  Only that thread writes. */

@@ -39,6 +39,7 @@ class Geometry:
     depot_bits_off: int
     depot_bits_bytes: int
     owners_off: int
+    departed_off: int
     rack_area_off: int
     rack_size: int
     max_racks: int
@@ -65,10 +66,11 @@ class Geometry:
         live_map_off, live_map_bytes = tables_end, page_align(objects)
         depot_bits_off, depot_bits_bytes = live_map_off + live_map_bytes, page_align(objects // 8)
         owners_off = depot_bits_off + depot_bits_bytes  # daemon-only, like the depot bits
-        rack_area_off = owners_off + page_align(max_racks * ffi.sizeof("struct slitter_rack_owner"))
+        departed_off = owners_off + page_align(max_racks * ffi.sizeof("struct slitter_rack_owner"))
+        rack_area_off = departed_off + page_align(ffi.sizeof("struct slitter_departed_log"))
         rack_size = page_align(ffi.sizeof("struct slitter_rack"))
         return cls(arena_size, nspans, span_table_off, run_table_off, class_table_off, totals_off, tables_end,
-                   live_map_off, live_map_bytes, depot_bits_off, depot_bits_bytes, owners_off, rack_area_off, rack_size, max_racks,
+                   live_map_off, live_map_bytes, depot_bits_off, depot_bits_bytes, owners_off, departed_off, rack_area_off, rack_size, max_racks,
                    rack_area_off + rack_size * max_racks)
 
 
@@ -89,6 +91,7 @@ class Arena:
         self.classes = ffi.cast("struct slitter_class *", base + geometry.class_table_off)
         self.totals = ffi.cast("struct slitter_class_totals *", base + geometry.totals_off)
         self.owners = ffi.cast("struct slitter_rack_owner *", base + geometry.owners_off)
+        self.departed = ffi.cast("struct slitter_departed_log *", base + geometry.departed_off)
         self.view = ffi.new("struct slitter_view *")
         self.guards = None
         self._init_view()
@@ -165,6 +168,7 @@ class Arena:
         h.totals_off = g.totals_off
         h.tables_end, h.live_map_off, h.live_map_bytes = g.tables_end, g.live_map_off, g.live_map_bytes
         h.depot_bits_off, h.depot_bits_bytes, h.owners_off = g.depot_bits_off, g.depot_bits_bytes, g.owners_off
+        h.departed_off = g.departed_off
         h.rack_area_off, h.rack_size = g.rack_area_off, g.rack_size
         h.max_racks, h.max_classes = g.max_racks, lib.SLITTER_MAX_CLASSES
         h.max_threads, h.mag_cap = lib.SLITTER_MAX_THREADS, lib.SLITTER_MAG_CAP

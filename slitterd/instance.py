@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from array import array
-from collections import deque
 from dataclasses import dataclass
 
 from slitter import errors
@@ -24,7 +23,7 @@ from slitterd.arena import Arena
 from slitterd.audit import AuditLog
 from slitterd.depot import Depot
 from slitterd.mill import ClassGeometry, Mill, Run
-from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks
+from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks, owner_name
 
 log = logging.getLogger("slitterd")
 
@@ -67,8 +66,6 @@ class Instance:
         self.audit = AuditLog()
         #: The policy of classes registered without one (the config's error_policy).
         self.default_policy = "raise"
-        #: Clients that left with objects still live, newest last: (pid, name, {class: live}).
-        self.departed: deque[tuple[int, str, dict[str, int]]] = deque(maxlen=100)
 
     # -- classes ---------------------------------------------------------
 
@@ -243,10 +240,7 @@ class Instance:
         # counts the client twice; recover() reconciles against the live map.
         for class_id, t in totals.items():
             self._retire(class_id, t)
-        left_live = {self.class_name(cid): t.allocations - t.releases for cid, t in totals.items()
-                     if t.allocations != t.releases}
-        if left_live:
-            self.departed.append((client.pid, client.name, left_live))
+        self._record_departed(client.pid, client.name, totals)
         self.racks.release_rack(client)
         log.info("client %d (pid %d, %s) %s; %d cached objects reclaimed", client.id, client.pid,
                  client.name or "-", why, reclaimed)
@@ -264,6 +258,30 @@ class Instance:
                 self.depots[run.class_id].give(out[:n])
                 reclaimed += n
         return reclaimed
+
+    def _record_departed(self, pid: int, name: str, totals: dict[int, ClassTotals]) -> None:
+        """Remember, in the segment, what a leaving client left live (per class)."""
+        left = {cid: t.allocations - t.releases for cid, t in totals.items() if t.allocations != t.releases}
+        if not left:
+            return
+        ring = self.arena.departed
+        entry = ring.entries[ring.count % lib.SLITTER_DEPARTED_MAX]
+        ffi.memmove(ffi.addressof(entry), b"\0" * ffi.sizeof(entry), ffi.sizeof(entry))
+        entry.pid = pid
+        entry.name = name.encode()[: lib.SLITTER_CLIENT_NAME_MAX - 1]
+        for cid, n in left.items():
+            entry.live[cid] = max(min(n, TOTAL_LIMIT), -TOTAL_LIMIT)
+        ring.count += 1  # last: the entry is complete
+
+    def departed(self) -> list[dict]:
+        """The clients that left objects live, oldest first."""
+        ring = self.arena.departed
+        out = []
+        for i in range(max(0, ring.count - lib.SLITTER_DEPARTED_MAX), ring.count):
+            entry = ring.entries[i % lib.SLITTER_DEPARTED_MAX]
+            live = {self.class_name(cid): entry.live[cid] for cid in self.depots if entry.live[cid]}
+            out.append({"pid": entry.pid, "name": ffi.string(entry.name).decode(errors="replace"), "live": live})
+        return out
 
     def _retire(self, class_id: int, t: ClassTotals) -> None:
         kept = self.arena.totals[class_id]
@@ -314,9 +332,11 @@ class Instance:
             if pidfd is None:
                 # Its cached objects are tagged with a rack nobody adopts: the
                 # scan below returns them to the depots.
-                gone = Client(owner.client_id, 0, owner.pid, "(gone)", index, None)
-                for class_id, t in self.racks.totals(gone, caps).items():
+                gone = Client(owner.client_id, 0, owner.pid, owner_name(owner), index, None)
+                totals = self.racks.totals(gone, caps)
+                for class_id, t in totals.items():
                     self._retire(class_id, t)
+                self._record_departed(gone.pid, gone.name, totals)
                 self.arena.wipe_rack(index)
                 owner.client_id = 0
                 retired += 1
@@ -407,6 +427,6 @@ class Instance:
     def instance_stats(self) -> dict:
         h = self.arena.header
         return {"name": self.name, "arena_bytes": h.arena_size, "runs": h.nruns,
-                "departed": [{"pid": pid, "name": name, "live": live} for pid, name, live in self.departed],
+                "departed": self.departed(),
                 "spans_used": h.next_span, "spans": h.nspans, "generation": h.generation,
                 "committed_bytes": self.arena.committed_bytes(), "clients": len(self.racks.clients)}

@@ -16,7 +16,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
-from slitter._native import lib
+from slitter._native import ffi, lib
 
 from slitterd.arena import Arena
 
@@ -55,6 +55,11 @@ class Client:
     pidfd: int | None
 
 
+def owner_name(owner) -> str:
+    """The client name kept in an owner-table entry."""
+    return ffi.string(owner.name).decode(errors="replace")
+
+
 def touched(mask: int, limit: int):
     """Indexes of the set bits of ``mask`` below ``limit``."""
     while mask:
@@ -87,6 +92,7 @@ class Racks:
         self.next_id += 1
         rack.pid, rack.client_id = pid, client.id
         owner = self.arena.owners[index]
+        owner.name = name.encode()[: lib.SLITTER_CLIENT_NAME_MAX - 1]
         owner.pid, owner.token, owner.client_id = pid, client.token, client.id
         self.clients[client.id] = client
         return client
@@ -97,7 +103,7 @@ class Racks:
         Identity comes from the owner table, which only daemons write.
         """
         owner = self.arena.owners[index]
-        client = Client(owner.client_id, owner.token, owner.pid, "(recovered)", index, pidfd)
+        client = Client(owner.client_id, owner.token, owner.pid, owner_name(owner), index, pidfd)
         self.clients[client.id] = client
         self.free_racks.remove(index)
         self.next_id = max(self.next_id, client.id + 1)

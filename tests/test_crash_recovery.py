@@ -172,3 +172,45 @@ def test_counters_stay_exact_while_a_client_cycles_through_restarts(manual_daemo
         c = heap.stats()["classes"]["cycle"]
         assert c["live"] == 5 and c["cached"] == 0
         assert c["carved"] == c["live"] + c["cached"] + c["free"]
+
+
+def test_departed_figures_outlive_the_daemon(manual_daemon):
+    """A client that left objects live is still reported after a restart, and so is one
+    that died while the daemon was down."""
+    import os
+
+    d = manual_daemon().start()
+
+    def leave_objects(name: str, count: int, wait_for_kill: bool) -> int:
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ready_r)
+                heap = slitter.connect(d.address, name=name, timeout=30)
+                cls = heap.register_class("left", size=64)
+                for _ in range(count):
+                    cls.allocate()
+                os.write(ready_w, b"x")
+                if wait_for_kill:
+                    time.sleep(60)
+                heap.close()
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"x"  # its objects are allocated
+        os.close(ready_r)
+        return pid
+
+    first = leave_objects("first", 3, wait_for_kill=False)
+    os.waitpid(first, 0)
+    second = leave_objects("second", 5, wait_for_kill=True)
+    d.kill(signal.SIGKILL)
+    os.kill(second, signal.SIGKILL)  # dies while the daemon is down
+    os.waitpid(second, 0)
+    d.start()
+    with slitter.connect(d.address) as heap:
+        departed = heap.stats()["instance"]["departed"]
+        assert {"pid": first, "name": "first", "live": {"left": 3}} in departed
+        assert {"pid": second, "name": "second", "live": {"left": 5}} in departed
+        assert heap.stats()["classes"]["left"]["live"] == 8
