@@ -47,3 +47,38 @@ def loop_py_pairs(cls: slitter.Class, n: int) -> float:
     for _ in range(n):
         release(allocate())
     return (perf_ns() - t0) / n
+
+
+def cli(doc: str, run, print_tables, quick_help: str, argv: list[str] | None = None,
+        save=None) -> int:
+    """The command line every benchmark shares: ``--quick``, ``--json``, progress on stderr.
+
+    ``run(mode, progress)`` returns the result dict; ``save(result, quick)``, if
+    given, writes it somewhere and returns a note for the last line.
+    """
+    import argparse
+    import json
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n", 1)[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of tables")
+    args = parser.parse_args(argv)
+
+    def progress(msg: str) -> None:
+        if not args.json:
+            print(msg, file=sys.stderr, flush=True)
+
+    start = time.monotonic()
+    result = run("quick" if args.quick else "default", progress)
+    result["wall_seconds"] = round(time.monotonic() - start, 2)
+    note = save(result, args.quick) if save is not None else ""
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print_tables(result)
+        print(f"wall time: {result['wall_seconds']} s{note}")
+    return 0

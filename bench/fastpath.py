@@ -39,16 +39,14 @@ The default run takes well under a minute on 2 cores.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import statistics
 import sys
 import time
 from typing import Any
 
 import slitter
-from benchlib import loop_py_pairs, loop_two_noops, machine
+from benchlib import cli, loop_py_pairs, loop_two_noops, machine
 from slitter._native import lib
 from slitter._transport import Transport
 from slitter.protocol import Op
@@ -282,26 +280,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer and shorter repetitions (a few seconds)")
-    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of a table")
-    args = parser.parse_args(argv)
-
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(msg, file=sys.stderr, flush=True)
-
-    start = time.monotonic()
-    result = run("quick" if args.quick else "default", progress)
-    result["wall_seconds"] = round(time.monotonic() - start, 2)
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        print()
-    else:
-        print_table(result)
-        print(f"wall time: {result['wall_seconds']} s")
-    return 0
+    return cli(__doc__, run, print_table, "fewer and shorter repetitions (a few seconds)", argv)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,8 @@ Run it:
 
 from __future__ import annotations
 
-import argparse
 import errno
 import gc
-import json
 import os
 import statistics
 import sys
@@ -68,7 +66,7 @@ import time
 from typing import Any
 
 import slitter
-from benchlib import machine
+from benchlib import cli, machine
 from slitter import address as _address
 from slitter._native import ffi, lib
 from slitterd.mill import ClassGeometry
@@ -523,26 +521,7 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer objects and repetitions (< 20 s)")
-    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of tables")
-    args = parser.parse_args(argv)
-
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(msg, file=sys.stderr, flush=True)
-
-    start = time.monotonic()
-    result = run("quick" if args.quick else "default", progress)
-    result["wall_seconds"] = round(time.monotonic() - start, 2)
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        print()
-    else:
-        print_tables(result)
-        print(f"wall time: {result['wall_seconds']} s")
-    return 0
+    return cli(__doc__, run, print_tables, "fewer objects and repetitions (< 20 s)", argv)
 
 
 if __name__ == "__main__":

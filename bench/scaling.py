@@ -57,7 +57,6 @@ It needs about 1 GB free in /dev/shm.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import random
@@ -69,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import slitter
-from benchlib import loop_py_pairs, loop_two_noops, machine
+from benchlib import cli, loop_py_pairs, loop_two_noops, machine
 from slitter._native import lib
 
 perf_ns = time.perf_counter_ns
@@ -361,27 +360,12 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="up to 1M live objects, fewer repetitions")
-    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of tables")
-    args = parser.parse_args(argv)
+    def save(result: dict, quick: bool) -> str:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"scaling{'-quick' if quick else ''}.json").write_text(json.dumps(result, indent=1) + "\n")
+        return f"; results in {RESULTS}"
 
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    start = time.monotonic()
-    result = run("quick" if args.quick else "default", progress)
-    result["wall_seconds"] = round(time.monotonic() - start, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"scaling{'-quick' if args.quick else ''}.json").write_text(json.dumps(result, indent=1) + "\n")
-    if args.json:
-        json.dump(result, sys.stdout, indent=1)
-        print()
-    else:
-        print_tables(result)
-        print(f"wall time: {result['wall_seconds']} s; results in {RESULTS}")
-    return 0
+    return cli(__doc__, run, print_tables, "up to 1M live objects, fewer repetitions", argv, save)
 
 
 if __name__ == "__main__":
