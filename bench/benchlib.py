@@ -49,6 +49,27 @@ def loop_py_pairs(cls: slitter.Class, n: int) -> float:
     return (perf_ns() - t0) / n
 
 
+def timed(fn, *args) -> Any:
+    """``fn(*args)`` with the garbage collector paused, so no collection lands in a timed loop."""
+    import gc
+
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        return fn(*args)
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def c_pairs(heap: slitter.Heap, cls: slitter.Class, n: int) -> float:
+    """ns per allocate+release pair from a C loop on the fast path (the thread must be bound)."""
+    ns = lib.slitter_bench_pairs(heap._client, cls.id, n)
+    if ns < 0:
+        raise RuntimeError("slitter_bench_pairs left the fast path (thread not bound, or a magazine ran dry)")
+    return ns / n
+
+
 def cli(doc: str, run, print_tables, quick_help: str, argv: list[str] | None = None,
         save=None) -> int:
     """The command line every benchmark shares: ``--quick``, ``--json``, progress on stderr.

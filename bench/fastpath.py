@@ -39,14 +39,13 @@ The default run takes well under a minute on 2 cores.
 
 from __future__ import annotations
 
-import gc
 import statistics
 import sys
 import time
 from typing import Any
 
 import slitter
-from benchlib import cli, loop_py_pairs, loop_two_noops, machine
+from benchlib import c_pairs, timed, cli, loop_py_pairs, loop_two_noops, machine
 from slitter._native import lib
 from slitter._transport import Transport
 from slitter.protocol import Op
@@ -65,32 +64,12 @@ TARGET_C_RATIO = 1.5
 
 # -- timed loops -------------------------------------------------------------
 
-def _timed(fn, *args) -> Any:
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        return fn(*args)
-    finally:
-        if gc_was:
-            gc.enable()
-
 
 def loop_empty(n: int) -> float:
     t0 = perf_ns()
     for _ in range(n):
         pass
     return (perf_ns() - t0) / n
-
-
-
-
-
-
-def c_pairs(heap: slitter.Heap, cls: slitter.Class, n: int) -> float:
-    ns = lib.slitter_bench_pairs(heap._client, cls.id, n)
-    if ns < 0:
-        raise RuntimeError("slitter_bench_pairs left the fast path (thread not bound, or a magazine ran dry)")
-    return ns / n
 
 
 def c_malloc_pairs(n: int) -> float:
@@ -155,7 +134,6 @@ def pct(samples: list[int], p: float) -> float:
 # -- the run -------------------------------------------------------------------
 
 
-
 def run(size: str, progress) -> dict[str, Any]:
     reps, py_n, c_n, pings, refills, steady_n = SIZES[size]
     per_rep: list[dict[str, Any]] = []
@@ -164,25 +142,25 @@ def run(size: str, progress) -> dict[str, Any]:
         cls = heap.register_class("bench-64", 64)
         # Bind this thread and the class (the slow path), then warm the magazines.
         cls.release(cls.allocate())
-        _timed(loop_py_pairs, cls, py_n // 4)
+        timed(loop_py_pairs, cls, py_n // 4)
         c_pairs(heap, cls, c_n // 10)
 
         # 4. steady state: messages during 1,000,000 pairs after warm-up.
         m0 = heap.messages_sent
-        steady_ns = _timed(loop_py_pairs, cls, steady_n)
+        steady_ns = timed(loop_py_pairs, cls, steady_n)
         steady_messages = heap.messages_sent - m0
 
         for rep in range(reps):
             progress(f"repetition {rep + 1}/{reps}")
             r: dict[str, Any] = {}
             m0 = heap.messages_sent
-            r["empty_loop_ns"] = _timed(loop_empty, py_n)
+            r["empty_loop_ns"] = timed(loop_empty, py_n)
             # Each side of a ratio runs in BLOCKS alternating blocks, so a
             # slow phase of the machine lands on both sides alike.
             noops = pairs = c = malloc = 0.0
             for _ in range(BLOCKS):
-                noops += _timed(loop_two_noops, py_n // BLOCKS)
-                pairs += _timed(loop_py_pairs, cls, py_n // BLOCKS)
+                noops += timed(loop_two_noops, py_n // BLOCKS)
+                pairs += timed(loop_py_pairs, cls, py_n // BLOCKS)
                 c += c_pairs(heap, cls, c_n // BLOCKS)
                 malloc += c_malloc_pairs(c_n // BLOCKS)
             r["two_noops_ns"], r["py_pair_ns"] = noops / BLOCKS, pairs / BLOCKS
@@ -190,8 +168,8 @@ def run(size: str, progress) -> dict[str, Any]:
             r["fast_loop_messages"] = heap.messages_sent - m0
             r["py_ratio"] = r["py_pair_ns"] / r["two_noops_ns"]
             r["c_ratio"] = r["c_pair_ns"] / r["malloc_pair_ns"]
-            samples["ping"] += _timed(ping_round_trips, address, pings)
-            counts, slow = _timed(refill_rep, heap, rep, refills)
+            samples["ping"] += timed(ping_round_trips, address, pings)
+            counts, slow = timed(refill_rep, heap, rep, refills)
             r.update(counts)
             for kind, values in slow.items():
                 samples[kind] += values

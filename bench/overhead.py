@@ -66,7 +66,7 @@ import time
 from typing import Any
 
 import slitter
-from benchlib import cli, machine
+from benchlib import c_pairs, loop_py_pairs, timed, cli, machine
 from slitter import address as _address
 from slitter._native import ffi, lib
 from slitterd.mill import ClassGeometry
@@ -261,23 +261,6 @@ def measure_class_in(daemon: slitter.spawn_daemon, size: int, m: int, progress) 
 
 # -- 2. time: checks and counters -----------------------------------------------------
 
-def _timed(fn, *args) -> Any:
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        return fn(*args)
-    finally:
-        if gc_was:
-            gc.enable()
-
-
-def loop_api_pairs(cls: slitter.Class, n: int) -> float:
-    allocate, release = cls.allocate, cls.release
-    t0 = perf_ns()
-    for _ in range(n):
-        release(allocate())
-    return (perf_ns() - t0) / n
-
 
 def loop_key_pairs(key: int, n: int) -> float:
     allocate, release = lib.slitter_allocate_key, lib.slitter_release_key
@@ -293,13 +276,6 @@ def loop_bare_pairs(key: int, n: int) -> float:
     for _ in range(n):
         release(allocate(key) << 16 | key)
     return (perf_ns() - t0) / n
-
-
-def c_pairs(heap: slitter.Heap, cls: slitter.Class, n: int) -> float:
-    ns = lib.slitter_bench_pairs(heap._client, cls.id, n)
-    if ns < 0:
-        raise RuntimeError("slitter_bench_pairs left the fast path")
-    return ns / n
 
 
 def c_bare_pairs(heap: slitter.Heap, cls: slitter.Class, n: int) -> float:
@@ -321,9 +297,9 @@ def time_checks(reps: int, py_n: int, c_n: int, progress) -> dict[str, Any]:
             raise RuntimeError("the allocation magazine is empty after a refill")
         lib.slitter_bench_bare_release_key(h << 16 | key)
         # Warm-up.
-        _timed(loop_api_pairs, cls, py_n // 4)
-        _timed(loop_key_pairs, key, py_n // 4)
-        _timed(loop_bare_pairs, key, py_n // 4)
+        timed(loop_py_pairs, cls, py_n // 4)
+        timed(loop_key_pairs, key, py_n // 4)
+        timed(loop_bare_pairs, key, py_n // 4)
         c_pairs(heap, cls, c_n // 10)
         c_bare_pairs(heap, cls, c_n // 10)
         m0 = heap.messages_sent
@@ -331,9 +307,9 @@ def time_checks(reps: int, py_n: int, c_n: int, progress) -> dict[str, Any]:
             progress(f"timing: repetition {rep + 1}/{reps}")
             api = key_ = bare = c = cb = 0.0
             for _ in range(BLOCKS):
-                api += _timed(loop_api_pairs, cls, py_n // BLOCKS)
-                key_ += _timed(loop_key_pairs, key, py_n // BLOCKS)
-                bare += _timed(loop_bare_pairs, key, py_n // BLOCKS)
+                api += timed(loop_py_pairs, cls, py_n // BLOCKS)
+                key_ += timed(loop_key_pairs, key, py_n // BLOCKS)
+                bare += timed(loop_bare_pairs, key, py_n // BLOCKS)
                 c += c_pairs(heap, cls, c_n // BLOCKS)
                 cb += c_bare_pairs(heap, cls, c_n // BLOCKS)
             r = {"py_api_pair_ns": api / BLOCKS, "py_key_pair_ns": key_ / BLOCKS,
@@ -360,7 +336,6 @@ def time_checks(reps: int, py_n: int, c_n: int, progress) -> dict[str, Any]:
 
 
 # -- the run ------------------------------------------------------------------------
-
 
 
 def run(size: str, progress) -> dict[str, Any]:

@@ -57,7 +57,6 @@ It needs about 1 GB free in /dev/shm.
 
 from __future__ import annotations
 
-import gc
 import json
 import random
 import statistics
@@ -68,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import slitter
-from benchlib import cli, loop_py_pairs, loop_two_noops, machine
+from benchlib import c_pairs, timed, cli, loop_py_pairs, loop_two_noops, machine
 from slitter._native import lib
 
 perf_ns = time.perf_counter_ns
@@ -85,20 +84,6 @@ SIZES = {
     "default": ((1_000, 10_000, 100_000, 1_000_000, 10_000_000),       9,    200_000,  2_000_000, 200_000),
     "quick":   ((1_000, 10_000, 100_000, 1_000_000),                   5,    100_000,  1_000_000, 100_000),
 }
-
-
-def _timed(fn, *args) -> Any:
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        return fn(*args)
-    finally:
-        if gc_was:
-            gc.enable()
-
-
-
-
 
 
 def loop_churn(cls: slitter.Class, live: array, idx: list[int]) -> float:
@@ -120,13 +105,6 @@ def loop_churn_floor(live: array, idx: list[int]) -> float:
         noop()
         live[j] = h
     return (perf_ns() - t0) / len(idx)
-
-
-def c_pairs(heap: slitter.Heap, cls: slitter.Class, n: int) -> float:
-    ns = lib.slitter_bench_pairs(heap._client, cls.id, n)
-    if ns < 0:
-        raise RuntimeError("slitter_bench_pairs left the fast path")
-    return ns / n
 
 
 def split_by_message(heap: slitter.Heap, op, items) -> tuple[list[int], list[Any]]:
@@ -178,15 +156,15 @@ def measure(heap: slitter.Heap, big: slitter.Class, live: array, ref: slitter.Cl
                                                "churn_floor_ns", "churn_ns", "ref_churn_floor_ns", "ref_churn_ns"), 0.0)
         for b in range(BLOCKS):
             part, rpart = idx[b * step:(b + 1) * step], ridx[b * step:(b + 1) * step]
-            acc["floor_ns"] += _timed(loop_two_noops, py_n // BLOCKS)
-            acc["py_pair_ns"] += _timed(loop_py_pairs, big, py_n // BLOCKS)
-            acc["ref_py_pair_ns"] += _timed(loop_py_pairs, ref, py_n // BLOCKS)
+            acc["floor_ns"] += timed(loop_two_noops, py_n // BLOCKS)
+            acc["py_pair_ns"] += timed(loop_py_pairs, big, py_n // BLOCKS)
+            acc["ref_py_pair_ns"] += timed(loop_py_pairs, ref, py_n // BLOCKS)
             acc["c_pair_ns"] += c_pairs(heap, big, c_n // BLOCKS)
             acc["ref_c_pair_ns"] += c_pairs(heap, ref, c_n // BLOCKS)
-            acc["churn_floor_ns"] += _timed(loop_churn_floor, live, part)
-            acc["churn_ns"] += _timed(loop_churn, big, live, part)
-            acc["ref_churn_floor_ns"] += _timed(loop_churn_floor, ref_live, rpart)
-            acc["ref_churn_ns"] += _timed(loop_churn, ref, ref_live, rpart)
+            acc["churn_floor_ns"] += timed(loop_churn_floor, live, part)
+            acc["churn_ns"] += timed(loop_churn, big, live, part)
+            acc["ref_churn_floor_ns"] += timed(loop_churn_floor, ref_live, rpart)
+            acc["ref_churn_ns"] += timed(loop_churn, ref, ref_live, rpart)
         r = {k: v / BLOCKS for k, v in acc.items()}
         r["py_ratio"] = r["py_pair_ns"] / r["floor_ns"]
         r["churn_slitter_ns"] = r["churn_ns"] - r["churn_floor_ns"]
@@ -196,7 +174,7 @@ def measure(heap: slitter.Heap, big: slitter.Class, live: array, ref: slitter.Cl
         per_rep.append(r)
     fast_messages = heap.messages_sent - m0
     for _ in range(max(1, reps // 3)):
-        for k, v in _timed(refills, heap, big).items():
+        for k, v in timed(refills, heap, big).items():
             slow[k] += v
     out = {k: statistics.median(r[k] for r in per_rep) for k in per_rep[0]}
     out["ranges"] = {k: [min(r[k] for r in per_rep), max(r[k] for r in per_rep)] for k in per_rep[0]}
@@ -236,7 +214,7 @@ def run(size: str, progress) -> dict[str, Any]:
         result["mag_capacity"] = heap._classes_table[cls.id].mag_capacity
         for c in (cls, ref):
             c.release(c.allocate())
-            _timed(loop_py_pairs, c, py_n // 4)
+            timed(loop_py_pairs, c, py_n // 4)
             c_pairs(heap, c, c_n // 10)
         live = array("Q")
 
@@ -274,8 +252,6 @@ def run(size: str, progress) -> dict[str, Any]:
         for how, ratios in (("sequential", result["ratios_sequential"]), ("paired", result["ratios_paired"]))
         for k in ("py_pair_ns", "c_pair_ns", "churn_ns")}
     return result
-
-
 
 
 def _bytes(n: float) -> str:
