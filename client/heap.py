@@ -50,7 +50,6 @@ class Heap:
         self._client = ffi.new("struct slitter_client *")
         self._view = ffi.addressof(self._client[0], "view")
         self._lock = threading.RLock()
-        self._classes: dict[str, Class] = {}
         self._data: Mapping | None = None
         self._tables = self._live_map = self._rack = None
         self._guards: GuardApplier | None = None
@@ -189,7 +188,6 @@ class Heap:
         reply = self._call(Op.REGISTER_CLASS, name=name, size=size, zero_init=bool(zero_init), policy=policy or "",
                            cap=cap or 0)
         cls = Class(self, reply["class_id"], name, size, reply["stride"], reply["zero_init"], reply["policy"])
-        self._classes[name] = cls
         return cls
 
     def view(self, handle: int) -> memoryview:

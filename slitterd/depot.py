@@ -30,7 +30,6 @@ class Depot:
         self.run: Run | None = None
         self.carved = 0
         self.runs = 0
-        self.totals = arena.totals[class_id]  # refills, flushes... kept in the segment
 
     def take(self, n: int) -> array:
         """Up to ``n`` objects: free ones first, then freshly carved.
