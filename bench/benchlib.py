@@ -30,9 +30,14 @@ def machine() -> dict[str, Any]:
             "implementation": platform.python_implementation(), "platform": platform.platform()}
 
 
-def loop_two_noops(n: int) -> float:
-    """ns per iteration of two empty cffi calls: the floor of a Python pair."""
-    noop = lib.slitter_noop
+def loop_two_noops(n: int, kept_gil: bool = False) -> float:
+    """ns per iteration of two empty calls: the floor of a Python pair.
+
+    By default an empty call as cffi makes it (the GIL dropped and re-taken),
+    the floor issue 6's target names; ``kept_gil`` calls slitter._native's
+    own empty function, whose wrapper keeps the GIL as all of that module's do.
+    """
+    noop = lib.slitter_noop if kept_gil else lib.slitter_noop_standard
     t0 = perf_ns()
     for _ in range(n):
         noop()

@@ -4,11 +4,15 @@ What it measures, in one run against a private daemon (``slitter.spawn_daemon()`
 
 1. Python fast path: ``cls.release(cls.allocate())`` in a loop on a 64-byte
    class, next to the floor of two empty cffi calls per iteration
-   (``slitter._native.lib.slitter_noop()`` twice).  Ratio target: <= 2.0.
+   (``lib.slitter_noop_standard()`` twice: an empty function called as cffi
+   calls by default, dropping and re-taking the GIL).  Ratio target: <= 1.3
+   (issue 6).  slitter._native's own wrappers keep the GIL (see
+   native/build_ffi.py), so the pair is also shown against two empty calls
+   into that module (``lib.slitter_noop()``), for what is left.
 2. C fast path: ``lib.slitter_bench_pairs(heap._client, cls.id, n)`` (the same
    allocate+release pair called from C) next to
    ``lib.slitter_bench_malloc_pairs(64, n)`` (glibc malloc+free of 64 B),
-   same process, same clock.  Ratio target: <= 1.5.
+   same process, same clock.  Ratio target: <= 0.75 (issue 6).
 3. Slow path: the PING round trip over a fresh ``Transport`` (p50/p99), and
    the refill round trip: a fresh 64-byte class (magazine capacity M, read
    from the class table) gets N = M * R allocations in a row, each timed; the
@@ -58,8 +62,8 @@ SIZES = {
     "quick":   (5,   100_000,  1_000_000,  300,       10,               1_000_000),
 }
 BLOCKS = 5  # alternating blocks per repetition
-TARGET_PY_RATIO = 2.0
-TARGET_C_RATIO = 1.5
+TARGET_PY_RATIO = 1.3
+TARGET_C_RATIO = 0.75
 
 
 # -- timed loops -------------------------------------------------------------
@@ -157,16 +161,19 @@ def run(size: str, progress) -> dict[str, Any]:
             r["empty_loop_ns"] = timed(loop_empty, py_n)
             # Each side of a ratio runs in BLOCKS alternating blocks, so a
             # slow phase of the machine lands on both sides alike.
-            noops = pairs = c = malloc = 0.0
+            noops = kept = pairs = c = malloc = 0.0
             for _ in range(BLOCKS):
                 noops += timed(loop_two_noops, py_n // BLOCKS)
+                kept += timed(loop_two_noops, py_n // BLOCKS, True)
                 pairs += timed(loop_py_pairs, cls, py_n // BLOCKS)
                 c += c_pairs(heap, cls, c_n // BLOCKS)
                 malloc += c_malloc_pairs(c_n // BLOCKS)
             r["two_noops_ns"], r["py_pair_ns"] = noops / BLOCKS, pairs / BLOCKS
+            r["two_kept_noops_ns"] = kept / BLOCKS
             r["c_pair_ns"], r["malloc_pair_ns"] = c / BLOCKS, malloc / BLOCKS
             r["fast_loop_messages"] = heap.messages_sent - m0
             r["py_ratio"] = r["py_pair_ns"] / r["two_noops_ns"]
+            r["py_ratio_kept"] = r["py_pair_ns"] / r["two_kept_noops_ns"]
             r["c_ratio"] = r["c_pair_ns"] / r["malloc_pair_ns"]
             samples["ping"] += timed(ping_round_trips, address, pings)
             counts, slow = timed(refill_rep, heap, rep, refills)
@@ -231,8 +238,10 @@ def print_table(result: dict[str, Any]) -> None:
     table.add_column("target")
     table.add_row("Python empty for-loop, per iteration", *ns("empty_loop_ns"), "")
     table.add_row("Python 2 empty cffi calls (floor)", *ns("two_noops_ns"), "")
+    table.add_row("Python 2 empty calls, GIL kept", *ns("two_kept_noops_ns"), "")
     table.add_row("Python release(allocate()) pair", *ns("py_pair_ns"), "")
-    table.add_row("  ratio pair / 2 empty calls", *ratio("py_ratio"), f"<= {TARGET_PY_RATIO} {verdict('py_ratio')}")
+    table.add_row("  ratio pair / 2 empty cffi calls", *ratio("py_ratio"), f"<= {TARGET_PY_RATIO} {verdict('py_ratio')}")
+    table.add_row("  ratio pair / 2 calls, GIL kept", *ratio("py_ratio_kept"), "")
     table.add_section()
     table.add_row("C allocate+release pair", *ns("c_pair_ns", 2), "")
     table.add_row("C glibc malloc(64)+free pair", *ns("malloc_pair_ns", 2), "")

@@ -97,7 +97,7 @@ def loop_churn(cls: slitter.Class, live: array, idx: list[int]) -> float:
 
 def loop_churn_floor(live: array, idx: list[int]) -> float:
     """The churn loop's own random reads and writes of ``live``, with two empty cffi calls."""
-    noop = lib.slitter_noop
+    noop = lib.slitter_noop  # the call cost release and allocate pay (GIL kept)
     t0 = perf_ns()
     for j in idx:
         h = live[j]

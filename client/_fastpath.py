@@ -7,18 +7,30 @@ messages that say which handle and class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 from slitter import errors
 from slitter._native import ffi, lib
 
 allocate = lib.slitter_allocate
 release = lib.slitter_release
-allocate_key = lib.slitter_allocate_key
-release_key = lib.slitter_release_key
 KEY_BITS = lib.SLITTER_KEY_BITS
 
 OK = lib.SLITTER_OK
 NEED_FLUSH = lib.SLITTER_NEED_FLUSH
 NEED_SLOW = lib.SLITTER_NEED_SLOW
+
+
+def entry_points(key: int) -> tuple[Callable[[], int], Callable[[int], int]]:
+    """The native (allocate(), release(handle)) of a class key.
+
+    The first SLITTER_KEY_ENTRY_POINTS keys have functions of their own, so
+    Python passes no key; later keys bind it with functools.partial.
+    """
+    if key < lib.SLITTER_KEY_ENTRY_POINTS:
+        return getattr(lib, f"slitter_allocate_k{key}"), getattr(lib, f"slitter_release_k{key}")
+    return partial(lib.slitter_allocate_key, key), partial(lib.slitter_release_as, key)
 
 
 def locate(view, handle: int) -> tuple[object, int, int]:

@@ -16,18 +16,16 @@ from slitter import _fastpath, errors
 if TYPE_CHECKING:
     from slitter.heap import Heap
 
-_allocate = _fastpath.allocate_key
-_release = _fastpath.release_key
 _allocate_many = _fastpath.lib.slitter_allocate_many_key
 _from_buffer = _fastpath.ffi.from_buffer
-assert _fastpath.KEY_BITS == 16
 _FOREIGN_KIND = _fastpath.lib.SLITTER_ERR_FOREIGN_ADDRESS
 
 
 class Class:
     """A registered allocation class.  Get one from ``Heap.register_class``."""
 
-    __slots__ = ("_heap", "_key", "id", "name", "policy", "size", "stride", "zero_init")
+    __slots__ = ("_allocate", "_heap", "_key", "_release", "id", "name", "policy", "size", "stride",
+                 "zero_init")
 
     def __init__(self, heap: Heap, class_id: int, name: str, size: int, stride: int, zero_init: bool,
                  policy: str) -> None:
@@ -36,6 +34,8 @@ class Class:
         self._key = _fastpath.lib.slitter_key_new(heap._client, class_id)
         if self._key < 0:
             raise errors.LimitExceeded(f"class '{name}': this process has made every native class key")
+        # The class's own native entry points: allocate() with no argument, release(handle).
+        self._allocate, self._release = _fastpath.entry_points(self._key)
         self.id = class_id
         self.name = name
         self.size = size
@@ -51,7 +51,10 @@ class Class:
             OutOfMemory: the arena cannot hold another run of this class.
             DaemonUnavailable: a refill was needed and the daemon did not answer.
         """
-        handle = _allocate(self._key)
+        # Through a local: `self._allocate()` would be an unspecialised
+        # LOAD_METHOD of a slot, about 15 ns dearer in CPython 3.11.
+        entry = self._allocate
+        handle = entry()
         if handle:
             return handle
         return self._heap._allocate_slow(self)
@@ -64,11 +67,10 @@ class Class:
             "raise" policy (the default); "log" logs and returns, "abort" aborts.
             Every refusal is reported to the daemon's audit log first.
         """
+        entry = self._release
         try:
-            # A handle is below 2**48, so anything else overflows the uint64.
-            # 16 is SLITTER_KEY_BITS, a literal so the compiler folds it.
-            result = _release(handle << 16 | self._key)
-        except OverflowError:
+            result = entry(handle)
+        except OverflowError:  # negative, or beyond a uint64
             self._heap._refused(self, handle, _FOREIGN_KIND, counted=False)
             return
         if result:
@@ -99,6 +101,29 @@ class Class:
         says how many) and the rest are not.
         """
         self._heap._release_many(self, handles)
+
+    def check(self, handles: Iterable[int]) -> array:
+        """Check that every handle is a live object of this class, in one native call.
+
+        Returns the handles as ``array('Q')``.  Nothing changes and nothing is
+        reported: this is the check ``release`` makes, for handles received
+        from elsewhere, before touching them through ``Heap.arena``.
+
+        Raises:
+            ClassMismatch, InteriorPointer, ForeignAddress: for the first
+            handle that is not an object start of this class.
+            DoubleFree: for the first object that is not live (released already).
+        """
+        return self._heap._check_live(self, handles, "checked")
+
+    def views(self, handles: Iterable[int]) -> list[memoryview]:
+        """Writable views of many live objects of this class: ``check``, then one slice each.
+
+        About a fifth of the cost of ``Heap.view`` per object.  Raises as ``check``.
+        """
+        batch = self._heap._check_live(self, handles, "viewed")
+        arena, size = self._heap._arena, self.size
+        return [arena[h:h + size] for h in batch]
 
     def __repr__(self) -> str:
         return f"<slitter.Class '{self.name}' id={self.id} size={self.size}>"

@@ -190,6 +190,22 @@ class Heap:
         cls = Class(self, reply["class_id"], name, size, reply["stride"], reply["zero_init"], reply["policy"])
         return cls
 
+    @property
+    def arena(self) -> memoryview:
+        """The whole data segment, writable: the object of handle ``h`` is ``arena[h:h + size]``.
+
+        Unchecked, as a C pointer is: a write through it may reach past an
+        object, or into a released one.  Guard pages still fault.  Use it for
+        the hot loop over handles that ``Class.check`` or ``Class.views``
+        (one native call per batch) or ``view`` has checked.  It stays
+        mapped while any view of it is alive, after ``close`` too.
+        """
+        self._ensure_attached()
+        if self._arena is None:
+            raise errors.SlitterError(f"the heap of {self.address} is closed")
+        self._apply_guards()
+        return self._arena
+
     def view(self, handle: int) -> memoryview:
         """A writable memoryview of exactly the object's size.
 
@@ -295,30 +311,62 @@ class Heap:
                 self._apply_guards()
             got += more
 
-    def _release_many(self, cls: Class, handles: Iterable[int]) -> None:
+    @staticmethod
+    def _u64_batch(handles: Iterable[int]) -> tuple[array, int | None]:
+        """(handles as array('Q'), None), or (empty, the first int that is no u64)."""
         if isinstance(handles, array) and handles.typecode == "Q":
-            batch = handles
-        else:
-            handles = list(handles)
-            try:
-                batch = array("Q", handles)
-            except (OverflowError, TypeError):
-                for handle in handles:  # find the one that is no u64: none is released
-                    if isinstance(handle, int) and not 0 <= handle <= U64:
-                        self._refused(cls, handle, lib.SLITTER_ERR_FOREIGN_ADDRESS, counted=False)
-                        return
-                raise
+            return handles, None
+        handles = list(handles)
+        try:
+            return array("Q", handles), None
+        except (OverflowError, TypeError):
+            for handle in handles:
+                if isinstance(handle, int) and not 0 <= handle <= U64:
+                    return array("Q"), handle
+            raise
+
+    def _check_batch(self, cls: Class, batch: array, buf: Any, bad: Any) -> int:
+        """slitter_check_many_key over the batch, binding the thread first if it must."""
+        result = lib.slitter_check_many_key(cls._key, buf, len(batch), bad)
+        if result == _fastpath.NEED_SLOW:
+            self._bind(cls)
+            result = lib.slitter_check_many_key(cls._key, buf, len(batch), bad)
+        return result
+
+    def _check_live(self, cls: Class, handles: Iterable[int], verb: str) -> array:
+        """The handles as array('Q') if every one is a live object of ``cls``; else raise for the first bad one."""
+        self._ensure_attached()  # closed: raise; a forked child: its own rack first
+        batch, not_u64 = self._u64_batch(handles)
+        if not_u64 is not None:
+            raise self._not_live_error(cls, not_u64, lib.SLITTER_ERR_FOREIGN_ADDRESS, verb)
+        if len(batch):
+            # Objects of runs carved since the last look: their guard pages first.
+            self._apply_guards()
+            bad = ffi.new("uint32_t *")
+            result = self._check_batch(cls, batch, ffi.from_buffer("uint64_t[]", batch), bad)
+            if result < 0:
+                raise self._not_live_error(cls, batch[bad[0]], -1 - result, verb)
+        return batch
+
+    def _not_live_error(self, cls: Class, handle: int, kind: int, verb: str) -> errors.ReleaseError:
+        """The error of a check or view that found ``handle`` is no live object of ``cls`` (not reported: nothing was released)."""
+        err = self._release_error(cls, handle, kind)
+        message = str(err).replace("released as class", f"{verb} as class", 1).replace(" (double free)", "")
+        return type(err)(message, **err.detail)
+
+    def _release_many(self, cls: Class, handles: Iterable[int]) -> None:
+        batch, not_u64 = self._u64_batch(handles)
+        if not_u64 is not None:  # none of the batch is released
+            self._refused(cls, not_u64, lib.SLITTER_ERR_FOREIGN_ADDRESS, counted=False)
+            return
         n = len(batch)
         if n == 0:
             return
         buf = ffi.from_buffer("uint64_t[]", batch)
         bad = ffi.new("uint32_t *")
-        result = lib.slitter_check_many_key(cls._key, buf, n, bad)
-        if result == _fastpath.NEED_SLOW:
-            self._bind(cls)
-            result = lib.slitter_check_many_key(cls._key, buf, n, bad)
-        if result < 0:
-            self._refused(cls, batch[bad[0]], -1 - result)
+        result = self._check_batch(cls, batch, buf, bad)
+        if result < 0:  # the check counts nothing: the refusal is counted here
+            self._refused(cls, batch[bad[0]], -1 - result, counted=False)
             return
         done = 0
         while done < n:
@@ -364,17 +412,22 @@ class Heap:
         for handle, kind in reply["refused"]:
             log.warning("the daemon's audit refused handle %#x of class '%s': %s", handle, cls.name, kind)
 
-    def _refused(self, cls: Class, handle: object, kind: int, *, counted: bool = True) -> None:
-        """A release was refused: report it, then apply the error policy.
-
-        ``counted`` is False when the native code never saw the handle (it
-        did not fit its argument), so the refusal is counted here.
-        """
+    def _release_error(self, cls: Class, handle: object, kind: int) -> errors.ReleaseError:
+        """The exception for releasing ``handle`` as ``cls``, naming the owning class on a mismatch."""
         owner = None
         if kind == lib.SLITTER_ERR_CLASS_MISMATCH:
             _ptr, owner_id, _kind = _fastpath.locate(self._view, handle)
             owner = self._class_name(owner_id) if owner_id else None
-        err = _fastpath.release_error(kind, handle, cls.name, owner)
+        return _fastpath.release_error(kind, handle, cls.name, owner)
+
+    def _refused(self, cls: Class, handle: object, kind: int, *, counted: bool = True) -> None:
+        """A release was refused: report it, then apply the error policy.
+
+        ``counted`` is False when the native code did not count it (the
+        handle did not fit its argument, or a batch check found it), so the
+        refusal is counted here.
+        """
+        err = self._release_error(cls, handle, kind)
         in_range = isinstance(handle, int) and 0 <= handle <= U64
         if not counted:
             self._bind(cls)

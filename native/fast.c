@@ -417,6 +417,13 @@ int slitter_release_key(uint64_t packed)
     return slitter_release(keys[key].client, keys[key].class_id, packed >> SLITTER_KEY_BITS);
 }
 
+int slitter_release_as(uint32_t key, uint64_t handle)
+{
+    if (slitter_unlikely(key >= SLITTER_MAX_KEYS || keys[key].client == NULL))
+        return SLITTER_NEED_SLOW;
+    return slitter_release(keys[key].client, keys[key].class_id, handle);
+}
+
 uint32_t slitter_allocate_many_key(uint32_t key, uint64_t *out, uint32_t n)
 {
     if (slitter_unlikely(key >= SLITTER_MAX_KEYS || keys[key].client == NULL))
@@ -461,7 +468,7 @@ int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, ui
             obj = -1 - SLITTER_ERR_DOUBLE_FREE;
         if (obj < 0) {
             *bad = i;
-            return slitter__refuse(&slot->classes[class_id], (int)(-1 - obj));
+            return (int)obj;   /* not counted: a check, whoever calls it, changes nothing */
         }
     }
     return SLITTER_OK;

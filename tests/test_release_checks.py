@@ -112,6 +112,24 @@ def test_refused_release_changes_nothing(heap, classes):
 
 
 
+def test_every_check_through_both_native_entry_points(daemon):
+    """Class keys with entry points of their own, and later keys without: the same checks."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=workers.checks_per_entry_point, args=(daemon.address, queue))
+    child.start()
+    results = queue.get(timeout=60)
+    child.join(30)
+    assert results["early"]["own entry points"] is True
+    assert results["late"]["own entry points"] is False
+    for label in ("early", "late"):
+        r = results[label]
+        assert r["mismatch"] == "ClassMismatch", label
+        assert r["interior"] == "InteriorPointer", label
+        assert r["foreign"] == ["ForeignAddress"] * 5, label
+        assert (r["release"], r["double free"], r["many"], r["cleanup"]) == ("ok", "DoubleFree", "ok", "ok"), label
+
+
 def test_double_free_across_processes(daemon, heap, classes):
     order, _ = classes
     h = order.allocate()

@@ -305,3 +305,52 @@ def death_bystander(address, seed, sizes, conn):
         cls.release(h)
     heap.close()
     conn.send(("done", bad))
+
+
+def checks_per_entry_point(address, queue):
+    """Every release check through a class's own entry points and through the packed ones.
+
+    The first SLITTER_KEY_ENTRY_POINTS class keys of a process get native
+    functions of their own; later keys go through the shared calls.  This
+    fresh process makes keys past that line, so both paths run.
+    """
+    from slitter._native import lib
+
+    def outcome(call):
+        try:
+            call()
+            return "ok"
+        except slitter.SlitterError as exc:
+            return type(exc).__name__
+
+    results = {}
+    with slitter.connect(address) as heap:
+        early = heap.register_class("order", size=64), heap.register_class("trade", size=1000)
+        for _ in range(lib.SLITTER_KEY_ENTRY_POINTS):
+            heap.register_class("order", size=64)
+        late = heap.register_class("order", size=64), heap.register_class("trade", size=1000)
+        for label, (order, trade) in (("early", early), ("late", late)):
+            h, t = order.allocate(), trade.allocate()
+            results[label] = {
+                "own entry points": order._key < lib.SLITTER_KEY_ENTRY_POINTS,
+                "mismatch": outcome(lambda: order.release(t)),
+                "interior": outcome(lambda: trade.release(t + 8)),
+                "foreign": [outcome(lambda b=b: order.release(b)) for b in (0, 1 << 48, (1 << 64) - 1, 1 << 70, -16)],
+                "release": outcome(lambda: order.release(h)),
+                "double free": outcome(lambda: order.release(h)),
+                "many": outcome(lambda: [order.release(x) for x in [order.allocate() for _ in range(2000)]]),
+                "cleanup": outcome(lambda: trade.release(t)),
+            }
+    queue.put(results)
+
+
+def arena_writer(address, count, queue, done):
+    """Allocate ``count`` objects, stamp each through Heap.arena, and pass the handles on."""
+    with slitter.connect(address, name="arena-writer") as heap:
+        cls = heap.register_class("shared", size=48)
+        handles = cls.allocate_many(count)
+        arena = heap.arena
+        for i, h in enumerate(handles):
+            arena[h:h + 48] = i.to_bytes(8, "little") * 6
+        queue.put(list(handles))
+        done.get(timeout=120)  # stay attached until the reader is done
