@@ -26,7 +26,7 @@
 #include <stdint.h>
 
 #define SLITTER_LAYOUT_MAGIC   0x2152455454494C53ULL /* "SLITTER!" little-endian */
-#define SLITTER_LAYOUT_VERSION 1
+#define SLITTER_LAYOUT_VERSION 2
 
 #define SLITTER_PAGE_SIZE      4096
 #define SLITTER_SPAN_SHIFT     16          /* 64 KiB spans */
@@ -39,7 +39,7 @@
 
 #define SLITTER_MAX_CLASSES    64          /* class ids 1..63; 0 = no class */
 #define SLITTER_MAX_THREADS    32          /* thread slots per rack */
-#define SLITTER_MAG_CAP        512         /* handles per magazine, at most */
+#define SLITTER_MAG_CAP        2048        /* handles per magazine, at most */
 #define SLITTER_CLASS_NAME_MAX 48          /* including the NUL */
 #define SLITTER_CLIENT_NAME_MAX 32         /* client names as kept, including the NUL */
 #define SLITTER_DEPARTED_MAX   128         /* departed clients remembered */
