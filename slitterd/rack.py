@@ -80,6 +80,8 @@ class Racks:
         self.clients: dict[int, Client] = {}
         self.free_racks = list(range(arena.geometry.max_racks - 1, -1, -1))
         self.next_id = 1
+        #: Moves whenever a client comes or goes, so the server rebuilds its poll set only then.
+        self.generation = 0
 
     def attach(self, pid: int, name: str, pidfd: int | None) -> Client | None:
         """Give a new client a wiped rack; None when every rack is taken."""
@@ -95,6 +97,7 @@ class Racks:
         owner.name = name.encode()[: lib.SLITTER_CLIENT_NAME_MAX - 1]
         owner.pid, owner.token, owner.client_id = pid, client.token, client.id
         self.clients[client.id] = client
+        self.generation += 1
         return client
 
     def adopt(self, index: int, pidfd: int) -> Client:
@@ -107,6 +110,7 @@ class Racks:
         self.clients[client.id] = client
         self.free_racks.remove(index)
         self.next_id = max(self.next_id, client.id + 1)
+        self.generation += 1
         return client
 
     def get(self, client_id: int, token: int) -> Client | None:
@@ -149,6 +153,7 @@ class Racks:
     def release_rack(self, client: Client) -> None:
         """Forget the client; its rack is wiped when next handed out."""
         self.clients.pop(client.id, None)
+        self.generation += 1
         self.arena.wipe_rack(client.rack_index)
         self.arena.owners[client.rack_index].client_id = 0
         self.free_racks.append(client.rack_index)

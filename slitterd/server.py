@@ -50,10 +50,13 @@ class Server:
             os.umask(old)
         self.running = False
         self.requests = 0
-        #: Called with time.monotonic() after every poll, in the loop's thread.
+        #: Called with time.monotonic() after a poll, at most every TICK_SECONDS, in the loop's thread.
         self.tick_hooks: list[Callable[[float], None]] = []
         #: Poll timeout: the longest a tick hook waits on an idle daemon.
         self.poll_ms = 200
+
+    #: The shortest time between two runs of the tick hooks on a busy daemon.
+    TICK_SECONDS = 0.02
 
     def stop(self, *_args: object) -> None:
         self.running = False
@@ -65,12 +68,13 @@ class Server:
         self.running = True
         if on_ready is not None:
             on_ready()
-        poller, pidfds, watched = None, {}, None
+        poller, pidfds, generation = None, {}, None
+        racks = self.instance.racks
+        next_tick = 0.0
         while self.running:
-            clients = self.instance.racks.clients
-            now_watched = frozenset((c.id, c.pidfd) for c in clients.values() if c.pidfd is not None)
-            if now_watched != watched:  # rebuild the poller only when clients come or go
-                watched = now_watched
+            if racks.generation != generation:  # rebuild the poller only when clients come or go
+                generation = racks.generation
+                clients = racks.clients
                 poller = zmq.Poller()
                 poller.register(self.socket, zmq.POLLIN)
                 pidfds = {c.pidfd: c for c in clients.values() if c.pidfd is not None}
@@ -84,10 +88,12 @@ class Server:
                         self.instance.reclaim(pidfds[item], "died")
                     except Exception:  # never die of a client's death
                         log.exception("reclaiming client %d failed", pidfds[item].id)
-            self._tick()
+            now = time.monotonic()
+            if now >= next_tick:  # not after every busy poll: a few times a second is enough
+                next_tick = now + self.TICK_SECONDS
+                self._tick(now)
 
-    def _tick(self) -> None:
-        now = time.monotonic()
+    def _tick(self, now: float) -> None:
         for hook in self.tick_hooks:
             try:
                 hook(now)
