@@ -108,3 +108,25 @@ def cli(doc: str, run, print_tables, quick_help: str, argv: list[str] | None = N
         print_tables(result)
         print(f"wall time: {result['wall_seconds']} s{note}")
     return 0
+
+
+def echo_server(endpoint: str, ready, stop) -> None:
+    """A bare pyzmq ROUTER that answers every frame with itself: the floor of any ZeroMQ + Python server."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    ready.set()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    while not stop.is_set():
+        if poller.poll(100):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                sock.send_multipart(frames)
+    sock.close(0)
+    ctx.term()

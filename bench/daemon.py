@@ -6,7 +6,7 @@ so it is the floor of what any ZeroMQ + Python server can do here.  Two
 request mixes for slitterd: `ping` (dispatch only) and `refill+flush`
 (a real slow-path pair that moves a magazine through the depot and audit).
 
-    cd bench && ../.venv/bin/python daemon.py [--clients 4] [--seconds 3] [--quick] [--json]
+    cd bench && ../.venv/bin/python daemon.py [--clients 1,2,4] [--seconds 0.7] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -20,27 +20,9 @@ import time
 import zmq
 
 import slitter
+from benchlib import echo_server
 from slitter import protocol
 from slitter.protocol import Op
-
-
-def echo_server(endpoint: str, ready, stop) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.bind(endpoint)
-    ready.set()
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    while not stop.is_set():
-        if poller.poll(100):
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                sock.send_multipart(frames)
-    sock.close(0)
-    ctx.term()
 
 
 def client(endpoint: str, frames: list[bytes], seconds: float, pipelined: int, barrier, out) -> None:
@@ -105,14 +87,15 @@ def slitter_frames(address: str, mix: str, n_clients: int) -> list[list[bytes]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--clients", default="1,2,4", help="comma-separated client counts (default 1,2,4)")
+    ap.add_argument("--seconds", type=float, default=0.7)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ns = ap.parse_args()
+    counts = [int(c) for c in ns.clients.split(",")]
     if ns.quick:
-        ns.seconds, ns.repeats = 0.5, 3
+        ns.seconds, ns.repeats = 0.4, 3
     results: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     ctx = multiprocessing.get_context("spawn")
@@ -122,44 +105,55 @@ def main() -> int:
         server = ctx.Process(target=echo_server, args=(echo_endpoint, ready, stop))
         server.start()
         ready.wait(10)
-        ping = [[protocol.pack(protocol.request(Op.PING, 1))]] * ns.clients
-        mixes = {mix: slitter_frames(address, mix, ns.clients) for mix in ("ping", "refill+flush")}
         try:
-            # Every repetition runs each slitterd mix right next to the echo
-            # server with the same clients, so both sides of a ratio share
-            # the machine's noise; the ratios are medians of per-repetition ratios.
-            for _ in range(ns.repeats):
-                for pipelined in (1, 8):
-                    echo = run_clients(echo_endpoint, ping, ns.seconds, pipelined)
-                    results.setdefault(f"echo x{pipelined}", []).append(echo)
-                    for mix, (frames, _heaps) in mixes.items():
-                        rate = run_clients("ipc://" + address, frames, ns.seconds, pipelined)
-                        results.setdefault(f"slitterd {mix} x{pipelined}", []).append(rate)
-                        ratios.setdefault(f"{mix} x{pipelined} / echo x{pipelined}", []).append(rate / echo)
+            for n in counts:
+                ping = [[protocol.pack(protocol.request(Op.PING, 1))]] * n
+                mixes = {mix: slitter_frames(address, mix, n) for mix in ("ping", "refill+flush")}
+                try:
+                    # Every repetition runs each slitterd mix right next to the
+                    # echo server with the same clients, so both sides of a ratio
+                    # share the machine's noise; ratios are medians of per-repetition ratios.
+                    for _ in range(ns.repeats):
+                        for pipelined in (1, 8):
+                            echo = run_clients(echo_endpoint, ping, ns.seconds, pipelined)
+                            results.setdefault(f"{n} clients: echo x{pipelined}", []).append(echo)
+                            for mix, (frames, _heaps) in mixes.items():
+                                rate = run_clients("ipc://" + address, frames, ns.seconds, pipelined)
+                                results.setdefault(f"{n} clients: slitterd {mix} x{pipelined}", []).append(rate)
+                                ratios.setdefault(f"{n} clients: {mix} x{pipelined} / echo x{pipelined}",
+                                                  []).append(rate / echo)
+                finally:
+                    for _frames, heaps in mixes.values():
+                        for heap in heaps:
+                            heap.close()
         finally:
-            for _frames, heaps in mixes.values():
-                for heap in heaps:
-                    heap.close()
             stop.set()
             server.join(10)
-    med = {k: statistics.median(v) for k, v in sorted(results.items())}
+    med = {k: statistics.median(v) for k, v in results.items()}
     med_ratios = {k: statistics.median(v) for k, v in ratios.items()}
     if ns.json:
-        print(json.dumps({"clients": ns.clients, "requests_per_s": med, "ratios": med_ratios, "raw": results,
+        print(json.dumps({"clients": counts, "requests_per_s": med, "ratios": med_ratios, "raw": results,
                           "raw_ratios": ratios}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{ns.clients} clients, requests/s (median of {ns.repeats} x {ns.seconds:g} s, interleaved)")
-    table.add_column("server, mix, in flight per client")
+    table = Table(title=f"requests/s: medians of {ns.repeats} x {ns.seconds:g} s, slitterd and echo interleaved",
+                  title_justify="left")
+    table.add_column("clients, server, mix, in flight per client")
     table.add_column("requests/s", justify="right")
     table.add_column("min–max", justify="right")
-    for k, v in med.items():
-        table.add_row(k, f"{v:,.0f}", f"{min(results[k]):,.0f}–{max(results[k]):,.0f}")
-    for k, v in med_ratios.items():
-        table.add_row(f"  ratio {k}", f"{v:.2f}" + ("  (target >= 0.8)" if k.startswith("ping") else ""),
-                      f"{min(ratios[k]):.2f}–{max(ratios[k]):.2f}")
+    for n in counts:
+        if n != counts[0]:
+            table.add_section()
+        for k, v in med.items():
+            if k.startswith(f"{n} clients:"):
+                table.add_row(k, f"{v:,.0f}", f"{min(results[k]):,.0f}–{max(results[k]):,.0f}")
+        for k, v in med_ratios.items():
+            if k.startswith(f"{n} clients:"):
+                table.add_row(f"  ratio {k.split(': ', 1)[1]}",
+                              f"{v:.2f}" + ("  (target >= 0.8)" if ": ping" in k else ""),
+                              f"{min(ratios[k]):.2f}–{max(ratios[k]):.2f}")
     Console().print(table)
     return 0
 

@@ -12,7 +12,11 @@ What it measures, in one run against a private daemon (``slitter.spawn_daemon()`
 2. C fast path: ``lib.slitter_bench_pairs(heap._client, cls.id, n)`` (the same
    allocate+release pair called from C) next to
    ``lib.slitter_bench_malloc_pairs(64, n)`` (glibc malloc+free of 64 B),
-   same process, same clock.  Ratio target: <= 0.75 (issue 6).
+   same process, same clock.  Ratio target: <= 0.75 (issue 6).  Next to
+   them, ``lib.slitter_bench_live_byte_pairs(n)``: only the live-map
+   traffic every checked pair must make (one ``lock cmpxchg`` of a byte,
+   then a store back), the floor of a pair that detects racing double
+   frees across processes.
 3. Slow path: the PING round trip over a fresh ``Transport`` (p50/p99), and
    the refill round trip: a fresh 64-byte class (magazine capacity M, read
    from the class table) gets N = M * R allocations in a row, each timed; the
@@ -43,14 +47,21 @@ The default run takes well under a minute on 2 cores.
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import sys
+import threading
 import time
+from array import array
 from typing import Any
 
+import zmq
+
 import slitter
-from benchlib import c_pairs, timed, cli, loop_py_pairs, loop_two_noops, machine
-from slitter._native import lib
+from benchlib import c_pairs, cli, echo_server, loop_py_pairs, loop_two_noops, machine, timed
+from slitter import heap as heap_module
+from slitter import protocol
+from slitter._native import ffi, lib
 from slitter._transport import Transport
 from slitter.protocol import Op
 
@@ -61,6 +72,8 @@ SIZES = {
     "default": (21,  300_000,  4_000_000,  1_000,     40,               1_000_000),
     "quick":   (5,   100_000,  1_000_000,  300,       10,               1_000_000),
 }
+BURST = 100_000  # objects per burst, per cross-thread and per cross-process release
+TRIPS = 100      # refill+flush round-trip pairs per repetition
 BLOCKS = 5  # alternating blocks per repetition
 TARGET_PY_RATIO = 1.3
 TARGET_C_RATIO = 0.75
@@ -78,6 +91,10 @@ def loop_empty(n: int) -> float:
 
 def c_malloc_pairs(n: int) -> float:
     return lib.slitter_bench_malloc_pairs(64, n) / n
+
+
+def c_live_byte_pairs(n: int) -> float:
+    return lib.slitter_bench_live_byte_pairs(n) / n
 
 
 def ping_round_trips(address: str, n: int) -> list[int]:
@@ -128,6 +145,143 @@ def refill_rep(heap: slitter.Heap, rep: int, refills: int) -> tuple[dict[str, An
     return counts, {"refill_carve": carve, "refill_depot": depot, "flush": flush}
 
 
+def bursts(heap: slitter.Heap, cls: slitter.Class, n: int) -> dict[str, float]:
+    """Allocate n objects one by one, then release them all; then the same with the batch calls.
+
+    A thread that only allocates (or only releases) reaches the slow path
+    once per magazine: these per-object times include it, amortised.
+    """
+    allocate, release, transport = cls.allocate, cls.release, heap._transport
+    slow_ns = 0
+
+    def timing(fn):
+        def timed_slow_path(*args, **kwargs):
+            nonlocal slow_ns
+            t0 = perf_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                slow_ns += perf_ns() - t0
+        return timed_slow_path
+
+    # Time every way out of the fast path: the prefetch and flush-ahead
+    # hooks (heap._ahead) and the waiting slow paths.
+    ahead = heap_module._ahead
+    heap_module._ahead = timing(ahead)
+    heap._allocate_slow, heap._release_slow = timing(heap._allocate_slow), timing(heap._release_slow)
+    try:
+        w0, m0 = transport.round_trips, transport.messages
+        t0 = perf_ns()
+        handles = [allocate() for _ in range(n)]
+        t1 = perf_ns()
+        for h in handles:
+            release(h)
+        t2 = perf_ns()
+        w1, m1 = transport.round_trips, transport.messages
+    finally:
+        heap_module._ahead = ahead
+        del heap._allocate_slow, heap._release_slow
+    batch = cls.allocate_many(n)
+    cls.release_many(batch)
+    t3 = perf_ns()
+    return {"burst_allocate_ns": (t1 - t0) / n, "burst_release_ns": (t2 - t1) / n,
+            "burst_messages": m1 - m0, "burst_waits": w1 - w0, "burst_slow_path_ns": slow_ns / n,
+            "burst_many_ns": (t3 - t2) / n}
+
+
+def cross_thread(cls: slitter.Class, n: int) -> float:
+    """ns per release, in another thread, of objects this thread allocated."""
+    handles = cls.allocate_many(n)
+    out: dict[str, float] = {}
+
+    def other() -> None:
+        release = cls.release
+        release(cls.allocate())  # bind this thread first (its slow path)
+        t0 = perf_ns()
+        for h in handles:
+            release(h)
+        out["ns"] = (perf_ns() - t0) / n
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    return out["ns"]
+
+
+def release_worker(address: str, conn) -> None:
+    """Cross-process side: release every batch of handles it is sent; answer (ns per release, waits)."""
+    import gc
+
+    gc.disable()
+    with slitter.connect(address) as heap:
+        cls = heap.register_class("bench-cross", 64)
+        cls.release_many(cls.allocate_many(64))  # bind this thread and class
+        release, transport = cls.release, heap._transport
+        while msg := conn.recv_bytes():
+            handles = array("Q")
+            handles.frombytes(msg)
+            w0 = transport.round_trips
+            t0 = perf_ns()
+            for h in handles:
+                release(h)
+            conn.send(((perf_ns() - t0) / len(handles), transport.round_trips - w0))
+
+
+def cross_process(cls: slitter.Class, conn, n: int) -> tuple[float, int]:
+    """ns per release in another process of n objects allocated here, and the round trips it waited for."""
+    conn.send_bytes(cls.allocate_many(n))
+    return conn.recv()
+
+
+def slow_path_trips(heap: slitter.Heap, n: int) -> dict[str, list[int]]:
+    """Waited round trips of real refills and flushes: n pairs, each moving a full magazine out and back.
+
+    The thread's spare magazine is refilled (``refill`` with ``spare``), then
+    its objects are moved to the release magazine, which ``flush`` audits
+    back into the depot.  The bench edits its own rack, as only a client may.
+    """
+    cls = heap.register_class("bench-trips", 64)
+    cls.release(cls.allocate())
+    slot = lib.slitter_bind(heap._client, cls.id)
+    tc = ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
+    out: dict[str, list[int]] = {"refill_wait": [], "flush_wait": []}
+    for _ in range(n):
+        if tc.spare_count or tc.release_count:
+            heap._call(Op.FLUSH, thread=slot, class_id=cls.id)
+            tc.release_count = 0
+        t0 = perf_ns()
+        heap._call(Op.REFILL, thread=slot, class_id=cls.id, spare=True)
+        out["refill_wait"].append(perf_ns() - t0)
+        k = tc.spare_count
+        ffi.memmove(tc.release, tc.spare, 8 * k)
+        tc.spare_count = 0
+        tc.release_count = k
+        t0 = perf_ns()
+        heap._call(Op.FLUSH, thread=slot, class_id=cls.id)
+        out["flush_wait"].append(perf_ns() - t0)
+    return out
+
+
+def zmq_round_trips(endpoint: str, n: int) -> list[int]:
+    """p50/p99 material: a bare pyzmq DEALER round trip to the echo server, with a PING frame."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    frame = protocol.pack(protocol.request(Op.PING, 1))
+    sock.send(frame)
+    sock.recv()
+    samples = []
+    for _ in range(n):
+        t0 = perf_ns()
+        sock.send(frame)
+        sock.recv()
+        samples.append(perf_ns() - t0)
+    sock.close(0)
+    ctx.term()
+    return samples
+
+
 def pct(samples: list[int], p: float) -> float:
     if not samples:
         return float("nan")
@@ -141,9 +295,42 @@ def pct(samples: list[int], p: float) -> float:
 def run(size: str, progress) -> dict[str, Any]:
     reps, py_n, c_n, pings, refills, steady_n = SIZES[size]
     per_rep: list[dict[str, Any]] = []
-    samples: dict[str, list[int]] = {"ping": [], "refill_carve": [], "refill_depot": [], "flush": []}
-    with slitter.spawn_daemon() as address, slitter.connect(address) as heap:
+    samples: dict[str, list[int]] = {"ping": [], "zmq": [], "refill_wait": [], "flush_wait": [],
+                                     "refill_carve": [], "refill_depot": [], "flush": []}
+    fork = multiprocessing.get_context("fork")
+    with slitter.spawn_daemon() as address:
+        # Forked before this process attaches, so the child starts with no heap of ours.
+        here, there = fork.Pipe()
+        releaser = fork.Process(target=release_worker, args=(address, there), daemon=True)
+        releaser.start()
+        echo_endpoint = "ipc://" + address + ".echo"
+        echo_ready, echo_stop = fork.Event(), fork.Event()
+        echo = fork.Process(target=echo_server, args=(echo_endpoint, echo_ready, echo_stop), daemon=True)
+        echo.start()
+        echo_ready.wait(10)
+        try:
+            result = _run(address, (reps, py_n, c_n, pings, refills, steady_n), progress, per_rep, samples,
+                          here, echo_endpoint)
+        finally:
+            here.send_bytes(b"")
+            releaser.join(30)
+            echo_stop.set()
+            echo.join(10)
+    steady_n, steady_messages, steady_ns = result
+    return _summary(size, per_rep, samples, (reps, py_n, c_n, pings, refills, steady_n),
+                    steady_messages, steady_ns)
+
+
+def _run(address: str, params: tuple, progress, per_rep: list, samples: dict, releaser,
+         echo_endpoint: str) -> tuple[int, int, float]:
+    """Every repetition, in this process's heap; fills per_rep and samples."""
+    reps, py_n, c_n, pings, refills, steady_n = params
+    with slitter.connect(address) as heap:
         cls = heap.register_class("bench-64", 64)
+        burst_cls = heap.register_class("bench-burst", 64)
+        cross_cls = heap.register_class("bench-cross", 64)
+        burst_cls.release_many(burst_cls.allocate_many(64))
+        cross_cls.release_many(cross_cls.allocate_many(64))
         # Bind this thread and the class (the slow path), then warm the magazines.
         cls.release(cls.allocate())
         timed(loop_py_pairs, cls, py_n // 4)
@@ -161,27 +348,43 @@ def run(size: str, progress) -> dict[str, Any]:
             r["empty_loop_ns"] = timed(loop_empty, py_n)
             # Each side of a ratio runs in BLOCKS alternating blocks, so a
             # slow phase of the machine lands on both sides alike.
-            noops = kept = pairs = c = malloc = 0.0
+            noops = kept = pairs = c = malloc = live = 0.0
             for _ in range(BLOCKS):
                 noops += timed(loop_two_noops, py_n // BLOCKS)
                 kept += timed(loop_two_noops, py_n // BLOCKS, True)
                 pairs += timed(loop_py_pairs, cls, py_n // BLOCKS)
                 c += c_pairs(heap, cls, c_n // BLOCKS)
                 malloc += c_malloc_pairs(c_n // BLOCKS)
+                live += c_live_byte_pairs(c_n // BLOCKS)
             r["two_noops_ns"], r["py_pair_ns"] = noops / BLOCKS, pairs / BLOCKS
             r["two_kept_noops_ns"] = kept / BLOCKS
             r["c_pair_ns"], r["malloc_pair_ns"] = c / BLOCKS, malloc / BLOCKS
+            r["live_byte_pair_ns"] = live / BLOCKS
             r["fast_loop_messages"] = heap.messages_sent - m0
             r["py_ratio"] = r["py_pair_ns"] / r["two_noops_ns"]
             r["py_ratio_kept"] = r["py_pair_ns"] / r["two_kept_noops_ns"]
             r["c_ratio"] = r["c_pair_ns"] / r["malloc_pair_ns"]
+            r["live_byte_ratio"] = r["live_byte_pair_ns"] / r["malloc_pair_ns"]
             samples["ping"] += timed(ping_round_trips, address, pings)
+            samples["zmq"] += timed(zmq_round_trips, echo_endpoint, pings)
+            for kind, values in timed(slow_path_trips, heap, TRIPS).items():
+                samples[kind] += values
             counts, slow = timed(refill_rep, heap, rep, refills)
             r.update(counts)
             for kind, values in slow.items():
                 samples[kind] += values
+            r.update(timed(bursts, heap, burst_cls, BURST))
+            r["cross_thread_release_ns"] = timed(cross_thread, cross_cls, BURST)
+            r["cross_process_release_ns"], r["cross_process_waits"] = timed(cross_process, cross_cls, releaser,
+                                                                            BURST)
+            r["burst_slow_path_share"] = r["burst_slow_path_ns"] / r["py_pair_ns"]
             per_rep.append(r)
+    return steady_n, steady_messages, steady_ns
 
+
+def _summary(size: str, per_rep: list, samples: dict, params: tuple, steady_messages: int,
+             steady_ns: float) -> dict[str, Any]:
+    reps, py_n, c_n, pings, refills, steady_n = params
     keys = [k for k in per_rep[0] if isinstance(per_rep[0][k], (int, float))]
     medians = {k: statistics.median(r[k] for r in per_rep) for k in keys}
     return {
@@ -200,6 +403,8 @@ def run(size: str, progress) -> dict[str, Any]:
             "c_ratio": {"target": TARGET_C_RATIO, "value": medians["c_ratio"],
                         "met": medians["c_ratio"] <= TARGET_C_RATIO},
             "steady_messages": {"target": 0, "value": steady_messages, "met": steady_messages == 0},
+            "slow_path_share": {"target": 0.10, "value": medians["burst_slow_path_share"],
+                                "met": medians["burst_slow_path_share"] <= 0.10},
         },
         "repetitions": per_rep,
     }
@@ -246,8 +451,25 @@ def print_table(result: dict[str, Any]) -> None:
     table.add_row("C allocate+release pair", *ns("c_pair_ns", 2), "")
     table.add_row("C glibc malloc(64)+free pair", *ns("malloc_pair_ns", 2), "")
     table.add_row("  ratio slitter / glibc", *ratio("c_ratio"), f"<= {TARGET_C_RATIO} {verdict('c_ratio')}")
+    table.add_row("C live-map byte alone: cmpxchg + store", *ns("live_byte_pair_ns", 2), "")
+    table.add_row("  ratio that floor / glibc", *ratio("live_byte_ratio"), "")
     table.add_section()
+    table.add_row(f"burst: {BURST:,} allocate() in a row, per object", *ns("burst_allocate_ns"), "")
+    table.add_row(f"burst: then {BURST:,} release(), per object", *ns("burst_release_ns"), "")
+    table.add_row("  of which slow path (hooks, refills, flushes) per pair", *ns("burst_slow_path_ns"), "")
+    table.add_row("  as a share of the steady pair", *ratio("burst_slow_path_share"),
+                  f"<= 0.10 {verdict('slow_path_share')}")
+    table.add_row(f"  messages / waited round trips per burst", f"{med['burst_messages']:.0f} / "
+                  f"{med['burst_waits']:.0f}", "", "")
+    table.add_row(f"burst: allocate_many + release_many, per object", *ns("burst_many_ns"), "")
+    table.add_row("release() in another thread, per object", *ns("cross_thread_release_ns"), "")
+    table.add_row("release() in another process, per object", *ns("cross_process_release_ns"), "")
+    table.add_row("  its waited round trips per burst", f"{med['cross_process_waits']:.0f}", "", "")
+    table.add_section()
+    table.add_row("bare pyzmq round trip (echo server)", *trip("zmq"), "")
     table.add_row("PING round trip", *trip("ping"), "")
+    table.add_row("REFILL of a full magazine, waited", *trip("refill_wait"), "")
+    table.add_row("FLUSH of a full magazine, waited", *trip("flush_wait"), "")
     table.add_row("allocate that sent REFILL (carve)", *trip("refill_carve"), "")
     table.add_row("allocate that sent REFILL (depot)", *trip("refill_depot"), "")
     table.add_row("release that sent FLUSH", *trip("flush"), "")

@@ -22,8 +22,14 @@ they all wait on one barrier, and the timed windows start there.
    sends the batch's 64 handles or names with ``send_bytes`` on a Pipe. The
    consumer acks each batch, and at most 4 batches are in flight. So the IPC
    of the handles costs every peer the same.
-   - slitter: ``allocate_many(64)``, ``heap.view`` per object,
-     ``release_many`` in the consumer.
+   - slitter: ``allocate_many(64)``; the producer writes each object
+     through ``heap.arena`` at its handle. The consumer checks the batch
+     with ``cls.check`` (one native call: every handle a live object of
+     the class), reads each object through ``heap.arena`` and calls
+     ``release_many``.
+   - slitter, view per object: the same, with ``heap.view(handle)`` for
+     every write and every read (one checked native call each) instead of
+     ``check`` and the arena.
    - SharedMemory: one ``SharedMemory(create=True, size=64)`` per object,
      closed by the producer. The consumer attaches, reads, closes and unlinks
      it. All processes share this process's resource tracker: the create and
@@ -52,6 +58,9 @@ they all wait on one barrier, and the timed windows start there.
      calls ``heap.view(handle)``.
    - slitter, cached views: the same objects, but each worker takes the
      100,000 views once, before the timed window.
+   - slitter, arena: the same objects. Each worker checks all 100,000
+     handles once with ``cls.check`` before the timed window, then updates
+     ``heap.arena`` at the handle, as the hand-rolled table does at 64·k.
    - Manager dict and Manager list: ``d[k] = record`` / ``l[k] = record``.
      A proxy cannot change part of a value, so each update sends a whole
      64 B record: one round trip.
@@ -62,9 +71,11 @@ they all wait on one barrier, and the timed windows start there.
    one consumer, in batches of 64. The consumer takes the CRC-32 of every
    record and checks the sequence number of each batch's first record.
    - slitter: the producer calls ``allocate_many(64)``, writes each record
-     through ``heap.view``, and sends ``array('Q')`` of the 64 handles on its
-     own Pipe. The consumer views, checksums and calls ``release_many``.
-     A semaphore per producer allows 4 batches in flight.
+     through ``heap.arena`` at its handle, and sends ``array('Q')`` of the
+     64 handles on its own Pipe. The consumer checks the batch
+     (``cls.check``), checksums each record through ``heap.arena`` and
+     calls ``release_many``. A semaphore per producer allows 4 batches in
+     flight.
    - Queue: one ``multiprocessing.Queue(maxsize=4 × producers)``. Each put is
      a list of 64 records (``bytearray``).
    - Pipe: one Pipe per producer; ``send_bytes`` of a 64-record batch buffer.

@@ -30,6 +30,21 @@ int64_t slitter_bench_pairs(struct slitter_client *c, uint32_t class_id, uint64_
     return slitter__now_ns() - start;
 }
 
+int64_t slitter_bench_live_byte_pairs(uint64_t n)
+{
+    /* The live-map traffic of one pair and nothing else: release's lock
+     * cmpxchg LIVE -> tag, then allocate's plain store back to LIVE. */
+    static uint8_t live = SLITTER_LIVE;
+    int64_t start = slitter__now_ns();
+    for (uint64_t i = 0; i < n; i++) {
+        uint8_t expected = SLITTER_LIVE;
+        if (!__atomic_compare_exchange_n(&live, &expected, SLITTER_TAG(0), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return -1;
+        __atomic_store_n(&live, SLITTER_LIVE, __ATOMIC_RELEASE);
+    }
+    return slitter__now_ns() - start;
+}
+
 int64_t slitter_bench_malloc_pairs(size_t size, uint64_t n)
 {
     int64_t start = slitter__now_ns();

@@ -249,6 +249,13 @@ void slitter_noop_standard(void);
 /** bench/: `n` allocate+release pairs from C; returns elapsed nanoseconds, or -1. */
 int64_t slitter_bench_pairs(struct slitter_client *c, uint32_t class_id, uint64_t n);
 
+/**
+ * bench/: `n` times the live-map traffic of one pair alone (a lock cmpxchg
+ * of one byte, then a release store to it): the floor of a checked pair.
+ * Returns elapsed nanoseconds.
+ */
+int64_t slitter_bench_live_byte_pairs(uint64_t n);
+
 /** bench/: `n` glibc malloc(size)+free pairs; returns elapsed nanoseconds. */
 int64_t slitter_bench_malloc_pairs(size_t size, uint64_t n);
 

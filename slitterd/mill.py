@@ -40,11 +40,11 @@ class ClassGeometry:
         target = min(max(MIN_RUN_BYTES, MIN_RUN_OBJECTS * stride) + PAGE, lib.SLITTER_MAX_RUN)
         spans = -(-target // SPAN)
         objects = (spans * SPAN - PAGE) // stride
-        # Magazines hold about 1 MiB of small objects (up to the layout's
-        # 2048) and at least 64 large ones, so a batch of 64 takes one round
+        # Magazines hold up to 1 MiB of objects (and at most the layout's
+        # 4096) and at least 64 large ones, so a batch of 64 takes one round
         # trip whatever the size (64 KiB objects: 4 MiB per magazine).  A
-        # round trip costs the daemon about 75 µs of CPU, so a 64 B object
-        # stream pays 75 µs per 2048 objects, not per 512.
+        # message costs the daemon about 75 µs of CPU and the sending thread
+        # 25-30 µs even unanswered, so small objects get big magazines.
         capacity = max(64, min(lib.SLITTER_MAG_CAP, (1 << 20) // stride))
         return cls(size, stride, objects, spans, capacity)
 
