@@ -26,6 +26,18 @@ What it measures, in one run against a private daemon (``slitter.spawn_daemon()`
    FLUSH round trips the same way.
 4. Steady state: 1,000,000 Python allocate+release pairs after warm-up, and
    the number of messages sent to the daemon meanwhile.  Target: 0.
+5. Batches: ``release_many(allocate_many(B))`` in a loop for B = 64 and
+   1024, per object, against one empty cffi call.  Target: <= 0.25.
+6. Bursts: 100,000 ``allocate()`` in a row, then 100,000 ``release()``,
+   with the time spent outside the fast path (the prefetch and flush-ahead
+   hooks, and any waited refill or flush) measured by wrapping those
+   functions; target: <= 10% of the steady pair.  Then the same objects
+   released by another thread, and by another process (forked before this
+   one attached; handles sent over a Pipe).
+7. Round trips, p50/p99: a bare pyzmq DEALER to a ROUTER echo server,
+   PING, and a waited REFILL and FLUSH of a full magazine (the bench moves
+   the spare magazine's objects into the release magazine of its own rack
+   between them).
 
 Every repetition runs all measurements interleaved (the two sides of each
 ratio in alternating blocks, so they share the machine's noise); the report
@@ -77,6 +89,8 @@ TRIPS = 100      # refill+flush round-trip pairs per repetition
 BLOCKS = 5  # alternating blocks per repetition
 TARGET_PY_RATIO = 1.3
 TARGET_C_RATIO = 0.75
+TARGET_BATCH_RATIO = 0.25  # per object, against one empty cffi call
+BATCHES = (64, 1024)
 
 
 # -- timed loops -------------------------------------------------------------
@@ -87,6 +101,16 @@ def loop_empty(n: int) -> float:
     for _ in range(n):
         pass
     return (perf_ns() - t0) / n
+
+
+def loop_batch_pairs(cls: slitter.Class, batch: int, n: int) -> float:
+    """ns per object of ``release_many(allocate_many(batch))`` in a loop: the batch calls in steady state."""
+    allocate_many, release_many = cls.allocate_many, cls.release_many
+    rounds = max(1, n // batch)
+    t0 = perf_ns()
+    for _ in range(rounds):
+        release_many(allocate_many(batch))
+    return (perf_ns() - t0) / (rounds * batch)
 
 
 def c_malloc_pairs(n: int) -> float:
@@ -365,6 +389,9 @@ def _run(address: str, params: tuple, progress, per_rep: list, samples: dict, re
             r["py_ratio_kept"] = r["py_pair_ns"] / r["two_kept_noops_ns"]
             r["c_ratio"] = r["c_pair_ns"] / r["malloc_pair_ns"]
             r["live_byte_ratio"] = r["live_byte_pair_ns"] / r["malloc_pair_ns"]
+            for b in BATCHES:
+                r[f"batch{b}_ns"] = timed(loop_batch_pairs, cls, b, py_n)
+                r[f"batch{b}_ratio"] = r[f"batch{b}_ns"] / (r["two_noops_ns"] / 2)
             samples["ping"] += timed(ping_round_trips, address, pings)
             samples["zmq"] += timed(zmq_round_trips, echo_endpoint, pings)
             for kind, values in timed(slow_path_trips, heap, TRIPS).items():
@@ -403,6 +430,8 @@ def _summary(size: str, per_rep: list, samples: dict, params: tuple, steady_mess
             "c_ratio": {"target": TARGET_C_RATIO, "value": medians["c_ratio"],
                         "met": medians["c_ratio"] <= TARGET_C_RATIO},
             "steady_messages": {"target": 0, "value": steady_messages, "met": steady_messages == 0},
+            **{f"batch{b}_ratio": {"target": TARGET_BATCH_RATIO, "value": medians[f"batch{b}_ratio"],
+                                   "met": medians[f"batch{b}_ratio"] <= TARGET_BATCH_RATIO} for b in BATCHES},
             "slow_path_share": {"target": 0.10, "value": medians["burst_slow_path_share"],
                                 "met": medians["burst_slow_path_share"] <= 0.10},
         },
@@ -447,6 +476,10 @@ def print_table(result: dict[str, Any]) -> None:
     table.add_row("Python release(allocate()) pair", *ns("py_pair_ns"), "")
     table.add_row("  ratio pair / 2 empty cffi calls", *ratio("py_ratio"), f"<= {TARGET_PY_RATIO} {verdict('py_ratio')}")
     table.add_row("  ratio pair / 2 calls, GIL kept", *ratio("py_ratio_kept"), "")
+    for b in BATCHES:
+        table.add_row(f"release_many(allocate_many({b})), per object", *ns(f"batch{b}_ns"), "")
+        table.add_row("  ratio per object / 1 empty cffi call", *ratio(f"batch{b}_ratio"),
+                      f"<= {TARGET_BATCH_RATIO} {verdict(f'batch{b}_ratio')}")
     table.add_section()
     table.add_row("C allocate+release pair", *ns("c_pair_ns", 2), "")
     table.add_row("C glibc malloc(64)+free pair", *ns("malloc_pair_ns", 2), "")

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 _allocate_many = _fastpath.lib.slitter_allocate_many_key
 _from_buffer = _fastpath.ffi.from_buffer
 _FOREIGN_KIND = _fastpath.lib.SLITTER_ERR_FOREIGN_ADDRESS
+_ZEROS = array("Q", [0])
 
 
 class Class:
@@ -83,8 +84,12 @@ class Class:
             OutOfMemory: as ``allocate``; the objects allocated before it stay live
             and are in the exception's ``handles`` attribute.
         """
-        out = array("Q", bytes(8 * n))
-        got = _allocate_many(self._key, _from_buffer("uint64_t[]", out), n) if n else 0
+        out = _ZEROS * n
+        if n <= 0:
+            if n < 0 or type(n) is not int:
+                raise ValueError(f"class '{self.name}': allocate_many(n) needs an int n >= 0, not {n!r}")
+            return out
+        got = _allocate_many(self._key, _from_buffer("uint64_t[]", out), n)
         if got < n:
             self._heap._allocate_many_slow(self, out, got)
         return out

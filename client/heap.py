@@ -364,6 +364,20 @@ class Heap:
             return
         buf = ffi.from_buffer("uint64_t[]", batch)
         bad = ffi.new("uint32_t *")
+        # A batch that fits the thread's magazines goes in one call, all or none.
+        result = lib.slitter_release_whole_key(cls._key, buf, n, bad)
+        if result < 0:  # counted in C; none of the batch was released
+            try:
+                self._refused(cls, batch[bad[0]], -1 - result)
+            except errors.ReleaseError as exc:
+                exc.released = 0
+                raise
+            return
+        if result != _fastpath.NEED_SLOW:
+            if result == _fastpath.NEED_FLUSH:
+                self._flush(cls, self._bind(cls))
+            return
+        # Unbound, or more than the magazines' room: check the whole batch, then release in chunks.
         result = self._check_batch(cls, batch, buf, bad)
         if result < 0:  # the check counts nothing: the refusal is counted here
             self._refused(cls, batch[bad[0]], -1 - result, counted=False)

@@ -273,12 +273,10 @@ static SLITTER_NOINLINE void slitter__count_corrupt(struct slitter_thread_class 
     tc->counters.errors[SLITTER_ERR_CORRUPT]++;
 }
 
-uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
+/* The allocation proper, for a thread whose slot is known: allocate and allocate_many share it. */
+static inline uint64_t slitter__allocate_in(struct slitter_client *c, struct slitter_thread_slot *slot,
+                                            uint32_t class_id)
 {
-    struct slitter_thread_slot *slot = slitter__slot(c);
-    /* Unbound thread, closed or forked client: the slow path binds. */
-    if (slitter_unlikely(slot == NULL || class_id >= SLITTER_MAX_CLASSES))
-        return 0;
     struct slitter_thread_class *tc = &slot->classes[class_id];
     const struct slitter_class *cls = &c->view.classes[class_id];
     for (;;) {
@@ -311,6 +309,15 @@ uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
         }
         slitter__count_corrupt(tc);   /* drop it, never hand it out twice */
     }
+}
+
+uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
+{
+    struct slitter_thread_slot *slot = slitter__slot(c);
+    /* Unbound thread, closed or forked client: the slow path binds. */
+    if (slitter_unlikely(slot == NULL || class_id >= SLITTER_MAX_CLASSES))
+        return 0;
+    return slitter__allocate_in(c, slot, class_id);
 }
 
 /*
@@ -430,10 +437,14 @@ uint32_t slitter_allocate_many_key(uint32_t key, uint64_t *out, uint32_t n)
         return 0;
     struct slitter_client *c = keys[key].client;
     uint32_t class_id = keys[key].class_id;
+    struct slitter_thread_slot *slot = slitter__slot(c);
+    if (slitter_unlikely(slot == NULL || class_id >= SLITTER_MAX_CLASSES))
+        return 0;
     uint32_t got = 0;
-    /* The single-object path per object: its checks stay, the call is amortised. */
+    /* The single-object path per object: its checks stay, the call and
+     * the thread's slot lookup are amortised. */
     while (got < n) {
-        uint64_t handle = slitter_allocate(c, class_id);
+        uint64_t handle = slitter__allocate_in(c, slot, class_id);
         if (handle == 0)
             break;
         out[got++] = handle;
@@ -474,7 +485,7 @@ int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, ui
     return SLITTER_OK;
 }
 
-int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done)
+static int slitter__release_many(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done, int whole)
 {
     *done = 0;
     if (key >= SLITTER_MAX_KEYS || keys[key].client == NULL)
@@ -487,7 +498,7 @@ int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, 
     struct slitter_thread_class *tc = &slot->classes[class_id];
     uint32_t capacity = tc->capacity;
     uint32_t room = (capacity - tc->alloc_count) + (capacity - tc->release_count);
-    if (capacity == 0 || room == 0)
+    if (capacity == 0 || room == 0 || (whole && n > room))
         return SLITTER_NEED_SLOW;
     if (n > room)
         n = room;
@@ -520,6 +531,16 @@ int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, 
         return SLITTER_OK;
     /* Full: out of the way to the daemon without waiting, if it is done with the last one. */
     return slitter__send_release_out(c, slot, tc, class_id);
+}
+
+int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done)
+{
+    return slitter__release_many(key, handles, n, done, 0);
+}
+
+int slitter_release_whole_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done)
+{
+    return slitter__release_many(key, handles, n, done, 1);
 }
 
 /* bench/ baselines: magazine traffic alone (see slitter_fast.h). */

@@ -152,6 +152,14 @@ int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, ui
 int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done);
 
 /**
+ * slitter_release_many_key() of all `n` handles at once, or of none:
+ * SLITTER_NEED_SLOW, with nothing done, when they do not all fit the room
+ * left in the thread's magazines.  Its first pass makes every check and is
+ * undone on a refusal, so a batch that fits needs no separate check.
+ */
+int slitter_release_whole_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done);
+
+/**
  * The size of the object at `packed >> SLITTER_KEY_BITS`, for a view of it,
  * with the client behind the low bits' key (any key of that client).
  * Returns the size (> 0), SLITTER_VIEW_GUARDS when runs were carved whose

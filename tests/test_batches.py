@@ -69,3 +69,30 @@ def test_batch_refusals_are_counted_and_audited(heap):
         cls.release_many([16])
     assert heap.stats()["classes"]["count"]["errors"]["foreign_address"] == 1
     assert heap.audit()["entries"][-1][5] == "foreign_address"
+
+
+@pytest.mark.parametrize("n", [-1, -64])
+def test_allocate_many_refuses_a_negative_count(heap, n):
+    cls = heap.register_class("neg", size=32)
+    with pytest.raises(ValueError, match="'neg'.*n >= 0"):
+        cls.allocate_many(n)
+    assert heap.stats()["classes"]["neg"]["live"] == 0
+
+
+def test_a_batch_bigger_than_the_magazines_is_checked_whole(heap):
+    """Past the room of both magazines the batch goes in chunks, after a check of all of it."""
+    cls = heap.register_class("big", size=16)
+    cap = heap._classes_table[cls.id].mag_capacity
+    handles = list(cls.allocate_many(3 * cap))
+    with pytest.raises(slitter.DoubleFree) as info:
+        cls.release_many([*handles, handles[5]])  # the repeat is found only while releasing
+    assert info.value.handle == handles[5] and info.value.released > 0
+    stats = heap.stats()["classes"]["big"]
+    assert stats["live"] == 3 * cap - info.value.released
+    bad = handles[-1] + 4  # an interior pointer at the end: the up-front check refuses it, none released
+    rest = handles[info.value.released:]
+    with pytest.raises(slitter.InteriorPointer):
+        cls.release_many([*rest, bad])
+    assert heap.stats()["classes"]["big"]["live"] == len(rest)
+    cls.release_many(rest)
+    assert heap.stats()["classes"]["big"]["live"] == 0
