@@ -1,8 +1,8 @@
 """The only module that touches ``slitter._native``'s fast path.
 
-It re-exports the two hot calls as module globals (one attribute lookup less
-per call) and turns the native result codes into the named exceptions, with
-messages that say which handle and class.
+It hands each class its own native entry points (``entry_points``) and
+turns the native result codes into the named exceptions, with messages that
+say which handle and class.
 """
 
 from __future__ import annotations

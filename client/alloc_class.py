@@ -124,7 +124,7 @@ class Class:
     def views(self, handles: Iterable[int]) -> list[memoryview]:
         """Writable views of many live objects of this class: ``check``, then one slice each.
 
-        About a fifth of the cost of ``Heap.view`` per object.  Raises as ``check``.
+        About a third of the cost of ``Heap.view`` per object.  Raises as ``check``.
         """
         batch = self._heap._check_live(self, handles, "viewed")
         arena, size = self._heap._arena, self.size
