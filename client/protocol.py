@@ -24,6 +24,8 @@ from slitter import errors
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CLASS_NAME = 47  # bytes of UTF-8; the class table keeps a NUL after it
+#: Why a name with a NUL or control character is refused (the class table is C strings).
+CLASS_NAME_PRINTABLE = "a class name must be printable (no NUL or control characters)"
 MAX_OBJECT_SIZE = 64 << 20
 U32 = (1 << 32) - 1
 PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT

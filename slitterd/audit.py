@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from itertools import islice
 from dataclasses import astuple, dataclass
 
 log = logging.getLogger("slitterd")
@@ -36,12 +37,14 @@ class AuditLog:
     def __init__(self, capacity: int = 10000) -> None:
         self.entries: deque[AuditEntry] = deque(maxlen=capacity)
         self.seq = 0
-        self.dropped = 0
+
+    @property
+    def dropped(self) -> int:
+        """Entries pushed out by newer ones (sequence numbers have no gaps)."""
+        return self.seq - len(self.entries)
 
     def record(self, pid: int, class_name: str, handle: int, kind: str, source: str) -> AuditEntry:
         self.seq += 1
-        if len(self.entries) == self.entries.maxlen:
-            self.dropped += 1
         entry = AuditEntry(self.seq, time.time(), pid, class_name, handle, kind, source)
         self.entries.append(entry)
         log.warning("audit: %s of handle %#x in class '%s' by pid %d (%s)", kind, handle, class_name, pid, source)
@@ -49,10 +52,6 @@ class AuditLog:
 
     def since(self, seq: int, limit: int) -> list[tuple]:
         """Entries with a sequence number above ``seq``, oldest first, as wire tuples."""
-        out = []
-        for entry in self.entries:
-            if entry.seq > seq:
-                out.append(list(astuple(entry)))
-                if len(out) == limit:
-                    break
-        return out
+        # Entry i holds sequence number dropped + 1 + i.
+        first = min(max(0, seq - self.dropped), len(self.entries))
+        return [list(astuple(entry)) for entry in islice(self.entries, first, first + max(0, limit))]

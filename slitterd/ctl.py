@@ -61,9 +61,12 @@ def audit_table(reply: dict[str, Any]) -> Table:
     for col in ("seq", "time", "pid", "class", "handle", "kind", "source"):
         table.add_column(col, justify="right" if col in ("seq", "pid") else "left")
     for seq, when, pid, cls, handle, kind, source in reply["entries"]:
-        stamp = datetime.datetime.fromtimestamp(when).isoformat(sep=" ", timespec="milliseconds")
-        table.add_row(str(seq), stamp, str(pid), cls, f"{handle:#x}", kind, source)
+        table.add_row(str(seq), _stamp(when), str(pid), cls, f"{handle:#x}", kind, source)
     return table
+
+
+def _stamp(when: float) -> str:
+    return datetime.datetime.fromtimestamp(when).isoformat(sep=" ", timespec="milliseconds")
 
 
 def follow_audit(transport: Transport, console: Console, as_json: bool, interval: float = 0.5) -> int:
@@ -77,8 +80,7 @@ def follow_audit(transport: Transport, console: Console, as_json: bool, interval
                     print(json.dumps({"seq": seq, "time": when, "pid": pid, "class": cls, "handle": handle,
                                       "kind": kind, "source": source}), flush=True)
                 else:
-                    stamp = datetime.datetime.fromtimestamp(when).isoformat(sep=" ", timespec="milliseconds")
-                    print(f"{stamp} #{seq} pid {pid} class '{cls}' handle {handle:#x} {kind} ({source})",
+                    print(f"{_stamp(when)} #{seq} pid {pid} class '{cls}' handle {handle:#x} {kind} ({source})",
                           flush=True)
                 since = seq
             if not reply["entries"]:

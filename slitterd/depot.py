@@ -15,7 +15,7 @@ from slitter import errors
 from slitter._native import ffi, lib
 
 from slitterd.arena import Arena
-from slitterd.mill import Mill, Run
+from slitterd.mill import Mill, Run, class_name
 
 
 class Depot:
@@ -25,7 +25,8 @@ class Depot:
         self.arena = arena
         self.mill = mill
         self.class_id = class_id
-        self.stride = arena.classes[class_id].stride
+        self.entry = arena.classes[class_id]  # its class-table entry (the cap may change)
+        self.stride = self.entry.stride
         self.free = array("Q")
         self.run: Run | None = None
         self.carved = 0
@@ -55,11 +56,11 @@ class Depot:
         return taken
 
     def _carve(self, n: int) -> array:
-        cap = self.arena.classes[self.class_id].cap
+        cap = self.entry.cap
         if cap:
             n = min(n, cap - self.carved)
             if n <= 0:
-                name = ffi.string(self.arena.classes[self.class_id].name).decode()
+                name = class_name(self.entry)
                 raise errors.OutOfMemory(f"class '{name}' reached its cap of {cap} objects", class_name=name)
         if self.run is None or self.run.next_index == self.run.nobjects:
             self.run = self.mill.carve_run(self.class_id)

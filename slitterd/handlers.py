@@ -8,16 +8,20 @@ turns into an error reply.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 from slitter import errors
 from slitter._native import lib
-from slitter.protocol import ERROR_KINDS, POLICIES, PROTOCOL_VERSION, ErrorCode, Op, Refusal, Request
+from slitter.protocol import (CLASS_NAME_PRINTABLE, ERROR_KINDS, POLICIES, PROTOCOL_VERSION, ErrorCode, Op, Refusal,
+                              Request)
 
 from slitterd.instance import ClassSpec, Instance
 from slitterd.rack import Client
+
+log = logging.getLogger("slitterd")
 
 Reply = dict[str, Any]
 
@@ -56,6 +60,7 @@ def attach(inst: Instance, req: Request) -> Reply:
     if client is None:
         os.close(pidfd)
         raise errors.LimitExceeded(f"attach: all {inst.racks.max_clients} client racks are in use")
+    log.info("client %d (pid %d, %s) attached", client.id, pid, req.args["name"] or "-")
     g = inst.arena.geometry
     return {"client": client.id, "token": client.token, "rack_index": client.rack_index,
             "rack_offset": inst.arena.rack_offset(client.rack_index), "rack_size": g.rack_size,
@@ -71,7 +76,7 @@ def register_class(inst: Instance, req: Request) -> Reply:
     _client(inst, req)
     a = req.args
     if not a["name"].isprintable():
-        raise Refusal(ErrorCode.INVALID_FIELD, "register_class: a class name must be printable (no NUL or control characters)")
+        raise Refusal(ErrorCode.INVALID_FIELD, f"register_class: {CLASS_NAME_PRINTABLE}")
     spec = ClassSpec(a["name"], a["size"], a["zero_init"])
     if a["policy"] and a["policy"] not in POLICIES:
         raise Refusal(ErrorCode.INVALID_FIELD, f"register_class: policy {a['policy']!r} is not one of {POLICIES}")
@@ -105,9 +110,8 @@ def report(inst: Instance, req: Request) -> Reply:
 
 
 def audit(inst: Instance, req: Request) -> Reply:
-    counters = {name: stats["errors"] for name, stats in inst.class_stats().items()}
     return {"entries": inst.audit.since(req.args["since"], req.args["limit"]), "next": inst.audit.seq,
-            "counters": counters, "dropped": inst.audit.dropped}
+            "counters": inst.class_errors(), "dropped": inst.audit.dropped}
 
 
 HANDLERS: dict[Op, Callable[[Instance, Request], Reply]] = {

@@ -105,10 +105,9 @@ class Instance:
                  geometry.mag_capacity, spec.zero_init)
         return class_id
 
-    def _add_class(self, class_id: int, spec: ClassSpec) -> Depot:
+    def _add_class(self, class_id: int, spec: ClassSpec) -> None:
         self.specs[spec.name] = (class_id, spec)
-        depot = self.depots[class_id] = Depot(self.arena, self.mill, class_id)
-        return depot
+        self.depots[class_id] = Depot(self.arena, self.mill, class_id)
 
     def policy(self, class_id: int) -> str:
         """The class's error policy: its own if one was set, else the instance's default."""
@@ -155,13 +154,15 @@ class Instance:
         tc = self.racks.thread_class(client, thread, class_id)
         cap = self.mag_capacity(class_id)
         self.arena.totals[class_id].refills += 1
+        # Before any handle is written: stats and reclaim read only touched magazines.
+        lib.slitter_mark_touched(self.arena.rack(client.rack_index), thread, class_id)
         written = 0
         if not spare and tc.alloc_count == 0:
-            written += self._fill(client, thread, class_id, tc.alloc, cap)
+            written += self._fill(client, class_id, tc.alloc, cap)
             tc.alloc_count = written
         if tc.spare_count == 0:
             try:
-                n = self._fill(client, thread, class_id, tc.spare, cap)
+                n = self._fill(client, class_id, tc.spare, cap)
             except errors.OutOfMemory:
                 if spare or not written:
                     raise
@@ -170,10 +171,9 @@ class Instance:
             written += n
         return written
 
-    def _fill(self, client: Client, thread: int, class_id: int, magazine, cap: int) -> int:
+    def _fill(self, client: Client, class_id: int, magazine, cap: int) -> int:
         handles = self.depots[class_id].take(cap)
         buf = ffi.from_buffer("uint64_t[]", handles)
-        lib.slitter_mark_touched(self.arena.rack(client.rack_index), thread, class_id)  # stats must see them
         lib.slitter_hand_out(self.arena.view, buf, len(handles), tag(client))  # before the client can see them
         ffi.memmove(magazine, buf, 8 * len(handles))
         return len(handles)
@@ -189,9 +189,8 @@ class Instance:
         tc = self.racks.thread_class(client, thread, class_id)
         cap = self.mag_capacity(class_id)
         self.arena.totals[class_id].flushes += 1
-        handles = array("Q")
+        handles = array("Q") if outgoing else _copy(tc.release, min(tc.release_count, cap))
         if not outgoing:
-            handles.extend(_copy(tc.release, min(tc.release_count, cap)))
             tc.release_count = 0
         published = min(tc.outgoing_count, cap)
         if published:
@@ -212,13 +211,13 @@ class Instance:
         nrefused = ffi.new("uint32_t *")
         nacc = lib.slitter_audit_flush(self.arena.view, class_id, tag(client), ffi.from_buffer("uint64_t[]", handles),
                                        n, accepted, refused, kinds, nrefused)
-        good = array("Q", bytes(8 * nacc))
-        ffi.memmove(ffi.from_buffer("uint64_t[]", good), accepted, 8 * nacc)
-        self.depots[class_id].give(good)
-        bad = [(refused[i], ERROR_KINDS[kinds[i]]) for i in range(nrefused[0])]
-        for handle, kind in bad:
-            self.arena.totals[class_id].audit_errors[ERROR_KINDS.index(kind)] += 1
-            self.audit.record(client.pid, self.class_name(class_id), handle, kind, source)
+        self.depots[class_id].give(_copy(accepted, nacc))
+        bad = []
+        for i in range(nrefused[0]):
+            kind = kinds[i]
+            self.arena.totals[class_id].audit_errors[kind] += 1
+            bad.append((refused[i], ERROR_KINDS[kind]))
+            self.audit.record(client.pid, self.class_name(class_id), refused[i], ERROR_KINDS[kind], source)
         return nacc, bad
 
     # -- clients ---------------------------------------------------------
@@ -238,13 +237,17 @@ class Instance:
         reclaimed = self._reclaim_tag(tag(client))
         # Retire the counters, then forget the rack.  A crash between the two
         # counts the client twice; recover() reconciles against the live map.
-        for class_id, t in totals.items():
-            self._retire(class_id, t)
-        self._record_departed(client.pid, client.name, totals)
+        self._retire_client(client.pid, client.name, totals)
         self.racks.release_rack(client)
         log.info("client %d (pid %d, %s) %s; %d cached objects reclaimed", client.id, client.pid,
                  client.name or "-", why, reclaimed)
         return reclaimed
+
+    def _retire_client(self, pid: int, name: str, totals: dict[int, ClassTotals]) -> None:
+        """Fold a leaving client's counters into the class totals and record it as departed."""
+        for class_id, t in totals.items():
+            self._retire(class_id, t)
+        self._record_departed(pid, name, totals)
 
     def _reclaim_tag(self, rack_tag: int) -> int:
         reclaimed = 0
@@ -308,8 +311,7 @@ class Instance:
             entry = self.arena.classes[class_id]
             if entry.id != class_id:
                 continue
-            spec = ClassSpec(ffi.string(entry.name).decode(), entry.size,
-                             bool(entry.flags & lib.SLITTER_CLASS_ZERO_INIT))
+            spec = ClassSpec(self.class_name(class_id), entry.size, bool(entry.flags & lib.SLITTER_CLASS_ZERO_INIT))
             self._add_class(class_id, spec)
         for index in range(header.nruns):
             run = self.arena.runs + index  # a pointer: the C helpers take one
@@ -333,10 +335,7 @@ class Instance:
                 # Its cached objects are tagged with a rack nobody adopts: the
                 # scan below returns them to the depots.
                 gone = Client(owner.client_id, 0, owner.pid, owner_name(owner), index, None)
-                totals = self.racks.totals(gone, caps)
-                for class_id, t in totals.items():
-                    self._retire(class_id, t)
-                self._record_departed(gone.pid, gone.name, totals)
+                self._retire_client(gone.pid, gone.name, self.racks.totals(gone, caps))
                 self.arena.wipe_rack(index)
                 owner.client_id = 0
                 retired += 1
@@ -345,15 +344,13 @@ class Instance:
             adopted_tags[lib.SLITTER_TAG_BASE + index] = 1
             adopted += 1
         live = dict.fromkeys(self.depots, 0)
-        for index in range(header.nruns):
+        free = 0
+        for index in range(header.nruns):  # each run on its own: states first, then its free objects
             run = self.arena.runs + index
             live[run.class_id] += lib.slitter_recover_run(self.arena.view, run, adopted_tags)
-        free = 0
-        for index in range(header.nruns):
-            run = self.arena.runs + index
             out = array("Q", bytes(8 * run.carved))
             n = lib.slitter_collect_depot(self.arena.view, run, ffi.from_buffer("uint64_t[]", out))
-            self.depots[run.class_id].free.extend(out[:n])
+            self.depots[run.class_id].give(out[:n])
             free += n
         if adopted == 0:
             self._reconcile(live)
@@ -395,6 +392,10 @@ class Instance:
             for cid, t in self.racks.totals(client, caps).items():
                 sums[cid].add(t)
         return sums
+
+    def class_errors(self) -> dict[str, dict[str, int]]:
+        """Per class, the refusals counted anywhere (racks, retired clients, the audit), by kind."""
+        return {self.class_name(cid): dict(zip(ERROR_KINDS, t.errors)) for cid, t in self._sums().items()}
 
     def class_stats(self) -> dict[str, dict]:
         """Per-class figures; carved == live + cached + free when quiet."""

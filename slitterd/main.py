@@ -102,7 +102,7 @@ def register_declared(instance: Instance, classes: tuple[config.ClassConfig, ...
             log.error("%s: declared class '%s' not registered: %s", why, c.name, exc)
             continue
         new += not known
-        if c.cap is not None and instance.set_cap(class_id, 0) != c.cap:
+        if c.cap is not None and instance.arena.classes[class_id].cap != c.cap:
             instance.set_cap(class_id, c.cap)
             log.info("%s: class '%s' capped at %d objects", why, c.name, c.cap)
     return new

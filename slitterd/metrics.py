@@ -19,7 +19,6 @@ built.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -76,11 +75,15 @@ def _version() -> str:
         return "unknown"
 
 
+#: Read once: the installed distribution does not change under a running daemon.
+VERSION = _version()
+
+
 def families(snap: Snapshot, instance_name: str, age: float) -> Iterator[Metric]:
     """All metric families of one snapshot, in Prometheus naming conventions."""
     info = GaugeMetricFamily("slitter_info", "Instance name and slitter version (always 1)",
                              labels=["instance_name", "version"])
-    info.add_metric([instance_name, _version()], 1)
+    info.add_metric([instance_name, VERSION], 1)
     yield info
     yield GaugeMetricFamily("slitter_metrics_snapshot_age_seconds",
                             "Seconds since the figures of this scrape were read from the daemon", value=age)
@@ -162,7 +165,6 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(self))
         self.httpd: Any = None
-        self.thread: threading.Thread | None = None
         self._failed_at: float | None = None
 
     def refresh(self, now: float | None = None, *, force: bool = False) -> None:
@@ -189,7 +191,7 @@ class Metrics:
         self.refresh(force=True)
         result = start_http_server(port, addr=host, registry=self.registry)
         if isinstance(result, tuple):  # prometheus-client >= 0.17 returns (server, thread)
-            self.httpd, self.thread = result
+            self.httpd = result[0]
             bound = self.httpd.server_address
             return str(bound[0]), int(bound[1])
         return host, port

@@ -79,7 +79,7 @@ class Mill:
         header = self.arena.header
         cls = self.arena.classes[class_id]
         first, nspans = header.next_span, cls.spans_per_run
-        name = _class_name(cls)
+        name = class_name(cls)
         if first + nspans > header.nspans:
             raise errors.OutOfMemory(
                 f"class '{name}': the arena of {header.arena_size} bytes has no room for another "
@@ -111,5 +111,5 @@ class Mill:
         return Run(base, cls.objects_per_run, run)
 
 
-def _class_name(cls) -> str:
+def class_name(cls) -> str:
     return ffi.string(cls.name).decode()

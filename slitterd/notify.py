@@ -73,9 +73,6 @@ class Notifier:
         """STOPPING=1: the daemon is shutting down."""
         return self.send("STOPPING=1", *((f"STATUS={status}",) if status else ()))
 
-    def status(self, text: str) -> bool:
-        return self.send(f"STATUS={text}")
-
     def tick(self, now: float | None = None) -> None:
         """Called on every loop tick: sends WATCHDOG=1 when it is due."""
         if self.watchdog_interval is None or self._sock is None:

@@ -128,11 +128,7 @@ class Server:
         try:
             req = protocol.parse_request(frame, self.max_message_bytes)
             request_id = req.id
-            result = HANDLERS[req.op](self.instance, req)
-            if req.op is protocol.Op.ATTACH:
-                log.info("client %d (pid %d, %s) attached", result["client"], req.args["pid"],
-                         req.args["name"] or "-")
-            return protocol.ok_reply(req.id, **result)
+            return protocol.ok_reply(req.id, **HANDLERS[req.op](self.instance, req))
         except Refusal as exc:
             return protocol.error_reply(exc.request_id or request_id, exc.code, exc.message)
         except errors.SlitterError as exc:
