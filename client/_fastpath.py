@@ -15,7 +15,6 @@ from slitter._native import ffi, lib
 
 allocate = lib.slitter_allocate
 release = lib.slitter_release
-KEY_BITS = lib.SLITTER_KEY_BITS
 
 OK = lib.SLITTER_OK
 NEED_FLUSH = lib.SLITTER_NEED_FLUSH
@@ -43,25 +42,36 @@ def locate(view, handle: int) -> tuple[object, int, int]:
     return ptr, class_out[0], kind_out[0]
 
 
-def release_error(kind: int, handle: int, class_name: str, owner_name: str | None) -> errors.ReleaseError:
-    """The exception for a refused release of ``handle`` as ``class_name``."""
+RELEASED = "released as"
+
+
+def release_error(kind: int, handle: int, class_name: str | None, owner_name: str | None,
+                  verb: str = RELEASED) -> errors.ReleaseError:
+    """The exception for ``handle`` refused as ``class_name``.
+
+    ``verb`` says what was done with it: "released as" (the default), or
+    "checked as" / "viewed in" for the calls that only look, for which a
+    dead object is not a double free.  ``class_name`` None: no class at all.
+    """
     h = f"{handle:#x}" if isinstance(handle, int) and handle >= 0 else repr(handle)
+    as_class = f" {verb} class '{class_name}'" if class_name is not None else ""
     if kind == lib.SLITTER_ERR_CLASS_MISMATCH:
         return errors.ClassMismatch(
-            f"handle {h} released as class '{class_name}' belongs to class '{owner_name}'",
+            f"handle {h}{as_class} belongs to class '{owner_name}'",
             handle=handle, class_name=class_name, expected_class=owner_name)
     if kind == lib.SLITTER_ERR_INTERIOR_POINTER:
         return errors.InteriorPointer(
-            f"handle {h} released as class '{class_name}' points inside an object, not at its start",
+            f"handle {h}{as_class} points inside an object, not at its start",
             handle=handle, class_name=class_name)
     if kind == lib.SLITTER_ERR_FOREIGN_ADDRESS:
         return errors.ForeignAddress(
-            f"handle {h} released as class '{class_name}' is not an object of this arena "
+            f"handle {h}{as_class} is not an object of this arena "
             "(outside it, in a span no class owns, or in a guard page)",
             handle=handle, class_name=class_name)
     if kind == lib.SLITTER_ERR_DOUBLE_FREE:
         return errors.DoubleFree(
-            f"handle {h} of class '{class_name}' is not live: it was released already (double free)",
+            f"handle {h} of class '{class_name}' is not live: it was released already"
+            + (" (double free)" if verb == RELEASED else ""),
             handle=handle, class_name=class_name)
     return errors.ReleaseError(f"handle {h} of class '{class_name}': refused (error kind {kind})",
                                handle=handle, class_name=class_name)

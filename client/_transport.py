@@ -38,7 +38,6 @@ class Transport:
         self.socket = None
         #: Set once attached: wait out daemon restarts instead of failing fast.
         self.patient = False
-        self.messages = 0
         #: Calls that waited for a reply (``send_nowait`` ones do not).
         self.round_trips = 0
         #: Requests sent, by op name (tests and bench/ count slow-path trips).
@@ -55,6 +54,16 @@ class Transport:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         return sock
+
+    @property
+    def messages(self) -> int:
+        """Requests sent, all ops together."""
+        return sum(self.sent.values())
+
+    def _send(self, op: protocol.Op, request_id: int, args: dict[str, Any], flags: int = 0) -> None:
+        """Build, pack, send and count one request (the caller holds the lock)."""
+        self.socket.send(protocol.pack(protocol.request(op, request_id, **args)), flags)
+        self.sent[op.value] += 1
 
     def call(self, op: protocol.Op, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its reply.
@@ -96,9 +105,7 @@ class Transport:
         try:
             if self.socket is None:
                 return False
-            self.socket.send(protocol.pack(protocol.request(op, next(self.ids), **args)), zmq.NOBLOCK)
-            self.messages += 1
-            self.sent[op.value] += 1
+            self._send(op, next(self.ids), args, zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False
@@ -115,9 +122,7 @@ class Transport:
                     raise
                 return None
         request_id = next(self.ids)
-        self.socket.send(protocol.pack(protocol.request(op, request_id, **args)))
-        self.messages += 1
-        self.sent[op.value] += 1
+        self._send(op, request_id, args)
         wait_until = min(deadline, time.monotonic() + self.RETRY_SECONDS) if self.patient else deadline
         while (left := wait_until - time.monotonic()) > 0:
             if not self.socket.poll(max(1, int(left * 1000)), zmq.POLLIN):

@@ -119,14 +119,14 @@ class Class:
             handle that is not an object start of this class.
             DoubleFree: for the first object that is not live (released already).
         """
-        return self._heap._check_live(self, handles, "checked")
+        return self._heap._check_live(self, handles, "checked as")
 
     def views(self, handles: Iterable[int]) -> list[memoryview]:
         """Writable views of many live objects of this class: ``check``, then one slice each.
 
         About a third of the cost of ``Heap.view`` per object.  Raises as ``check``.
         """
-        batch = self._heap._check_live(self, handles, "viewed")
+        batch = self._heap._check_live(self, handles, "viewed as")
         arena, size = self._heap._arena, self.size
         return [arena[h:h + size] for h in batch]
 

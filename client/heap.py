@@ -24,7 +24,7 @@ from slitter import address as _address
 from slitter._native import ffi, lib
 from slitter._transport import Transport
 from slitter.alloc_class import Class
-from slitter.protocol import ERROR_KINDS, POLICIES, U64, Op
+from slitter.protocol import ERROR_KINDS, POLICIES, U64, ErrorCode, Op
 from slitter.shm import RW, GuardApplier, Mapping, open_segment
 
 log = logging.getLogger("slitter")
@@ -101,9 +101,7 @@ class Heap:
                                       self._data.ptr)
         if err:
             raise errors.LimitExceeded(f"cannot open a client of {self.address}: {os.strerror(err)}")
-        _BY_CLIENT[int(ffi.cast("uintptr_t", self._client))] = weakref.ref(self)
-        self._guards.client = self._client
-        self._client.guards_applied = self._guards.applied
+        _BY_CLIENT[int(ffi.cast("uintptr_t", self._client))] = self
         if self._view_key is None:
             self._view_key = lib.slitter_key_new(self._client, 0)
             # One memoryview of the whole arena: a view is a checked slice of it.  It owns
@@ -135,6 +133,7 @@ class Heap:
         if guards.applied != guards.header.nruns:
             with self._lock:
                 guards.apply()
+                self._client.guards_applied = guards.applied  # what the native view check compares
 
     def close(self) -> None:
         """Detach: the daemon takes back every cached object.  Idempotent.
@@ -149,10 +148,10 @@ class Heap:
         if transport is not None:
             try:
                 transport.call(Op.DETACH, client=self._client_id, token=self._token)
-            except errors.ProtocolError:
-                pass  # a repeated detach: the first one got through
             except errors.SlitterError as exc:
-                log.warning("detach from %s failed: %s", self.address, exc)
+                # UNKNOWN_CLIENT: a detach sent again after a lost reply; the first one got through.
+                if getattr(exc, "code", None) is not ErrorCode.UNKNOWN_CLIENT:
+                    log.warning("detach from %s failed: %s", self.address, exc)
             transport.close()
         lib.slitter_client_close(self._client)
         for mapping in (self._rack, self._live_map, self._tables):
@@ -232,13 +231,7 @@ class Heap:
             return self.view(handle)
         _ptr, class_id, kind = _fastpath.locate(self._view, handle)
         owner = self._class_name(class_id) if class_id else None
-        h = f"{handle:#x}" if isinstance(handle, int) and handle >= 0 else repr(handle)
-        if owner is None:
-            raise errors.ForeignAddress(f"handle {h} is not an object of this arena (outside it, in a span "
-                                        "no class owns, or in a guard page)", handle=handle, class_name=None)
-        err = _fastpath.release_error(kind, handle, owner, owner)
-        raise type(err)(str(err).replace("released as class", "viewed in class", 1), handle=handle,
-                        class_name=owner)
+        raise _fastpath.release_error(kind, handle, owner, owner, "viewed in")
 
     def stats(self) -> dict[str, Any]:
         """{"instance": {...}, "classes": {name: {...}}, "clients": [...]} from the daemon."""
@@ -338,21 +331,15 @@ class Heap:
         self._ensure_attached()  # closed: raise; a forked child: its own rack first
         batch, not_u64 = self._u64_batch(handles)
         if not_u64 is not None:
-            raise self._not_live_error(cls, not_u64, lib.SLITTER_ERR_FOREIGN_ADDRESS, verb)
+            raise self._release_error(cls, not_u64, lib.SLITTER_ERR_FOREIGN_ADDRESS, verb)
         if len(batch):
             # Objects of runs carved since the last look: their guard pages first.
             self._apply_guards()
             bad = ffi.new("uint32_t *")
             result = self._check_batch(cls, batch, ffi.from_buffer("uint64_t[]", batch), bad)
             if result < 0:
-                raise self._not_live_error(cls, batch[bad[0]], -1 - result, verb)
+                raise self._release_error(cls, batch[bad[0]], -1 - result, verb)
         return batch
-
-    def _not_live_error(self, cls: Class, handle: int, kind: int, verb: str) -> errors.ReleaseError:
-        """The error of a check or view that found ``handle`` is no live object of ``cls`` (not reported: nothing was released)."""
-        err = self._release_error(cls, handle, kind)
-        message = str(err).replace("released as class", f"{verb} as class", 1).replace(" (double free)", "")
-        return type(err)(message, **err.detail)
 
     def _release_many(self, cls: Class, handles: Iterable[int]) -> None:
         batch, not_u64 = self._u64_batch(handles)
@@ -426,13 +413,14 @@ class Heap:
         for handle, kind in reply["refused"]:
             log.warning("the daemon's audit refused handle %#x of class '%s': %s", handle, cls.name, kind)
 
-    def _release_error(self, cls: Class, handle: object, kind: int) -> errors.ReleaseError:
-        """The exception for releasing ``handle`` as ``cls``, naming the owning class on a mismatch."""
+    def _release_error(self, cls: Class, handle: object, kind: int,
+                       verb: str = _fastpath.RELEASED) -> errors.ReleaseError:
+        """The exception for ``handle`` refused as ``cls`` (``verb``: see release_error), naming the owner on a mismatch."""
         owner = None
         if kind == lib.SLITTER_ERR_CLASS_MISMATCH:
             _ptr, owner_id, _kind = _fastpath.locate(self._view, handle)
             owner = self._class_name(owner_id) if owner_id else None
-        return _fastpath.release_error(kind, handle, cls.name, owner)
+        return _fastpath.release_error(kind, handle, cls.name, owner, verb)
 
     def _refused(self, cls: Class, handle: object, kind: int, *, counted: bool = True) -> None:
         """A release was refused: report it, then apply the error policy.
@@ -465,14 +453,14 @@ class Heap:
         return f"<slitter.Heap {self.address} {state}>"
 
 
-_BY_CLIENT: dict[int, weakref.ref[Heap]] = {}  # native client address -> heap, for the hook
+#: Native client address -> heap, for the hooks; an entry goes with its heap.
+_BY_CLIENT: weakref.WeakValueDictionary[int, Heap] = weakref.WeakValueDictionary()
 
 
 def _ahead(client, op: Op, thread: int, class_id: int, **flag: bool) -> None:
     """Send the request a fast-path hook asks for, to the heap that owns ``client``."""
     try:
-        ref = _BY_CLIENT.get(int(ffi.cast("uintptr_t", client)))
-        heap = ref() if ref is not None else None
+        heap = _BY_CLIENT.get(int(ffi.cast("uintptr_t", client)))
         if heap is not None:
             heap._send_ahead(op, thread, class_id, **flag)
     except Exception:  # a hook must never raise into C

@@ -95,8 +95,6 @@ class GuardApplier:
         self.runs = runs
         self.data = data
         self.applied = 0
-        #: A native client to tell how far the guards go (views check it).
-        self.client = None
         data.protect(0, lib.SLITTER_SPAN_SIZE, lib.PROT_NONE)
 
     def apply(self) -> None:
@@ -108,5 +106,3 @@ class GuardApplier:
             end = (run.first_span + run.nspans) * span
             self.data.protect(end - PAGE, PAGE, lib.PROT_NONE)
             self.applied += 1
-        if self.client is not None:
-            self.client.guards_applied = self.applied

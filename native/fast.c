@@ -41,6 +41,14 @@ static __thread struct slitter__tls tls __attribute__((tls_model("initial-exec")
 static struct slitter_key { struct slitter_client *client; uint32_t class_id; } keys[SLITTER_MAX_KEYS];
 static uint32_t next_key = 1;
 
+/* The entry of a key Python passed, or NULL for one that names no client. */
+static inline const struct slitter_key *slitter__key(uint32_t key)
+{
+    if (slitter_unlikely(key >= SLITTER_MAX_KEYS || keys[key].client == NULL))
+        return NULL;
+    return &keys[key];
+}
+
 /* Epochs are unique per open in this process; 0 means closed. */
 static uint64_t next_epoch = 1;
 
@@ -242,6 +250,20 @@ static inline int64_t slitter__object_bit(const struct slitter_span *sp,
 }
 
 /*
+ * Whatever class owns `handle`: its live-map index, or -1 - SLITTER_ERR_*.
+ * `*class_out` gets the owning class, or 0 when no class owns the span.
+ */
+static inline int64_t slitter__locate(const struct slitter_view *v, uint64_t handle, uint32_t *class_out)
+{
+    *class_out = 0;
+    const struct slitter_span *sp = slitter__span(v, handle);
+    if (sp == NULL)
+        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;
+    *class_out = sp->class_id;
+    return slitter__object_bit(sp, &v->classes[sp->class_id], handle);
+}
+
+/*
  * Rare (once per magazine): the allocation magazine is empty.  Take the
  * release magazine's objects, else the prefetched spare (and ask Python to
  * prefetch the next one, without waiting), else give up: the slow path
@@ -338,6 +360,18 @@ static SLITTER_NOINLINE int slitter__send_release_out(struct slitter_client *c, 
     return SLITTER_OK;
 }
 
+/* The checks of slitter_release() up to the live byte, with nothing changed.
+ * Returns the live-map index, or -1 - SLITTER_ERR_*. */
+static inline int64_t slitter__check(const struct slitter_client *c, uint32_t class_id, uint64_t handle)
+{
+    const struct slitter_span *sp = slitter__span(&c->view, handle);
+    if (sp == NULL)
+        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;
+    if (sp->class_id != class_id)
+        return -1 - SLITTER_ERR_CLASS_MISMATCH;
+    return slitter__object_bit(sp, &c->view.classes[class_id], handle);
+}
+
 /* Rare: count a refused release under the class it was released as. */
 static SLITTER_NOINLINE int slitter__refuse(struct slitter_thread_class *tc, int kind)
 {
@@ -356,17 +390,11 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
     if (slitter_unlikely(tc->release_count >= capacity))
         return SLITTER_NEED_SLOW;
 
-    /* Foreign: beyond the carved spans, or a span no class owns.  One load
-     * of the header's next_span (hot) and one of the span entry. */
-    const struct slitter_span *sp = slitter__span(&c->view, handle);
-    if (slitter_unlikely(sp == NULL))
-        return slitter__refuse(tc, SLITTER_ERR_FOREIGN_ADDRESS);
-    /* Class: the span table says who owns the address, forever. */
-    if (slitter_unlikely(sp->class_id != class_id))
-        return slitter__refuse(tc, SLITTER_ERR_CLASS_MISMATCH);
-    /* Interior / guard: two multiplies against the class's stride. */
-    const struct slitter_class *cls = &c->view.classes[class_id];
-    int64_t obj = slitter__object_bit(sp, cls, handle);
+    /* Foreign (beyond the carved spans, or a span no class owns: one load of
+     * the header's next_span, hot, and one of the span entry), class (the
+     * span table says who owns the address, forever), interior or guard
+     * (two multiplies against the class's stride). */
+    int64_t obj = slitter__check(c, class_id, handle);
     if (slitter_unlikely(obj < 0))
         return slitter__refuse(tc, (int)(-1 - obj));
     /* Double free: the one atomic of the pair (lock cmpxchg, LIVE -> our
@@ -411,32 +439,28 @@ int slitter_key_new(struct slitter_client *c, uint32_t class_id)
 /* A key's entry is written once, before Python ever sees the key. */
 uint64_t slitter_allocate_key(uint32_t key)
 {
-    if (slitter_unlikely(key >= SLITTER_MAX_KEYS || keys[key].client == NULL))
-        return 0;
-    return slitter_allocate(keys[key].client, keys[key].class_id);
-}
-
-int slitter_release_key(uint64_t packed)
-{
-    uint32_t key = (uint32_t)(packed & (SLITTER_MAX_KEYS - 1));
-    if (slitter_unlikely(keys[key].client == NULL))
-        return SLITTER_NEED_SLOW;
-    return slitter_release(keys[key].client, keys[key].class_id, packed >> SLITTER_KEY_BITS);
+    const struct slitter_key *k = slitter__key(key);
+    return k ? slitter_allocate(k->client, k->class_id) : 0;
 }
 
 int slitter_release_as(uint32_t key, uint64_t handle)
 {
-    if (slitter_unlikely(key >= SLITTER_MAX_KEYS || keys[key].client == NULL))
-        return SLITTER_NEED_SLOW;
-    return slitter_release(keys[key].client, keys[key].class_id, handle);
+    const struct slitter_key *k = slitter__key(key);
+    return k ? slitter_release(k->client, k->class_id, handle) : SLITTER_NEED_SLOW;
+}
+
+int slitter_release_key(uint64_t packed)
+{
+    return slitter_release_as((uint32_t)(packed & (SLITTER_MAX_KEYS - 1)), packed >> SLITTER_KEY_BITS);
 }
 
 uint32_t slitter_allocate_many_key(uint32_t key, uint64_t *out, uint32_t n)
 {
-    if (slitter_unlikely(key >= SLITTER_MAX_KEYS || keys[key].client == NULL))
+    const struct slitter_key *k = slitter__key(key);
+    if (k == NULL)
         return 0;
-    struct slitter_client *c = keys[key].client;
-    uint32_t class_id = keys[key].class_id;
+    struct slitter_client *c = k->client;
+    uint32_t class_id = k->class_id;
     struct slitter_thread_slot *slot = slitter__slot(c);
     if (slitter_unlikely(slot == NULL || class_id >= SLITTER_MAX_CLASSES))
         return 0;
@@ -452,24 +476,13 @@ uint32_t slitter_allocate_many_key(uint32_t key, uint64_t *out, uint32_t n)
     return got;
 }
 
-/* The checks of slitter_release() up to the live byte, with nothing changed.
- * Returns the live-map index, or -1 - SLITTER_ERR_*. */
-static inline int64_t slitter__check(const struct slitter_client *c, uint32_t class_id, uint64_t handle)
-{
-    const struct slitter_span *sp = slitter__span(&c->view, handle);
-    if (sp == NULL)
-        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;
-    if (sp->class_id != class_id)
-        return -1 - SLITTER_ERR_CLASS_MISMATCH;
-    return slitter__object_bit(sp, &c->view.classes[class_id], handle);
-}
-
 int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *bad)
 {
-    if (key >= SLITTER_MAX_KEYS || keys[key].client == NULL)
+    const struct slitter_key *k = slitter__key(key);
+    if (k == NULL)
         return SLITTER_NEED_SLOW;
-    struct slitter_client *c = keys[key].client;
-    uint32_t class_id = keys[key].class_id;
+    struct slitter_client *c = k->client;
+    uint32_t class_id = k->class_id;
     struct slitter_thread_slot *slot = slitter__slot(c);
     if (slot == NULL || slot->classes[class_id].capacity == 0)
         return SLITTER_NEED_SLOW;
@@ -488,10 +501,11 @@ int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, ui
 static int slitter__release_many(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done, int whole)
 {
     *done = 0;
-    if (key >= SLITTER_MAX_KEYS || keys[key].client == NULL)
+    const struct slitter_key *k = slitter__key(key);
+    if (k == NULL)
         return SLITTER_NEED_SLOW;
-    struct slitter_client *c = keys[key].client;
-    uint32_t class_id = keys[key].class_id;
+    struct slitter_client *c = k->client;
+    uint32_t class_id = k->class_id;
     struct slitter_thread_slot *slot = slitter__slot(c);
     if (slot == NULL)
         return SLITTER_NEED_SLOW;
@@ -552,9 +566,8 @@ static inline struct slitter_thread_class *slitter__bare_tc(struct slitter_clien
 
 uint64_t slitter_bench_bare_allocate_key(uint32_t key)
 {
-    if (key >= SLITTER_MAX_KEYS || keys[key].client == NULL)
-        return 0;
-    struct slitter_thread_class *tc = slitter__bare_tc(keys[key].client, keys[key].class_id);
+    const struct slitter_key *k = slitter__key(key);
+    struct slitter_thread_class *tc = k ? slitter__bare_tc(k->client, k->class_id) : NULL;
     if (tc == NULL || tc->alloc_count == 0)
         return 0;
     return tc->alloc[--tc->alloc_count];
@@ -562,10 +575,8 @@ uint64_t slitter_bench_bare_allocate_key(uint32_t key)
 
 int slitter_bench_bare_release_key(uint64_t packed)
 {
-    uint32_t key = (uint32_t)(packed & (SLITTER_MAX_KEYS - 1));
-    if (keys[key].client == NULL)
-        return SLITTER_NEED_SLOW;
-    struct slitter_thread_class *tc = slitter__bare_tc(keys[key].client, keys[key].class_id);
+    const struct slitter_key *k = slitter__key((uint32_t)(packed & (SLITTER_MAX_KEYS - 1)));
+    struct slitter_thread_class *tc = k ? slitter__bare_tc(k->client, k->class_id) : NULL;
     if (tc == NULL || tc->alloc_count >= tc->capacity)
         return SLITTER_NEED_SLOW;
     tc->alloc[tc->alloc_count++] = packed >> SLITTER_KEY_BITS;
@@ -602,12 +613,9 @@ int64_t slitter_object_size_key(uint64_t packed)
     if (slitter_unlikely(__atomic_load_n(&c->view.header->nruns, __ATOMIC_ACQUIRE) != c->guards_applied))
         return SLITTER_VIEW_GUARDS;
     uint64_t handle = packed >> SLITTER_KEY_BITS;
-    const struct slitter_span *sp = slitter__span(&c->view, handle);
-    if (sp == NULL)
-        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;
-    const struct slitter_class *cls = &c->view.classes[sp->class_id];
-    int64_t obj = slitter__object_bit(sp, cls, handle);
-    return obj < 0 ? obj : (int64_t)cls->size;
+    uint32_t class_id;
+    int64_t obj = slitter__locate(&c->view, handle, &class_id);
+    return obj < 0 ? obj : (int64_t)c->view.classes[class_id].size;
 }
 
 int slitter_count_error(struct slitter_client *c, uint32_t class_id, int kind)
@@ -622,20 +630,9 @@ int slitter_count_error(struct slitter_client *c, uint32_t class_id, int kind)
 void *slitter_object(const struct slitter_view *v, uint64_t handle,
                      uint32_t *class_out, int *kind_out)
 {
-    *class_out = 0;
-    const struct slitter_span *sp = slitter__span(v, handle);
-    if (sp == NULL) {
-        *kind_out = SLITTER_ERR_FOREIGN_ADDRESS;
-        return NULL;
-    }
-    *class_out = sp->class_id;
-    int64_t bit = slitter__object_bit(sp, &v->classes[sp->class_id], handle);
-    if (bit < 0) {
-        *kind_out = (int)(-1 - bit);
-        return NULL;
-    }
-    *kind_out = 0;
-    return v->data + handle;
+    int64_t obj = slitter__locate(v, handle, class_out);
+    *kind_out = obj < 0 ? (int)(-1 - obj) : 0;
+    return obj < 0 ? NULL : v->data + handle;
 }
 
 uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, uint8_t tag,
