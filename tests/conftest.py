@@ -6,6 +6,7 @@ finalizer, even when the test fails.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -30,15 +31,64 @@ def daemon():
     try:
         yield d
     finally:
-        d.stop()
-        for path in address.segment_paths(d.name):
-            path.unlink(missing_ok=True)
+        d.stop()  # also removes any segment the daemon left
 
 
 @pytest.fixture
 def heap(daemon):
     with slitter.connect(daemon.address, name="test") as h:
         yield h
+
+
+def run_slitterd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``slitterd`` by hand to completion (for what it refuses); its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "slitterd", *args], capture_output=True, text=True, timeout=60,
+                          cwd=cwd)
+
+
+def ctl_command(*args: str) -> list[str]:
+    """The command line of ``slitterctl *args`` (run from this interpreter, not the installed script)."""
+    return [sys.executable, "-c", "import sys; from slitterd.ctl import main; sys.exit(main())", *args]
+
+
+def ctl(*args: str, **kw) -> subprocess.CompletedProcess:
+    """Run ``slitterctl *args`` to completion; its output captured as text."""
+    return subprocess.run(ctl_command(*args), capture_output=True, text=True, timeout=60, cwd="/", **kw)
+
+
+def start_spawned(target, argses) -> tuple[list, object]:
+    """Start ``target(*args, queue)`` in a fresh "spawn" process for each ``args``; (processes, queue)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, queue)) for args in argses]
+    for p in procs:
+        p.start()
+    return procs, queue
+
+
+def collect_spawned(procs, queue, timeout: float = 120, join_timeout: float = 60) -> list:
+    """One result from ``queue`` per process (each within ``timeout``), then join them all."""
+    results = [queue.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(join_timeout)
+    return results
+
+
+def run_spawned(target, argses, timeout: float = 120, join_timeout: float = 60) -> tuple[list, list]:
+    """``start_spawned`` then ``collect_spawned``: (processes, their results)."""
+    procs, queue = start_spawned(target, argses)
+    return procs, collect_spawned(procs, queue, timeout, join_timeout)
+
+
+def wait_reclaimed(heap, pid: int, since: float) -> tuple[float, dict]:
+    """Poll the daemon every 20 ms until ``pid`` is no longer a client; (latency, stats)."""
+    while True:
+        stats = heap.stats()
+        latency = time.monotonic() - since
+        if pid not in {c["pid"] for c in stats["clients"]}:
+            return latency, stats
+        assert latency < 5, f"pid {pid} still listed {latency:.2f} s after SIGKILL"
+        time.sleep(0.02)
 
 
 class DaemonProcess:

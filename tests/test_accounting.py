@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import multiprocessing
+from conftest import run_spawned, wait_reclaimed
 
 import slitter
 import workers
@@ -14,14 +14,10 @@ def invariant_holds(stats):
 
 
 def test_invariant_with_several_processes(daemon, heap):
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=workers.churn, args=(daemon.address, seed, 100 * seed, queue)) for seed in range(1, 4)]
+    procs, results = run_spawned(workers.churn, [(daemon.address, seed, 100 * seed) for seed in range(1, 4)],
+                                 timeout=120, join_timeout=60)
+    kept = [item for result in results for item in result]
     for p in procs:
-        p.start()
-    kept = [item for _ in procs for item in queue.get(timeout=120)]
-    for p in procs:
-        p.join(60)
         assert p.exitcode == 0
     stats = heap.stats()
     assert invariant_holds(stats), stats["classes"]
@@ -74,12 +70,7 @@ def test_killed_client_is_reclaimed(daemon, heap):
     assert c["cached"] > 0 and c["live"] == 100
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        stats = heap.stats()
-        if len(stats["clients"]) == 1:
-            break
-        time.sleep(0.05)
+    _, stats = wait_reclaimed(heap, pid, time.monotonic())
     c = stats["classes"]["k"]
     assert len(stats["clients"]) == 1
     assert c["cached"] == 0 and c["live"] == 100

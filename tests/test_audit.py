@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
+from conftest import ctl, ctl_command
 
 import slitter
 from slitter._native import ffi, lib
-
-
-def kinds(heap):
-    return [(e[3], e[5], e[6]) for e in heap.audit()["entries"]]
 
 
 def test_fast_path_refusals_reach_the_audit_log(heap):
@@ -97,7 +93,7 @@ def test_flush_of_a_live_object_is_refused(heap):
     cls.release(h)  # still live, still releasable
 
 
-def test_audit_log_is_bounded_with_exact_counters(daemon, heap):
+def test_audit_log_is_bounded_with_exact_counters():
     from slitterd.audit import AuditLog
 
     small = AuditLog(capacity=3)
@@ -106,22 +102,15 @@ def test_audit_log_is_bounded_with_exact_counters(daemon, heap):
     assert [e[4] for e in small.since(0, 10)] == [2, 3, 4] and small.dropped == 2 and small.seq == 5
 
 
-def ctl(*args):
-    return subprocess.run([sys.executable, "-c", "import sys; from slitterd.ctl import main; sys.exit(main())",
-                           *args], capture_output=True, text=True, timeout=60, cwd="/",
-                          env={**os.environ, "COLUMNS": "200"})
-
-
 def test_slitterctl_audit_and_follow(daemon, heap):
     cls = heap.register_class("shown", size=64)
     with pytest.raises(slitter.ForeignAddress):
         cls.release(4096)
-    out = ctl("--socket", daemon.address, "audit")
+    out = ctl("--socket", daemon.address, "audit", env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0 and "shown" in out.stdout and "0x1000" in out.stdout and "foreign_address" in out.stdout
-    data = json.loads(ctl("--socket", daemon.address, "audit", "--json").stdout)
+    data = json.loads(ctl("--socket", daemon.address, "audit", "--json", env={**os.environ, "COLUMNS": "200"}).stdout)
     assert data["entries"][0][5] == "foreign_address"
-    follower = subprocess.Popen([sys.executable, "-c", "import sys; from slitterd.ctl import main; sys.exit(main())",
-                                 "--socket", daemon.address, "audit", "--follow", "--json"],
+    follower = subprocess.Popen(ctl_command("--socket", daemon.address, "audit", "--follow", "--json"),
                                 stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         first = json.loads(follower.stdout.readline())

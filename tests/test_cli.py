@@ -10,15 +10,10 @@ import sys
 import time
 
 import pytest
+from conftest import ctl, run_slitterd
 
 import slitter
 from slitter import address
-
-
-
-def ctl(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys; from slitterd.ctl import main; sys.exit(main())",
-                           *args], capture_output=True, text=True, timeout=60, cwd="/", **kw)
 
 
 def test_slitterd_defaults_need_no_config(tmp_path):
@@ -52,8 +47,7 @@ def test_slitterd_defaults_need_no_config(tmp_path):
 def test_slitterd_rejects_bad_flags(tmp_path):
     for args, word in ((["--arena-size", "lots"], "--arena-size"), (["--name", "../etc"], "--name"),
                        (["--arena-size", "1000"], "arena size")):
-        r = subprocess.run([sys.executable, "-m", "slitterd", "--socket", str(tmp_path / "s.sock"), *args],
-                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        r = run_slitterd("--socket", str(tmp_path / "s.sock"), *args, cwd=tmp_path)
         assert r.returncode != 0 and word in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
 

@@ -25,6 +25,8 @@ import random
 import signal
 import time
 
+from conftest import wait_reclaimed
+
 import slitter
 import workers
 
@@ -62,17 +64,6 @@ def _check_invariants(stats, where: str) -> None:
         assert c["cached"] == cached[name], (where, name, "cached by no attached client", c, stats["clients"])
 
 
-def _wait_reclaimed(heap, pid: int, since: float) -> tuple[float, dict]:
-    """Poll the daemon every 20 ms until ``pid`` is no longer a client; (latency, stats)."""
-    while True:
-        stats = heap.stats()
-        latency = time.monotonic() - since
-        if pid not in _attached(stats):
-            return latency, stats
-        assert latency < 5, f"pid {pid} still listed {latency:.2f} s after SIGKILL"
-        time.sleep(0.02)
-
-
 class Record:
     """The victim's shared record (layout in ``workers.death_loop``)."""
 
@@ -108,7 +99,7 @@ def _kill_one(ctx, daemon, heap, record: Record, seed: int, delay: float):
         time.sleep(delay)
         since = time.monotonic()
         os.kill(p.pid, signal.SIGKILL)
-        latency, stats = _wait_reclaimed(heap, p.pid, since)
+        latency, stats = wait_reclaimed(heap, p.pid, since)
     finally:
         if p.is_alive():
             p.kill()
@@ -252,7 +243,7 @@ def test_a_dead_clients_live_objects_stay_its_own_figure(daemon, heap):
     assert _attached(heap.stats())[pid]["classes"]["orphan_a"]["cached"] > 0
     since = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    latency, stats = _wait_reclaimed(heap, pid, since)
+    latency, stats = wait_reclaimed(heap, pid, since)
     os.waitpid(pid, 0)
     assert latency < REACT_S
     assert stats["classes"]["orphan_a"]["live"] == 123 and stats["classes"]["orphan_b"]["live"] == 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 import grp
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_slitterd
 
 import slitter
 from slitter import address
@@ -157,11 +156,6 @@ def test_check_config_of_a_good_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"{good}: ok: instance 'x' on /run/slitter/x.sock") and "1 classes" in out
     assert not address.segment_paths("x")[0].exists(), "--check-config starts nothing"
-
-
-def run_slitterd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slitterd", *args], capture_output=True, text=True, timeout=60,
-                          cwd=cwd)
 
 
 def test_example_config_validates(tmp_path):

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import multiprocessing
+from conftest import run_spawned
 
 import slitter
 import workers
-
-KINDS = ("class_mismatch", "interior_pointer", "foreign_address", "double_free")
+from workers import KINDS
 
 
 def test_counters_match_the_clients_own_counts(daemon, heap):
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=workers.counted_mix, args=(daemon.address, seed, queue)) for seed in range(3)]
+    procs, results = run_spawned(workers.counted_mix, [(daemon.address, seed) for seed in range(3)],
+                                 timeout=120, join_timeout=60)
     for p in procs:
-        p.start()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(60)
         assert p.exitcode == 0
     stats = heap.stats()["classes"]
     held = {"a": 0, "b": 0}

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 import time
 
 import pytest
+from conftest import collect_spawned, run_slitterd, start_spawned
 
 import slitter
 import workers
 from slitter._native import lib
-
-
-def invariant(stats):
-    return {n: (c["carved"], c["live"] + c["cached"] + c["free"]) for n, c in stats["classes"].items()}
 
 
 def test_restart_after_sigkill_keeps_live_objects(manual_daemon):
@@ -69,11 +65,7 @@ def test_restart_after_sigterm_recovers_classes_and_policies(manual_daemon):
 def test_clients_ride_out_a_daemon_restart_under_load(manual_daemon, tmp_path):
     d = manual_daemon().start()
     stop = tmp_path / "stop"
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=workers.load_until, args=(d.address, seed, str(stop), queue)) for seed in range(3)]
-    for p in procs:
-        p.start()
+    procs, queue = start_spawned(workers.load_until, [(d.address, seed, str(stop)) for seed in range(3)])
     time.sleep(1.5)
     for _ in range(2):
         d.kill(signal.SIGKILL)
@@ -81,9 +73,8 @@ def test_clients_ride_out_a_daemon_restart_under_load(manual_daemon, tmp_path):
         d.start()
         time.sleep(1.0)
     stop.touch()
-    results = [queue.get(timeout=120) for _ in procs]
+    results = collect_spawned(procs, queue, timeout=120, join_timeout=60)
     for p in procs:
-        p.join(60)
         assert p.exitcode == 0
     assert all(r["bad"] == 0 for r in results), "an object's content changed"
     assert all(r["ops"] > 1000 for r in results)
@@ -127,17 +118,13 @@ def test_slow_path_waits_for_the_daemon_then_gives_up(manual_daemon):
 
 
 def test_another_layout_version_is_refused(manual_daemon, tmp_path):
-    import subprocess
-    import sys
-
     d = manual_daemon().start()
     d.kill(signal.SIGKILL)
     meta = slitter.address.segment_paths(d.name)[0]
     with open(meta, "r+b") as f:
         f.seek(8)
         f.write((lib.SLITTER_LAYOUT_VERSION + 1).to_bytes(4, "little"))
-    r = subprocess.run([sys.executable, "-m", "slitterd", "--name", d.name, "--socket", str(tmp_path / "v.sock")],
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = run_slitterd("--name", d.name, "--socket", str(tmp_path / "v.sock"), cwd=tmp_path)
     assert r.returncode != 0 and "layout version" in r.stderr and "refusing to guess" in r.stderr
 
 

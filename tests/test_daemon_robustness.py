@@ -11,6 +11,7 @@ import textwrap
 import msgpack
 import pytest
 import zmq
+from conftest import run_slitterd
 
 import slitter
 from slitter import protocol
@@ -104,7 +105,6 @@ def test_exhausted_arena_raises_out_of_memory_and_daemon_serves_on(manual_daemon
     d = manual_daemon("--ephemeral").start("--arena-size", "64M")
     with slitter.connect(d.address) as heap:
         big = heap.register_class("big", size=1 << 20)
-        small = heap.register_class("small", size=64)
         got = []
         with pytest.raises(slitter.OutOfMemory, match="big"):
             for _ in range(100):
@@ -116,7 +116,6 @@ def test_exhausted_arena_raises_out_of_memory_and_daemon_serves_on(manual_daemon
         with pytest.raises(slitter.OutOfMemory):
             heap.register_class("more", size=1 << 20).allocate()
         assert heap.stats()["classes"]["big"]["live"] == len(got)
-        del small
 
 
 def test_client_exit_never_unlinks_the_segments(daemon):
@@ -153,9 +152,7 @@ def test_named_instance_keeps_segments_on_sigterm_and_ephemeral_removes_them(man
 
 def test_restart_over_a_live_daemon_is_refused(manual_daemon, tmp_path):
     d = manual_daemon("--ephemeral").start()
-    second = subprocess.run([sys.executable, "-m", "slitterd", "--name", d.name, "--socket",
-                             str(tmp_path / "other.sock")], capture_output=True, text=True, timeout=60,
-                            cwd=tmp_path)
+    second = run_slitterd("--name", d.name, "--socket", str(tmp_path / "other.sock"), cwd=tmp_path)
     assert second.returncode != 0 and f"served by pid {d.proc.pid}" in second.stderr
 
 
@@ -165,9 +162,7 @@ def test_damaged_header_is_refused(manual_daemon, tmp_path):
     meta = slitter.address.segment_paths(d.name)[0]
     with open(meta, "r+b") as f:
         f.write(b"garbage!")
-    again = subprocess.run([sys.executable, "-m", "slitterd", "--name", d.name, "--socket",
-                            str(tmp_path / "x.sock")], capture_output=True, text=True, timeout=60,
-                           cwd=tmp_path)
+    again = run_slitterd("--name", d.name, "--socket", str(tmp_path / "x.sock"), cwd=tmp_path)
     assert again.returncode != 0 and "bad magic" in again.stderr
 
 

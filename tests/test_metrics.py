@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import run_slitterd
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -147,9 +146,8 @@ def test_metrics_port_in_use_is_one_error_and_no_segments(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "slitterd", "--name", name, "--socket", str(tmp_path / "s.sock"),
-                            "--arena-size", "1G", "--metrics", f"127.0.0.1:{port}"],
-                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        r = run_slitterd("--name", name, "--socket", str(tmp_path / "s.sock"), "--arena-size", "1G",
+                         "--metrics", f"127.0.0.1:{port}", cwd=tmp_path)
     leftover = [p for p in address.segment_paths(name) if p.exists()]
     for p in leftover:
         p.unlink()

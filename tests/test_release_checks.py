@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
+from conftest import run_spawned
 
 import slitter
 import workers
@@ -153,13 +154,6 @@ def test_racing_releases_of_one_object_succeed_once(daemon, heap):
     """Two processes release the same objects at once: exactly one wins each."""
     cls = heap.register_class("race", size=32)
     handles = [cls.allocate() for _ in range(3000)]
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=workers.release_all, args=(daemon.address, handles, queue)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
+    _, results = run_spawned(workers.release_all, [(daemon.address, handles)] * 2, timeout=60, join_timeout=30)
     assert sum(r[0] for r in results) == len(handles)
     assert sum(r[1] for r in results) == len(handles)

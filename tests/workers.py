@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import slitter
 
+# The kinds of refused release that counted_mix makes and counts (test_counters checks them).
+KINDS = ("class_mismatch", "interior_pointer", "foreign_address", "double_free")
+
 
 def release_in_child(address, handle, queue):
     with slitter.connect(address) as heap:
@@ -63,8 +66,7 @@ def counted_mix(address, seed, queue):
     import random
 
     rng = random.Random(seed)
-    kinds = ("class_mismatch", "interior_pointer", "foreign_address", "double_free")
-    mine = {name: {"allocations": 0, "releases": 0, **{k: 0 for k in kinds}} for name in ("a", "b")}
+    mine = {name: {"allocations": 0, "releases": 0, **{k: 0 for k in KINDS}} for name in ("a", "b")}
     with slitter.connect(address, name=f"mix{seed}", policy="log") as heap:
         classes = {"a": heap.register_class("a", size=24), "b": heap.register_class("b", size=3000)}
         live = []
@@ -83,7 +85,7 @@ def counted_mix(address, seed, queue):
                 freed.append((owner, h))
             else:
                 owner, h = live[rng.randrange(len(live))]
-                kind = rng.choice(kinds)
+                kind = rng.choice(KINDS)
                 if kind == "class_mismatch":
                     classes["b" if owner == "a" else "a"].release(h)
                     mine["b" if owner == "a" else "a"][kind] += 1
@@ -108,6 +110,34 @@ def stamp(handle: int, size: int) -> bytes:
     return (handle.to_bytes(8, "little") * (size // 8 + 1))[:size]
 
 
+def step(heap, classes, held, rng, p_release: float) -> int:
+    """One random operation of a load worker on ``held`` [(class, handle)]: release a held object
+    (with probability ``p_release``), checking its stamp first, or allocate and stamp a new one.
+    Returns 1 if the released object's content was wrong, else 0."""
+    bad = 0
+    if held and rng.random() < p_release:
+        cls, h = held.pop(rng.randrange(len(held)))
+        bad += bytes(heap.view(h)) != stamp(h, cls.size)
+        cls.release(h)
+    else:
+        cls = rng.choice(classes)
+        h = cls.allocate()
+        heap.view(h)[:] = stamp(h, cls.size)
+        held.append((cls, h))
+    return bad
+
+
+def verify(heap, held, release: bool = False) -> int:
+    """How many of the ``held`` [(class, handle)] objects lack their stamp; each released after
+    its check if ``release``."""
+    bad = 0
+    for cls, h in held:
+        bad += bytes(heap.view(h)) != stamp(h, cls.size)
+        if release:
+            cls.release(h)
+    return bad
+
+
 def load_until(address, seed, stop_path, queue):
     """Allocate, write, verify and release until ``stop_path`` exists; report what is held.
 
@@ -126,19 +156,8 @@ def load_until(address, seed, stop_path, queue):
         while not os.path.exists(stop_path):
             for _ in range(500):
                 ops += 1
-                if held and rng.random() < 0.49:
-                    cls, h = held.pop(rng.randrange(len(held)))
-                    if bytes(heap.view(h)) != stamp(h, cls.size):
-                        bad += 1
-                    cls.release(h)
-                else:
-                    cls = rng.choice(classes)
-                    h = cls.allocate()
-                    heap.view(h)[:] = stamp(h, cls.size)
-                    held.append((cls, h))
-        for cls, h in held:
-            if bytes(heap.view(h)) != stamp(h, cls.size):
-                bad += 1
+                bad += step(heap, classes, held, rng, 0.49)
+        bad += verify(heap, held)
         keep = held[: len(held) // 2]
         for cls, h in held[len(held) // 2:]:
             cls.release(h)
@@ -290,19 +309,9 @@ def death_bystander(address, seed, sizes, conn):
         if command == "stop":
             break
         for _ in range(rng.randint(100, 3000)):
-            if held and rng.random() < 0.5:
-                cls, h = held.pop(rng.randrange(len(held)))
-                bad += bytes(heap.view(h)) != stamp(h, cls.size)
-                cls.release(h)
-            else:
-                cls = rng.choice(classes)
-                h = cls.allocate()
-                heap.view(h)[:] = stamp(h, cls.size)
-                held.append((cls, h))
+            bad += step(heap, classes, held, rng, 0.5)
         conn.send(("idle", len(held)))
-    for cls, h in held:
-        bad += bytes(heap.view(h)) != stamp(h, cls.size)
-        cls.release(h)
+    bad += verify(heap, held, release=True)
     heap.close()
     conn.send(("done", bad))
 
