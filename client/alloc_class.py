@@ -11,7 +11,7 @@ from array import array
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from slitter import _fastpath, errors
+from slitter import _fastpath
 
 if TYPE_CHECKING:
     from slitter.heap import Heap
@@ -32,9 +32,7 @@ class Class:
                  policy: str) -> None:
         self._heap = heap
         # One small int stands for (this heap, this class) in the native calls.
-        self._key = _fastpath.lib.slitter_key_new(heap._client, class_id)
-        if self._key < 0:
-            raise errors.LimitExceeded(f"class '{name}': this process has made every native class key")
+        self._key = heap._class_key(class_id, name)
         # The class's own native entry points: allocate() with no argument, release(handle).
         self._allocate, self._release = _fastpath.entry_points(self._key)
         self.id = class_id

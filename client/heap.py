@@ -54,6 +54,8 @@ class Heap:
         self._tables = self._live_map = self._rack = None
         self._guards: GuardApplier | None = None
         self._view_key: int | None = None
+        #: Native key per class id: registering a class again reuses it (keys are never freed).
+        self._class_keys: dict[int, int] = {}
         self._arena: memoryview | None = None
         self._transport: Transport | None = None
         self._closed = False
@@ -166,6 +168,16 @@ class Heap:
         self.close()
 
     # -- public API ------------------------------------------------------
+
+    def _class_key(self, class_id: int, name: str) -> int:
+        """This heap's native key for ``class_id``, made on first use."""
+        key = self._class_keys.get(class_id)
+        if key is None:
+            key = lib.slitter_key_new(self._client, class_id)
+            if key < 0:
+                raise errors.LimitExceeded(f"class '{name}': this process has made every native class key")
+            self._class_keys[class_id] = key
+        return key
 
     def register_class(self, name: str, size: int, *, zero_init: bool = False, policy: str | None = None,
                        cap: int | None = None) -> Class:

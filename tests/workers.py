@@ -317,7 +317,7 @@ def death_bystander(address, seed, sizes, conn):
 
 
 def checks_per_entry_point(address, queue):
-    """Every release check through a class's own entry points and through the packed ones.
+    """Every release check through a class's own entry points and through the shared ones.
 
     The first SLITTER_KEY_ENTRY_POINTS class keys of a process get native
     functions of their own; later keys go through the shared calls.  This
@@ -335,9 +335,9 @@ def checks_per_entry_point(address, queue):
     results = {}
     with slitter.connect(address) as heap:
         early = heap.register_class("order", size=64), heap.register_class("trade", size=1000)
-        for _ in range(lib.SLITTER_KEY_ENTRY_POINTS):
-            heap.register_class("order", size=64)
-        late = heap.register_class("order", size=64), heap.register_class("trade", size=1000)
+        for _ in range(lib.SLITTER_KEY_ENTRY_POINTS):  # use up the keys that have entry points
+            lib.slitter_key_new(heap._client, early[0].id)
+        late = heap.register_class("late-order", size=64), heap.register_class("late-trade", size=1000)
         for label, (order, trade) in (("early", early), ("late", late)):
             h, t = order.allocate(), trade.allocate()
             results[label] = {
