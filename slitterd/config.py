@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
 from slitter import address
-from slitter.protocol import MAX_CLASS_NAME, MAX_OBJECT_SIZE, POLICIES
+from slitter.protocol import CLASS_NAME_PRINTABLE, MAX_CLASS_NAME, MAX_OBJECT_SIZE, POLICIES
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -238,6 +238,8 @@ def parse_classes(value: object) -> tuple[ClassConfig, ...]:
         name, size = values["name"], values["size"]
         if not 1 <= len(name.encode()) <= MAX_CLASS_NAME:
             raise ConfigError(f"{where}.name: {name!r} must be 1-{MAX_CLASS_NAME} bytes")
+        if not name.isprintable():
+            raise ConfigError(f"{where}.name: {name!r}: {CLASS_NAME_PRINTABLE}")
         if not 1 <= size <= MAX_OBJECT_SIZE:
             raise ConfigError(f"{where}.size: {size} is not 1-{MAX_OBJECT_SIZE} bytes")
         if name in seen:

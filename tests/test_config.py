@@ -102,6 +102,8 @@ REFUSALS = [
     ('[[classes]]\nsize = 8', "classes[0]: missing key 'name'"),
     ('[[classes]]\nname = "a"\nsize = 8\nsise = 9', "classes[0]: unknown key 'sise'"),
     ('[[classes]]\nname = "a"\nsize = 0', "classes[0].size: 0 is not 1-"),
+    ('[[classes]]\nname = "a\\u0000b"\nsize = 8', "classes[0].name: 'a\\x00b': a class name must be printable"),
+    ('[[classes]]\nname = "tab\\there"\nsize = 8', "classes[0].name: 'tab\\there': a class name must be printable"),
     ('[[classes]]\nname = "a"\nsize = "8"', "classes[0].size: must be an integer"),
     ('[[classes]]\nname = "a"\nsize = 8\ncap = 0', "classes[0].cap: must be at least 1"),
     ('[[classes]]\nname = "a"\nsize = 8\ncap = -3', "classes[0].cap: must be at least 1"),
