@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 from time import perf_counter_ns as perf_ns
 from typing import Any
 
@@ -67,20 +68,115 @@ def timed(fn, *args) -> Any:
             gc.enable()
 
 
-def c_pairs(heap: slitter.Heap, cls: slitter.Class, n: int) -> float:
-    """ns per allocate+release pair from a C loop on the fast path (the thread must be bound)."""
-    ns = lib.slitter_bench_pairs(heap._client, cls.id, n)
+def c_pairs(heap: slitter.Heap, cls: slitter.Class, n: int, fn=lib.slitter_bench_pairs) -> float:
+    """ns per allocate+release pair from a C loop on the fast path (the thread must be bound).
+
+    ``fn`` is the C loop: ``slitter_bench_pairs`` (the checked pair) by
+    default, or ``slitter_bench_bare_pairs`` (overhead.py's bare baseline).
+    """
+    ns = fn(heap._client, cls.id, n)
     if ns < 0:
-        raise RuntimeError("slitter_bench_pairs left the fast path (thread not bound, or a magazine ran dry)")
+        raise RuntimeError(f"{fn.__name__} left the fast path (thread not bound, or a magazine ran dry)")
     return ns / n
 
 
+def warm(heap: slitter.Heap, cls: slitter.Class, py_n: int, c_n: int) -> None:
+    """Bind this thread and ``cls`` (the slow path), then warm its magazines from Python and from C."""
+    cls.release(cls.allocate())
+    timed(loop_py_pairs, cls, py_n // 4)
+    c_pairs(heap, cls, c_n // 10)
+
+
+def pct(samples: list[int], p: float) -> float:
+    """The p-th percentile of samples: the sorted sample at rank round(p% of n - 1); NaN if there are none."""
+    if not samples:
+        return float("nan")
+    s = sorted(samples)
+    return float(s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))])
+
+
+def split_by_message(heap: slitter.Heap, op, items) -> tuple[list[int], list[int], list[Any]]:
+    """Time ``op(item)`` per item; (fast ns, slow ns, results), slow = sent a message."""
+    fast, slow, results = [], [], []
+    sent = heap.messages_sent
+    for item in items:
+        t0 = perf_ns()
+        result = op(item)
+        dt = perf_ns() - t0
+        now = heap.messages_sent
+        (slow if now != sent else fast).append(dt)
+        sent = now
+        results.append(result)
+    return fast, slow, results
+
+
+def refill_passes(heap: slitter.Heap, cls: slitter.Class, n: int) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """n single allocations, each timed; then their releases; then n allocations again.
+
+    The first pass carves fresh objects (or takes what the depot has), the
+    second refills from the depot; everything is released at the end.
+    Returns the ns of the calls that sent a message (``refill_carve``,
+    ``flush``, ``refill_depot``) and of the first pass's calls that did not
+    (``fast_allocate``), and the messages each pass sent.
+    """
+    m0 = heap.messages_sent
+    fast, carve, handles = split_by_message(heap, lambda _i: cls.allocate(), range(n))
+    m1 = heap.messages_sent
+    _fast, flush, _ = split_by_message(heap, cls.release, handles)
+    m2 = heap.messages_sent
+    _fast, depot, handles = split_by_message(heap, lambda _i: cls.allocate(), range(n))
+    m3 = heap.messages_sent
+    for h in handles:
+        cls.release(h)
+    samples = {"fast_allocate": fast, "refill_carve": carve, "refill_depot": depot, "flush": flush}
+    return samples, {"refill_messages_carve": m1 - m0, "flush_messages": m2 - m1, "refill_messages_depot": m3 - m2}
+
+
+def medians_ranges(per_rep: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Per numeric key of the repetitions: the median, and the [min, max] range."""
+    keys = [k for k in per_rep[0] if isinstance(per_rep[0][k], (int, float))]
+    return ({k: statistics.median(r[k] for r in per_rep) for k in keys},
+            {k: [min(r[k] for r in per_rep), max(r[k] for r in per_rep)] for k in keys})
+
+
+# -- output --------------------------------------------------------------------
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """The last line of every benchmark's tables: what ``machine()`` found."""
+    return f"machine: {m['nproc']} CPUs, {m['cpu']}, {m['implementation']} {m['python']}, {m['platform']}"
+
+
+def range_cells(medians: dict[str, float], ranges: dict[str, list[float]]):
+    """Table cell formatters (median, min–max): ``ns(key, digits=1)`` and ``ratio(key)``."""
+
+    def ns(key: str, digits: int = 1) -> tuple[str, str]:
+        lo, hi = ranges[key]
+        return f"{medians[key]:.{digits}f} ns", f"{lo:.{digits}f}–{hi:.{digits}f}"
+
+    def ratio(key: str) -> tuple[str, str]:
+        lo, hi = ranges[key]
+        return f"{medians[key]:.2f}", f"{lo:.2f}–{hi:.2f}"
+
+    return ns, ratio
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes, human-readable (binary units)."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
 def cli(doc: str, run, print_tables, quick_help: str, argv: list[str] | None = None,
-        save=None) -> int:
+        save=None, add_arguments=None) -> int:
     """The command line every benchmark shares: ``--quick``, ``--json``, progress on stderr.
 
-    ``run(mode, progress)`` returns the result dict; ``save(result, quick)``, if
-    given, writes it somewhere and returns a note for the last line.
+    ``run(mode, progress, **extra)`` returns the result dict; ``save(result,
+    quick)``, if given, writes it somewhere and returns a note for the last
+    line.  ``add_arguments(parser)``, if given, adds a benchmark's own
+    options; their parsed values are ``extra``, by destination name.
     """
     import argparse
     import json
@@ -91,14 +187,17 @@ def cli(doc: str, run, print_tables, quick_help: str, argv: list[str] | None = N
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of tables")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
+    extra = {k: v for k, v in vars(args).items() if k not in ("quick", "json")}
 
     def progress(msg: str) -> None:
         if not args.json:
             print(msg, file=sys.stderr, flush=True)
 
     start = time.monotonic()
-    result = run("quick" if args.quick else "default", progress)
+    result = run("quick" if args.quick else "default", progress, **extra)
     result["wall_seconds"] = round(time.monotonic() - start, 2)
     note = save(result, args.quick) if save is not None else ""
     if args.json:

@@ -7,22 +7,27 @@ request mixes for slitterd: `ping` (dispatch only) and `refill+flush`
 (a real slow-path pair that moves a magazine through the depot and audit).
 
     cd bench && ../.venv/bin/python daemon.py [--clients 1,2,4] [--seconds 0.7] [--quick] [--json]
+
+Other benchmarks call ``measure()`` and ``print_table()`` (fastpath.py does).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
 import statistics
+import sys
 import time
+from typing import Any
 
 import zmq
 
 import slitter
-from benchlib import echo_server
+from benchlib import cli, echo_server, machine
 from slitter import protocol
 from slitter.protocol import Op
+
+SECONDS, REPEATS = 0.7, 5      # default run
+QUICK_SECONDS, QUICK_REPEATS = 0.4, 3  # --quick (overrides --seconds and --repeats)
 
 
 def client(endpoint: str, frames: list[bytes], seconds: float, pipelined: int, barrier, out) -> None:
@@ -64,16 +69,18 @@ def run_clients(endpoint: str, frames_per_client: list[list[bytes]], seconds: fl
     return total
 
 
-def slitter_frames(address: str, mix: str, n_clients: int) -> list[list[bytes]]:
-    """Per client: valid request frames of the mix, for an attached client of its own."""
+def ping_frames(n_clients: int) -> list[list[bytes]]:
+    """Per client: one PING frame (no client needs to attach for it)."""
+    return [[protocol.pack(protocol.request(Op.PING, 1))]] * n_clients
+
+
+def refill_flush_frames(address: str, n_clients: int) -> tuple[list[list[bytes]], list[slitter.Heap]]:
+    """Per client: a REFILL and a FLUSH frame for an attached client of its own; and those heaps, to close."""
     per_client = []
     heaps = []
     for i in range(n_clients):
         heap = slitter.connect(address, name=f"bench{i}")
         heaps.append(heap)
-        if mix == "ping":
-            per_client.append([protocol.pack(protocol.request(Op.PING, 1))])
-            continue
         cls = heap.register_class("bench", size=64)
         cls.release(cls.allocate())  # binds the thread and class
         slot = slitter._native.lib.slitter_bind(heap._client, cls.id)
@@ -85,17 +92,12 @@ def slitter_frames(address: str, mix: str, n_clients: int) -> list[list[bytes]]:
     return per_client, heaps
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", default="1,2,4", help="comma-separated client counts (default 1,2,4)")
-    ap.add_argument("--seconds", type=float, default=0.7)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    ns = ap.parse_args()
-    counts = [int(c) for c in ns.clients.split(",")]
-    if ns.quick:
-        ns.seconds, ns.repeats = 0.4, 3
+def measure(counts: list[int], seconds: float, repeats: int, progress) -> dict[str, Any]:
+    """requests/s of slitterd (both mixes) and of the echo server, for each client count.
+
+    Runs its own private daemon and echo server.  Medians over ``repeats``
+    windows of ``seconds``; ratios are medians of per-repetition ratios.
+    """
     results: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     ctx = multiprocessing.get_context("spawn")
@@ -107,18 +109,19 @@ def main() -> int:
         ready.wait(10)
         try:
             for n in counts:
-                ping = [[protocol.pack(protocol.request(Op.PING, 1))]] * n
-                mixes = {mix: slitter_frames(address, mix, n) for mix in ("ping", "refill+flush")}
+                ping = ping_frames(n)
+                mixes = {"ping": (ping, []), "refill+flush": refill_flush_frames(address, n)}
                 try:
                     # Every repetition runs each slitterd mix right next to the
                     # echo server with the same clients, so both sides of a ratio
                     # share the machine's noise; ratios are medians of per-repetition ratios.
-                    for _ in range(ns.repeats):
+                    for rep in range(repeats):
+                        progress(f"daemon requests/s, {n} clients: repetition {rep + 1}/{repeats}")
                         for pipelined in (1, 8):
-                            echo = run_clients(echo_endpoint, ping, ns.seconds, pipelined)
+                            echo = run_clients(echo_endpoint, ping, seconds, pipelined)
                             results.setdefault(f"{n} clients: echo x{pipelined}", []).append(echo)
                             for mix, (frames, _heaps) in mixes.items():
-                                rate = run_clients("ipc://" + address, frames, ns.seconds, pipelined)
+                                rate = run_clients("ipc://" + address, frames, seconds, pipelined)
                                 results.setdefault(f"{n} clients: slitterd {mix} x{pipelined}", []).append(rate)
                                 ratios.setdefault(f"{n} clients: {mix} x{pipelined} / echo x{pipelined}",
                                                   []).append(rate / echo)
@@ -129,17 +132,20 @@ def main() -> int:
         finally:
             stop.set()
             server.join(10)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    med_ratios = {k: statistics.median(v) for k, v in ratios.items()}
-    if ns.json:
-        print(json.dumps({"clients": counts, "requests_per_s": med, "ratios": med_ratios, "raw": results,
-                          "raw_ratios": ratios}, indent=2))
-        return 0
+    return {"clients": counts, "seconds": seconds, "repeats": repeats,
+            "requests_per_s": {k: statistics.median(v) for k, v in results.items()},
+            "ratios": {k: statistics.median(v) for k, v in ratios.items()},
+            "raw": results, "raw_ratios": ratios}
+
+
+def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"requests/s: medians of {ns.repeats} x {ns.seconds:g} s, slitterd and echo interleaved",
-                  title_justify="left")
+    counts, med, med_ratios = result["clients"], result["requests_per_s"], result["ratios"]
+    raw, raw_ratios = result["raw"], result["raw_ratios"]
+    table = Table(title=f"requests/s: medians of {result['repeats']} x {result['seconds']:g} s, "
+                  "slitterd and echo interleaved", title_justify="left")
     table.add_column("clients, server, mix, in flight per client")
     table.add_column("requests/s", justify="right")
     table.add_column("min–max", justify="right")
@@ -148,15 +154,32 @@ def main() -> int:
             table.add_section()
         for k, v in med.items():
             if k.startswith(f"{n} clients:"):
-                table.add_row(k, f"{v:,.0f}", f"{min(results[k]):,.0f}–{max(results[k]):,.0f}")
+                table.add_row(k, f"{v:,.0f}", f"{min(raw[k]):,.0f}–{max(raw[k]):,.0f}")
         for k, v in med_ratios.items():
             if k.startswith(f"{n} clients:"):
                 table.add_row(f"  ratio {k.split(': ', 1)[1]}",
                               f"{v:.2f}" + ("  (target >= 0.8)" if ": ping" in k else ""),
-                              f"{min(ratios[k]):.2f}–{max(ratios[k]):.2f}")
+                              f"{min(raw_ratios[k]):.2f}–{max(raw_ratios[k]):.2f}")
     Console().print(table)
-    return 0
+
+
+def run(size: str, progress, clients: str, seconds: float, repeats: int) -> dict[str, Any]:
+    if size == "quick":
+        seconds, repeats = QUICK_SECONDS, QUICK_REPEATS
+    return {"machine": machine(), **measure([int(c) for c in clients.split(",")], seconds, repeats, progress)}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--clients", default="1,2,4", help="comma-separated client counts (default 1,2,4)")
+    parser.add_argument("--seconds", type=float, default=SECONDS,
+                        help=f"seconds per measurement window (default {SECONDS:g})")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help=f"repetitions (default {REPEATS})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(__doc__, run, print_table, f"{QUICK_REPEATS} repetitions of {QUICK_SECONDS:g} s "
+               "(overrides --seconds and --repeats)", argv, add_arguments=add_arguments)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

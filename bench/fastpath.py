@@ -38,6 +38,11 @@ What it measures, in one run against a private daemon (``slitter.spawn_daemon()`
    PING, and a waited REFILL and FLUSH of a full magazine (the bench moves
    the spare magazine's objects into the release magazine of its own rack
    between them).
+8. Daemon throughput, after the repetitions above: requests/s of slitterd
+   with 1, 2 and 4 client processes (``--quick``: 1 and 4) next to a bare
+   pyzmq ROUTER echo server, as ``daemon.py`` measures it (``daemon.measure``,
+   its own private daemon; 3 repetitions of 0.5 s windows, ``--quick`` 1 of
+   0.3 s), printed in daemon.py's table after this one.
 
 Every repetition runs all measurements interleaved (the two sides of each
 ratio in alternating blocks, so they share the machine's noise); the report
@@ -51,16 +56,15 @@ include the Python ``for`` loop (its empty cost is shown for reference).
 Run it:
 
     make bench                                  # cd bench && ../.venv/bin/python fastpath.py
-    cd bench && ../.venv/bin/python fastpath.py --quick   # a few seconds
+    cd bench && ../.venv/bin/python fastpath.py --quick   # about 10 s
     cd bench && ../.venv/bin/python fastpath.py --json    # machine-readable, on stdout
 
-The default run takes well under a minute on 2 cores.
+The default run takes about a minute on 2 cores, item 8 included.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import statistics
 import sys
 import threading
 import time
@@ -70,7 +74,9 @@ from typing import Any
 import zmq
 
 import slitter
-from benchlib import c_pairs, cli, echo_server, loop_py_pairs, loop_two_noops, machine, timed
+import daemon
+from benchlib import (c_pairs, cli, echo_server, loop_py_pairs, loop_two_noops, machine, machine_line,
+                      medians_ranges, pct, range_cells, refill_passes, timed, warm)
 from slitter import heap as heap_module
 from slitter import protocol
 from slitter._native import ffi, lib
@@ -91,6 +97,10 @@ TARGET_PY_RATIO = 1.3
 TARGET_C_RATIO = 0.75
 TARGET_BATCH_RATIO = 0.25  # per object, against one empty cffi call
 BATCHES = (64, 1024)
+DAEMON = {  # daemon.measure(): client counts, seconds per window, repetitions
+    "default": ([1, 2, 4], 0.5, 3),
+    "quick":   ([1, 4], 0.3, 1),
+}
 
 
 # -- timed loops -------------------------------------------------------------
@@ -135,38 +145,15 @@ def ping_round_trips(address: str, n: int) -> list[int]:
         transport.close()
 
 
-def split_by_message(heap: slitter.Heap, op, items) -> tuple[list[int], list[int], list[Any]]:
-    """Time ``op(item)`` per item; (fast ns, slow ns, results), slow = sent a message."""
-    fast, slow, results = [], [], []
-    sent = heap.messages_sent
-    for item in items:
-        t0 = perf_ns()
-        result = op(item)
-        dt = perf_ns() - t0
-        now = heap.messages_sent
-        (slow if now != sent else fast).append(dt)
-        sent = now
-        results.append(result)
-    return fast, slow, results
-
-
 def refill_rep(heap: slitter.Heap, rep: int, refills: int) -> tuple[dict[str, Any], dict[str, list[int]]]:
     cls = heap.register_class(f"bench-refill-{rep}", 64)
     capacity = heap._classes_table[cls.id].mag_capacity
     n = capacity * refills
-    m0 = heap.messages_sent
-    fast_a, carve, handles = split_by_message(heap, lambda _i: cls.allocate(), range(n))
-    m1 = heap.messages_sent
-    _fast_r, flush, _ = split_by_message(heap, cls.release, handles)
-    m2 = heap.messages_sent
-    _fast_b, depot, handles = split_by_message(heap, lambda _i: cls.allocate(), range(n))
-    m3 = heap.messages_sent
-    for h in handles:
-        cls.release(h)
-    counts = {"mag_capacity": capacity, "allocations": n, "refill_messages_carve": m1 - m0,
-              "flush_messages": m2 - m1, "refill_messages_depot": m3 - m2,
+    slow, messages = refill_passes(heap, cls, n)
+    fast_a = slow.pop("fast_allocate")
+    counts = {"mag_capacity": capacity, "allocations": n, **messages,
               "fast_allocate_timed_p50_ns": pct(fast_a, 50)}
-    return counts, {"refill_carve": carve, "refill_depot": depot, "flush": flush}
+    return counts, slow
 
 
 def bursts(heap: slitter.Heap, cls: slitter.Class, n: int) -> dict[str, float]:
@@ -205,12 +192,13 @@ def bursts(heap: slitter.Heap, cls: slitter.Class, n: int) -> dict[str, float]:
     finally:
         heap_module._ahead = ahead
         del heap._allocate_slow, heap._release_slow
+    t3 = perf_ns()
     batch = cls.allocate_many(n)
     cls.release_many(batch)
-    t3 = perf_ns()
+    t4 = perf_ns()
     return {"burst_allocate_ns": (t1 - t0) / n, "burst_release_ns": (t2 - t1) / n,
             "burst_messages": m1 - m0, "burst_waits": w1 - w0, "burst_slow_path_ns": slow_ns / n,
-            "burst_many_ns": (t3 - t2) / n}
+            "burst_many_ns": (t4 - t3) / n}
 
 
 def cross_thread(cls: slitter.Class, n: int) -> float:
@@ -306,18 +294,10 @@ def zmq_round_trips(endpoint: str, n: int) -> list[int]:
     return samples
 
 
-def pct(samples: list[int], p: float) -> float:
-    if not samples:
-        return float("nan")
-    s = sorted(samples)
-    return float(s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))])
-
-
 # -- the run -------------------------------------------------------------------
 
 
 def run(size: str, progress) -> dict[str, Any]:
-    reps, py_n, c_n, pings, refills, steady_n = SIZES[size]
     per_rep: list[dict[str, Any]] = []
     samples: dict[str, list[int]] = {"ping": [], "zmq": [], "refill_wait": [], "flush_wait": [],
                                      "refill_carve": [], "refill_depot": [], "flush": []}
@@ -333,32 +313,30 @@ def run(size: str, progress) -> dict[str, Any]:
         echo.start()
         echo_ready.wait(10)
         try:
-            result = _run(address, (reps, py_n, c_n, pings, refills, steady_n), progress, per_rep, samples,
-                          here, echo_endpoint)
+            steady = _run(address, size, progress, per_rep, samples, here, echo_endpoint)
         finally:
             here.send_bytes(b"")
             releaser.join(30)
             echo_stop.set()
             echo.join(10)
-    steady_n, steady_messages, steady_ns = result
-    return _summary(size, per_rep, samples, (reps, py_n, c_n, pings, refills, steady_n),
-                    steady_messages, steady_ns)
+    result = _summary(size, per_rep, samples, steady)
+    # 8. the daemon's requests/s next to a bare pyzmq echo server (daemon.py), with its own daemon.
+    counts, seconds, repeats = DAEMON[size]
+    result["daemon"] = daemon.measure(counts, seconds, repeats, progress)
+    return result
 
 
-def _run(address: str, params: tuple, progress, per_rep: list, samples: dict, releaser,
-         echo_endpoint: str) -> tuple[int, int, float]:
-    """Every repetition, in this process's heap; fills per_rep and samples."""
-    reps, py_n, c_n, pings, refills, steady_n = params
+def _run(address: str, size: str, progress, per_rep: list, samples: dict, releaser,
+         echo_endpoint: str) -> dict[str, Any]:
+    """Every repetition, in this process's heap; fills per_rep and samples, returns the steady state."""
+    reps, py_n, c_n, pings, refills, steady_n = SIZES[size]
     with slitter.connect(address) as heap:
         cls = heap.register_class("bench-64", 64)
         burst_cls = heap.register_class("bench-burst", 64)
         cross_cls = heap.register_class("bench-cross", 64)
         burst_cls.release_many(burst_cls.allocate_many(64))
         cross_cls.release_many(cross_cls.allocate_many(64))
-        # Bind this thread and the class (the slow path), then warm the magazines.
-        cls.release(cls.allocate())
-        timed(loop_py_pairs, cls, py_n // 4)
-        c_pairs(heap, cls, c_n // 10)
+        warm(heap, cls, py_n, c_n)
 
         # 4. steady state: messages during 1,000,000 pairs after warm-up.
         m0 = heap.messages_sent
@@ -406,24 +384,23 @@ def _run(address: str, params: tuple, progress, per_rep: list, samples: dict, re
                                                                             BURST)
             r["burst_slow_path_share"] = r["burst_slow_path_ns"] / r["py_pair_ns"]
             per_rep.append(r)
-    return steady_n, steady_messages, steady_ns
+    return {"pairs": steady_n, "messages": steady_messages, "pair_ns": steady_ns}
 
 
-def _summary(size: str, per_rep: list, samples: dict, params: tuple, steady_messages: int,
-             steady_ns: float) -> dict[str, Any]:
-    reps, py_n, c_n, pings, refills, steady_n = params
-    keys = [k for k in per_rep[0] if isinstance(per_rep[0][k], (int, float))]
-    medians = {k: statistics.median(r[k] for r in per_rep) for k in keys}
+def _summary(size: str, per_rep: list, samples: dict, steady: dict[str, Any]) -> dict[str, Any]:
+    reps, py_n, c_n, pings, refills, steady_n = SIZES[size]
+    medians, ranges = medians_ranges(per_rep)
+    steady_messages = steady["messages"]
     return {
         "machine": machine(),
         "size": size,
         "parameters": {"repetitions": reps, "python_iterations": py_n, "c_pairs": c_n,
                        "pings": pings, "refills_per_pass": refills, "steady_pairs": steady_n},
         "medians": medians,
-        "ranges": {k: [min(r[k] for r in per_rep), max(r[k] for r in per_rep)] for k in keys},
+        "ranges": ranges,
         "round_trips_us": {k: {"samples": len(v), "p50": pct(v, 50) / 1e3, "p99": pct(v, 99) / 1e3}
                            for k, v in samples.items()},
-        "steady_state": {"pairs": steady_n, "messages": steady_messages, "pair_ns": steady_ns},
+        "steady_state": steady,
         "targets": {
             "py_ratio": {"target": TARGET_PY_RATIO, "value": medians["py_ratio"],
                          "met": medians["py_ratio"] <= TARGET_PY_RATIO},
@@ -446,18 +423,12 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     med, rng, t = result["medians"], result["ranges"], result["targets"]
-    rt, st, p, mach = result["round_trips_us"], result["steady_state"], result["parameters"], result["machine"]
+    rt, st, p = result["round_trips_us"], result["steady_state"], result["parameters"]
 
     def verdict(key: str) -> str:
         return "[green]met[/green]" if t[key]["met"] else "[red]NOT met[/red]"
 
-    def ns(key: str, digits: int = 1) -> tuple[str, str]:
-        lo, hi = rng[key]
-        return f"{med[key]:.{digits}f} ns", f"{lo:.{digits}f}–{hi:.{digits}f}"
-
-    def ratio(key: str) -> tuple[str, str]:
-        lo, hi = rng[key]
-        return f"{med[key]:.2f}", f"{lo:.2f}–{hi:.2f}"
+    ns, ratio = range_cells(med, rng)
 
     def trip(key: str) -> tuple[str, str]:
         r = rt[key]
@@ -517,8 +488,9 @@ def print_table(result: dict[str, Any]) -> None:
 
     console = Console(width=max(100, Console().width))
     console.print(table)
-    print(f"machine: {mach['nproc']} CPUs, {mach['cpu']}, {mach['implementation']} {mach['python']}, "
-          f"{mach['platform']}")
+    if "daemon" in result:
+        daemon.print_table(result["daemon"])
+    print(machine_line(result["machine"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,12 @@ A benchmark, not a test: it asserts nothing.  Two parts:
    and ``ffi.sizeof`` of the structs in native/layout.h) gives the data bytes
    (N * size), the runs needed, the metadata that belongs to the class (its
    span-table and run-table entries, its live-map bytes with each run's base
-   rounded up to 64 objects, its depot bits, its class-table entry and, in
-   layouts that have one, its entry in the per-class totals table) and its
-   guard pages (one 4 KiB page per run).  The share (metadata + guards) /
-   data is compared with the goal of at most 3 %.  Reported separately: the
-   tail slack of each run (address space between the last object and the
-   guard page, never committed) and the unused slots of the last run.
+   rounded up to 64 objects, its depot bits, its class-table entry and its
+   entry in the per-class totals table) and its guard pages (one 4 KiB page
+   per run).  The share (metadata + guards) / data is compared with the goal
+   of at most 3 %.  Reported separately: the tail slack of each run
+   (address space between the last object and the guard page, never
+   committed) and the unused slots of the last run.
 
    Then the model is checked by measurement.  For each size a fresh daemon
    (``slitter.spawn_daemon(arena_size="64G")``) gets one class.  The benchmark
@@ -60,13 +60,13 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import statistics
 import sys
 import time
 from typing import Any
 
 import slitter
-from benchlib import c_pairs, loop_py_pairs, timed, cli, machine
+from benchlib import (c_pairs, cli, fmt_bytes, loop_py_pairs, machine, machine_line, medians_ranges, range_cells,
+                      timed, warm)
 from slitter import address as _address
 from slitter._native import ffi, lib
 from slitterd.mill import ClassGeometry
@@ -87,11 +87,8 @@ SIZES = {
 }
 BLOCKS = 5  # alternating blocks per repetition
 
-SIZEOF = {name: ffi.sizeof(f"struct slitter_{name}") for name in ("header", "span", "run", "class", "rack")}
-# Per-class totals kept in the segment, next to the class table (newer layouts).
-HAS_TOTALS = "totals_off" in dict(ffi.typeof("struct slitter_header").fields)
-if HAS_TOTALS:
-    SIZEOF["class_totals"] = ffi.sizeof("struct slitter_class_totals")
+SIZEOF = {name: ffi.sizeof(f"struct slitter_{name}")
+          for name in ("header", "span", "run", "class", "rack", "class_totals")}
 MODEL_CLASS_ID = 1  # the only class of a fresh daemon
 
 
@@ -116,7 +113,7 @@ def space_model(size: int, n: int) -> dict[str, Any]:
         "run_table": runs * SIZEOF["run"],
         "live_map": runs * live_per_run,          # one byte per object
         "depot_bits": runs * live_per_run // 8,   # one bit per object, daemon only
-        "class_table": SIZEOF["class"] + SIZEOF.get("class_totals", 0),
+        "class_table": SIZEOF["class"] + SIZEOF["class_totals"],  # and its per-class totals entry
     }
     metadata = sum(parts.values())
     guards = runs * PAGE
@@ -150,10 +147,9 @@ def space_model(size: int, n: int) -> dict[str, Any]:
 
 def class_table_pages(class_id: int) -> set[int]:
     """Pages (relative to the page-aligned class table) holding the entries of ``class_id``."""
-    entries = [(class_id * SIZEOF["class"], SIZEOF["class"])]
-    if HAS_TOTALS:
-        totals_off = lib.SLITTER_MAX_CLASSES * SIZEOF["class"]
-        entries.append((totals_off + class_id * SIZEOF["class_totals"], SIZEOF["class_totals"]))
+    totals_off = lib.SLITTER_MAX_CLASSES * SIZEOF["class"]  # the totals table follows the class table
+    entries = [(class_id * SIZEOF["class"], SIZEOF["class"]),
+               (totals_off + class_id * SIZEOF["class_totals"], SIZEOF["class_totals"])]
     return {p for off, n in entries for p in range(off // PAGE, (off + n - 1) // PAGE + 1)}
 
 
@@ -191,7 +187,7 @@ class Segments:
             "header": (0, h.span_table_off),
             "span_table": (h.span_table_off, h.run_table_off),
             "run_table": (h.run_table_off, h.class_table_off),
-            "class_table": (h.class_table_off, h.tables_end),  # and the totals table, if any
+            "class_table": (h.class_table_off, h.tables_end),  # and the totals table
             "live_map": (h.live_map_off, h.live_map_off + h.live_map_bytes),
             "depot_bits": (h.depot_bits_off, h.depot_bits_off + h.depot_bits_bytes),
         }
@@ -262,27 +258,17 @@ def measure_class_in(daemon: slitter.spawn_daemon, size: int, m: int, progress) 
 # -- 2. time: checks and counters -----------------------------------------------------
 
 
-def loop_key_pairs(key: int, n: int) -> float:
-    allocate, release = lib.slitter_allocate_key, lib.slitter_release_key
+# (allocate, release) of the key-level pair: checked, and the bench's bare baseline.
+CHECKED_KEY = (lib.slitter_allocate_key, lib.slitter_release_key)
+BARE_KEY = (lib.slitter_bench_bare_allocate_key, lib.slitter_bench_bare_release_key)
+
+
+def loop_key_pairs(allocate, release, key: int, n: int) -> float:
+    """ns per ``release(allocate(key) << 16 | key)``, with CHECKED_KEY or BARE_KEY."""
     t0 = perf_ns()
     for _ in range(n):
         release(allocate(key) << 16 | key)
     return (perf_ns() - t0) / n
-
-
-def loop_bare_pairs(key: int, n: int) -> float:
-    allocate, release = lib.slitter_bench_bare_allocate_key, lib.slitter_bench_bare_release_key
-    t0 = perf_ns()
-    for _ in range(n):
-        release(allocate(key) << 16 | key)
-    return (perf_ns() - t0) / n
-
-
-def c_bare_pairs(heap: slitter.Heap, cls: slitter.Class, n: int) -> float:
-    ns = lib.slitter_bench_bare_pairs(heap._client, cls.id, n)
-    if ns < 0:
-        raise RuntimeError("slitter_bench_bare_pairs: thread not bound or magazine empty")
-    return ns / n
 
 
 def time_checks(reps: int, py_n: int, c_n: int, progress) -> dict[str, Any]:
@@ -290,28 +276,26 @@ def time_checks(reps: int, py_n: int, c_n: int, progress) -> dict[str, Any]:
     with slitter.spawn_daemon() as address, slitter.connect(address) as heap:
         cls = heap.register_class("overhead-time-64", 64)
         key = cls._key
-        cls.release(cls.allocate())  # bind the thread and the class; fills the magazine
+        warm(heap, cls, py_n, c_n)  # binds the thread and the class; fills the magazine
         # The bare pop must find an object, or its push would store handle 0.
         h = lib.slitter_bench_bare_allocate_key(key)
         if not h:
             raise RuntimeError("the allocation magazine is empty after a refill")
         lib.slitter_bench_bare_release_key(h << 16 | key)
-        # Warm-up.
-        timed(loop_py_pairs, cls, py_n // 4)
-        timed(loop_key_pairs, key, py_n // 4)
-        timed(loop_bare_pairs, key, py_n // 4)
-        c_pairs(heap, cls, c_n // 10)
-        c_bare_pairs(heap, cls, c_n // 10)
+        # Warm-up of the other loops.
+        timed(loop_key_pairs, *CHECKED_KEY, key, py_n // 4)
+        timed(loop_key_pairs, *BARE_KEY, key, py_n // 4)
+        c_pairs(heap, cls, c_n // 10, lib.slitter_bench_bare_pairs)
         m0 = heap.messages_sent
         for rep in range(reps):
             progress(f"timing: repetition {rep + 1}/{reps}")
             api = key_ = bare = c = cb = 0.0
             for _ in range(BLOCKS):
                 api += timed(loop_py_pairs, cls, py_n // BLOCKS)
-                key_ += timed(loop_key_pairs, key, py_n // BLOCKS)
-                bare += timed(loop_bare_pairs, key, py_n // BLOCKS)
+                key_ += timed(loop_key_pairs, *CHECKED_KEY, key, py_n // BLOCKS)
+                bare += timed(loop_key_pairs, *BARE_KEY, key, py_n // BLOCKS)
                 c += c_pairs(heap, cls, c_n // BLOCKS)
-                cb += c_bare_pairs(heap, cls, c_n // BLOCKS)
+                cb += c_pairs(heap, cls, c_n // BLOCKS, lib.slitter_bench_bare_pairs)
             r = {"py_api_pair_ns": api / BLOCKS, "py_key_pair_ns": key_ / BLOCKS,
                  "py_bare_pair_ns": bare / BLOCKS, "c_pair_ns": c / BLOCKS, "c_bare_pair_ns": cb / BLOCKS}
             r["py_key_minus_bare_ns"] = r["py_key_pair_ns"] - r["py_bare_pair_ns"]
@@ -324,11 +308,11 @@ def time_checks(reps: int, py_n: int, c_n: int, progress) -> dict[str, Any]:
         messages = heap.messages_sent - m0
         cls.release(cls.allocate())  # the checked path still accepts the magazine's objects
         stats = heap.stats()["classes"][cls.name]
-    keys = list(per_rep[0])
+    medians, ranges = medians_ranges(per_rep)
     return {
         "parameters": {"repetitions": reps, "python_pairs": py_n, "c_pairs": c_n, "blocks": BLOCKS},
-        "medians": {k: statistics.median(r[k] for r in per_rep) for k in keys},
-        "ranges": {k: [min(r[k] for r in per_rep), max(r[k] for r in per_rep)] for k in keys},
+        "medians": medians,
+        "ranges": ranges,
         "messages_during_timed_loops": messages,
         "errors_counted": sum(stats["errors"].values()),
         "repetitions": per_rep,
@@ -358,14 +342,6 @@ def run(size: str, progress) -> dict[str, Any]:
 
 
 # -- output ---------------------------------------------------------------------------
-
-def _b(n: float) -> str:
-    """Bytes, human-readable (binary units)."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:,.0f} B"
-
 
 def _kib(n: int) -> str:
     """Bytes in KiB: committed metadata is counted in whole pages."""
@@ -398,29 +374,29 @@ def print_tables(result: dict[str, Any]) -> None:
     row("stride / objects per run", lambda m: f"{m['stride']} / {m['objects_per_run']:,}")
     row("spans per run (64 KiB each)", lambda m: f"{m['spans_per_run']}")
     row("runs needed", lambda m: f"{m['runs']:,}")
-    row("data bytes (N × size)", lambda m: _b(m["data_bytes"]))
+    row("data bytes (N × size)", lambda m: fmt_bytes(m["data_bytes"]))
     t.add_section()
     sz = result["sizeof"]
-    row(f"span-table entries ({sz['span']} B/span)", lambda m: _b(m["metadata"]["span_table"]))
-    row(f"run-table entries ({sz['run']} B/run)", lambda m: _b(m["metadata"]["run_table"]))
-    row("live map (1 B/object, 64-rounded)", lambda m: _b(m["metadata"]["live_map"]))
-    row("depot bits (1 bit/object)", lambda m: _b(m["metadata"]["depot_bits"]))
-    entry = f"class-table entry ({sz['class']} B)"
-    if "class_totals" in sz:
-        entry = f"class + totals entries ({sz['class']}+{sz['class_totals']} B)"
-    row(entry, lambda m: _b(m["metadata"]["class_table"]))
-    row("metadata total", lambda m: f"{_b(m['metadata_bytes'])}  {_pct(m['metadata_share'])}")
-    row("guard pages (4 KiB/run)", lambda m: f"{_b(m['guard_bytes'])}  {_pct(m['guard_share'])}")
+    row(f"span-table entries ({sz['span']} B/span)", lambda m: fmt_bytes(m["metadata"]["span_table"]))
+    row(f"run-table entries ({sz['run']} B/run)", lambda m: fmt_bytes(m["metadata"]["run_table"]))
+    row("live map (1 B/object, 64-rounded)", lambda m: fmt_bytes(m["metadata"]["live_map"]))
+    row("depot bits (1 bit/object)", lambda m: fmt_bytes(m["metadata"]["depot_bits"]))
+    row(f"class + totals entries ({sz['class']}+{sz['class_totals']} B)",
+        lambda m: fmt_bytes(m["metadata"]["class_table"]))
+    row("metadata total", lambda m: f"{fmt_bytes(m['metadata_bytes'])}  {_pct(m['metadata_share'])}")
+    row("guard pages (4 KiB/run)", lambda m: f"{fmt_bytes(m['guard_bytes'])}  {_pct(m['guard_share'])}")
     t.add_section()
     t.add_row("[bold](metadata + guards) / data[/bold]",
               *(f"[bold]{_pct(mo[s]['share'])}[/bold]" for s in sizes))
     t.add_row(f"  goal <= {100 * result['goal_share']:.0f} %",
               *("[green]met[/green]" if mo[s]["goal_met"] else "[red]NOT met[/red]" for s in sizes))
     t.add_section()
-    row("tail slack per run (VA, not committed)", lambda m: _b(m["tail_slack_per_run"]))
-    row("tail slack, all runs (share)", lambda m: f"{_b(m['tail_slack_bytes'])}  {_pct(m['tail_slack_share'])}")
-    row("unused slots in the last run", lambda m: f"{m['last_run_unused_slots']:,} ({_b(m['last_run_unused_bytes'])})")
-    row("daemon free list if all N are free", lambda m: f"{_b(m['depot_free_list_bytes_all_free'])}  "
+    row("tail slack per run (VA, not committed)", lambda m: fmt_bytes(m["tail_slack_per_run"]))
+    row("tail slack, all runs (share)",
+        lambda m: f"{fmt_bytes(m['tail_slack_bytes'])}  {_pct(m['tail_slack_share'])}")
+    row("unused slots in the last run",
+        lambda m: f"{m['last_run_unused_slots']:,} ({fmt_bytes(m['last_run_unused_bytes'])})")
+    row("daemon free list if all N are free", lambda m: f"{fmt_bytes(m['depot_free_list_bytes_all_free'])}  "
         f"{_pct(m['depot_free_list_bytes_all_free'] / m['data_bytes'])}")
     console.print(t)
 
@@ -437,9 +413,10 @@ def print_tables(result: dict[str, Any]) -> None:
 
     vrow("objects measured (M)", lambda r: f"{r['objects']:,}" + (" *" if r["extrapolated"] else ""))
     vrow("runs carved (daemon) / model", lambda r: f"{r['runs']:,} / {r['model_runs']:,}")
-    vrow("data committed / model", lambda r: f"{_b(r['data_committed_bytes'])} / {_b(r['model_data_committed_bytes'])}")
+    vrow("data committed / model",
+         lambda r: f"{fmt_bytes(r['data_committed_bytes'])} / {fmt_bytes(r['model_data_committed_bytes'])}")
     for k in ("span_table", "run_table", "live_map", "depot_bits", "class_table"):
-        name = "class table + totals" if k == "class_table" and HAS_TOTALS else k.replace("_", " ")
+        name = "class table + totals" if k == "class_table" else k.replace("_", " ")
         vrow(f"  {name}", lambda r, k=k: _kib(r["delta_after_release"][k]))
     vrow("meta committed / model (pages)",
          lambda r: f"{_kib(r['meta_committed_bytes'])} / {_kib(r['model_meta_pages_bytes'])}")
@@ -447,7 +424,7 @@ def print_tables(result: dict[str, Any]) -> None:
     vrow("+ guard pages (model, VA)", lambda r: _pct(r["guard_share_model"]))
     vrow("[bold]= measured share[/bold]", lambda r: f"[bold]{_pct(r['meta_share'] + r['guard_share_model'])}[/bold]")
     v.add_section()
-    vrow("client rack committed (not per class)", lambda r: _b(r["rack_committed_bytes"]))
+    vrow("client rack committed (not per class)", lambda r: fmt_bytes(r["rack_committed_bytes"]))
     vrow("meta committed, objects all live", lambda r: _kib(sum(r["delta_all_live"][k] for k in
                                                           ("span_table", "run_table", "live_map",
                                                            "depot_bits", "class_table"))))
@@ -466,13 +443,7 @@ def print_tables(result: dict[str, Any]) -> None:
     tt.add_column("median", justify="right")
     tt.add_column("min–max", justify="right")
 
-    def ns(key: str, d: int = 1) -> tuple[str, str]:
-        lo, hi = rng[key]
-        return f"{med[key]:.{d}f} ns", f"{lo:.{d}f}–{hi:.{d}f}"
-
-    def ratio(key: str) -> tuple[str, str]:
-        lo, hi = rng[key]
-        return f"{med[key]:.2f}", f"{lo:.2f}–{hi:.2f}"
+    ns, ratio = range_cells(med, rng)
 
     tt.add_row("Python bare: bare_release_key(bare_allocate_key(k) << 16 | k)", *ns("py_bare_pair_ns"))
     tt.add_row("Python checked: release_key(allocate_key(k) << 16 | k)", *ns("py_key_pair_ns"))
@@ -490,9 +461,7 @@ def print_tables(result: dict[str, Any]) -> None:
     tt.add_row("messages during timed loops / errors counted",
                f"{tm['messages_during_timed_loops']} / {tm['errors_counted']}", "")
     console.print(tt)
-    mach = result["machine"]
-    print(f"machine: {mach['nproc']} CPUs, {mach['cpu']}, {mach['implementation']} {mach['python']}, "
-          f"{mach['platform']}")
+    print(machine_line(result["machine"]))
 
 
 def main(argv: list[str] | None = None) -> int:

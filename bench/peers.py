@@ -103,7 +103,6 @@ matplotlib.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
 import json
@@ -127,7 +126,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import slitter
-from benchlib import machine
+from benchlib import cli, machine, machine_line
 
 CTX = mp.get_context("fork")
 perf = time.perf_counter
@@ -140,6 +139,7 @@ TABLE_RECORDS = 100_000
 TABLE_RECORD = 64
 TABLE_WORKERS = 4
 STREAM_SIZES = (64, 1024, 65536)
+WORKLOADS = ("objects", "table", "streaming")
 
 SIZES = {
     #           reps  objects-s  table-s  stream-s  producers
@@ -152,6 +152,8 @@ TARGETS = {
     "table": {"Manager dict": 100.0, "Manager list": 100.0, "hand-rolled table": 0.8},
     "streaming_ring_rate": 0.9,
 }
+
+TRIAL_TIMEOUT = 300  # seconds to wait for each worker's result in a trial
 
 HEAD = struct.Struct("<QQ")  # sequence number, producer id: the first 16 bytes of every record
 
@@ -202,7 +204,7 @@ def _child(index: int, setup: Setup, args: tuple, barrier, results, done) -> Non
     cleanup()
 
 
-def trial(parts: list[tuple[Setup, tuple]], servers: list[int | None], timeout: float = 300) -> dict[str, Any]:
+def trial(parts: list[tuple[Setup, tuple]], servers: list[int | None]) -> dict[str, Any]:
     """Run each (setup, args) in a forked worker; one timed window for all of them."""
     servers = [pid for pid in servers if pid]
     barrier = CTX.Barrier(len(parts) + 1)
@@ -220,7 +222,7 @@ def trial(parts: list[tuple[Setup, tuple]], servers: list[int | None], timeout: 
             pass  # a worker failed during setup: its traceback is in the queue
         s0, p0 = sum(proc_cpu(pid) for pid in servers), time.process_time()
         while len(out) < len(parts):
-            i, r = results.get(timeout=timeout)
+            i, r = results.get(timeout=TRIAL_TIMEOUT)
             if "error" in r:
                 raise RuntimeError(f"worker {i} ({parts[i][0].__name__}) failed:\n{r['error']}")
             out[i] = r
@@ -454,11 +456,10 @@ def rawarray_objects(role: str):
     return consume, lambda: None
 
 
-def run_objects(address: str, reps: int, duration: float, progress) -> dict[str, Any]:
+def run_objects(address: str, daemon_pid: int, reps: int, duration: float, progress) -> dict[str, Any]:
     resource_tracker.ensure_running()  # one tracker, inherited by every worker
     smm = SharedMemoryManager(ctx=CTX)
     smm.start()
-    daemon_pid = _DAEMON_PID
     peers = {
         "slitter": (lambda r: (lambda: slitter_objects(address, r)), [daemon_pid]),
         "slitter, view per object": (lambda r: (lambda: slitter_view_objects(address, r)), [daemon_pid]),
@@ -573,7 +574,8 @@ def table_shm(name: str, worker: int, duration: float):
     return (lambda: (_table_loop(update, chunks, duration), 0)), cleanup
 
 
-def run_table(address: str, heap: slitter.Heap, reps: int, duration: float, progress) -> dict[str, Any]:
+def run_table(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, duration: float,
+              progress) -> dict[str, Any]:
     cls = heap.register_class(f"table-{TABLE_RECORD}", TABLE_RECORD)
     handles = cls.allocate_many(TABLE_RECORDS)
     for h in handles:
@@ -586,9 +588,9 @@ def run_table(address: str, heap: slitter.Heap, reps: int, duration: float, prog
     table = shared_memory.SharedMemory(create=True, size=TABLE_RECORDS * TABLE_RECORD)
     peers = {
         "slitter, view per update": (lambda w: (table_slitter, (address, handles, w, duration, False)),
-                                     [_DAEMON_PID]),
-        "slitter, cached views": (lambda w: (table_slitter, (address, handles, w, duration, True)), [_DAEMON_PID]),
-        "slitter, arena": (lambda w: (table_slitter, (address, handles, w, duration, None)), [_DAEMON_PID]),
+                                     [daemon_pid]),
+        "slitter, cached views": (lambda w: (table_slitter, (address, handles, w, duration, True)), [daemon_pid]),
+        "slitter, arena": (lambda w: (table_slitter, (address, handles, w, duration, None)), [daemon_pid]),
         "Manager dict": (lambda w: (table_proxy, (mdict, w, duration)), [mgr._process.pid]),
         "Manager list": (lambda w: (table_proxy, (mlist, w, duration)), [mgr._process.pid]),
         "hand-rolled table": (lambda w: (table_shm, (table.name, w, duration)), [tracker_pid()]),
@@ -856,14 +858,15 @@ def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: li
     return work, cleanup
 
 
-def stream_trial(peer: str, address: str, size: int, producers: int, duration: float) -> dict[str, Any]:
+def stream_trial(peer: str, address: str, daemon_pid: int, size: int, producers: int,
+                 duration: float) -> dict[str, Any]:
     if peer == "slitter":
         pipes = [CTX.Pipe(duplex=False) for _ in range(producers)]
         spaces = [CTX.Semaphore(WINDOW) for _ in range(producers)]
         parts = [(stream_slitter_producer, (address, size, p, pipes[p][1], spaces[p], duration))
                  for p in range(producers)]
         parts.append((stream_slitter_consumer, (address, size, [r for r, _ in pipes], spaces)))
-        result = trial(parts, [_DAEMON_PID])
+        result = trial(parts, [daemon_pid])
     elif peer == "Queue":
         q = CTX.Queue(maxsize=WINDOW * producers)
         parts = [(stream_queue_producer, (q, size, p, duration)) for p in range(producers)]
@@ -897,8 +900,8 @@ def stream_trial(peer: str, address: str, size: int, producers: int, duration: f
 STREAM_PEERS = ("slitter", "Queue", "Pipe", "ring")
 
 
-def run_streaming(address: str, heap: slitter.Heap, reps: int, duration: float, producer_counts: tuple,
-                  progress) -> dict[str, Any]:
+def run_streaming(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, duration: float,
+                  producer_counts: tuple, progress) -> dict[str, Any]:
     for size in STREAM_SIZES:
         heap.register_class(f"stream-{size}", size)
     configs = [(size, p) for size in STREAM_SIZES for p in producer_counts]
@@ -908,7 +911,7 @@ def run_streaming(address: str, heap: slitter.Heap, reps: int, duration: float, 
             row = {}
             for peer in STREAM_PEERS:
                 progress(f"streaming, repetition {rep + 1}/{reps}: {size} B, {producers} producer(s), {peer}")
-                row[peer] = stream_trial(peer, address, size, producers, duration)
+                row[peer] = stream_trial(peer, address, daemon_pid, size, producers, duration)
             per_rep[(size, producers)].append(row)
     return {"configs": [{"size": size, "producers": p, **summarize(per_rep[(size, p)], "slitter")}
                         for size, p in configs]}
@@ -965,8 +968,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(size: str, only: set[str], progress) -> dict[str, Any]:
-    global _DAEMON_PID
+def run(size: str, progress, only: set[str] = frozenset(WORKLOADS)) -> dict[str, Any]:
     reps, obj_s, table_s, stream_s, producer_counts = SIZES[size]
     result: dict[str, Any] = {"machine": machine(), "size": size,
                               "parameters": {"repetitions": reps, "objects_seconds": obj_s, "table_seconds": table_s,
@@ -976,22 +978,19 @@ def run(size: str, only: set[str], progress) -> dict[str, Any]:
                                              "stream_sizes": list(STREAM_SIZES)}}
     daemon = slitter.spawn_daemon(arena_size="8G")
     address = daemon.start()
-    _DAEMON_PID = daemon.pid
     try:
         with slitter.connect(address) as heap:
             if "objects" in only:
-                result["objects"] = run_objects(address, reps, obj_s, progress)
+                result["objects"] = run_objects(address, daemon.pid, reps, obj_s, progress)
             if "table" in only:
-                result["table"] = run_table(address, heap, reps, table_s, progress)
+                result["table"] = run_table(address, daemon.pid, heap, reps, table_s, progress)
             if "streaming" in only:
-                result["streaming"] = run_streaming(address, heap, reps, stream_s, producer_counts, progress)
+                result["streaming"] = run_streaming(address, daemon.pid, heap, reps, stream_s, producer_counts,
+                                                    progress)
     finally:
         daemon.stop()
     result["targets"] = targets(result)
     return result
-
-
-_DAEMON_PID: int | None = None
 
 
 # -- output --------------------------------------------------------------------------
@@ -1072,8 +1071,7 @@ def print_tables(result: dict[str, Any]) -> None:
                           _rate(p["rate"]), f"{p['rate'] * c['size'] / 1e6:,.1f}", f"{p['cpu_us']:.2f}",
                           "" if mine else f"{p['ratio']:.2f}", "" if mine else f"{p['cpu_ratio']:.2f}", v)
         console.print(t)
-    m = result["machine"]
-    print(f"machine: {m['nproc']} CPUs, {m['cpu']}, {m['implementation']} {m['python']}, {m['platform']}")
+    print(machine_line(result["machine"]))
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -1115,33 +1113,20 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 repetition, short windows, 1 and 4 producers")
-    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of tables")
-    parser.add_argument("--only", default="objects,table,streaming",
-                        help="comma-separated workloads to run (objects, table, streaming)")
-    args = parser.parse_args(argv)
-    only = set(args.only.split(","))
+    def add_arguments(parser) -> None:
+        parser.add_argument("--only", default=",".join(WORKLOADS), type=lambda v: set(v.split(",")),
+                            help="comma-separated workloads to run (objects, table, streaming)")
 
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    def save(result: dict, quick: bool) -> str:
+        suffix = "-quick" if quick else ""
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"peers{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+        if "streaming" in result:
+            plot(result, RESULTS / f"streaming{suffix}.png")
+        return f"; results in {RESULTS}"
 
-    start = time.monotonic()
-    result = run("quick" if args.quick else "default", only, progress)
-    result["wall_seconds"] = round(time.monotonic() - start, 1)
-    suffix = "-quick" if args.quick else ""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"peers{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
-    if "streaming" in result:
-        plot(result, RESULTS / f"streaming{suffix}.png")
-    if args.json:
-        json.dump(result, sys.stdout, indent=1)
-        print()
-    else:
-        print_tables(result)
-        print(f"wall time: {result['wall_seconds']} s; results in {RESULTS}")
-    return 0
+    return cli(__doc__, run, print_tables, "1 repetition, short windows, 1 and 4 producers", argv, save,
+               add_arguments)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import sys
 import time
 from array import array
@@ -67,7 +66,8 @@ from pathlib import Path
 from typing import Any
 
 import slitter
-from benchlib import c_pairs, timed, cli, loop_py_pairs, loop_two_noops, machine
+from benchlib import (c_pairs, cli, fmt_bytes, loop_py_pairs, loop_two_noops, machine, machine_line, medians_ranges,
+                      pct, refill_passes, timed, warm)
 from slitter._native import lib
 
 perf_ns = time.perf_counter_ns
@@ -107,37 +107,10 @@ def loop_churn_floor(live: array, idx: list[int]) -> float:
     return (perf_ns() - t0) / len(idx)
 
 
-def split_by_message(heap: slitter.Heap, op, items) -> tuple[list[int], list[Any]]:
-    """Time ``op(item)`` per item; (ns of the calls that sent a message, results)."""
-    slow, results = [], []
-    sent = heap.messages_sent
-    for item in items:
-        t0 = perf_ns()
-        result = op(item)
-        dt = perf_ns() - t0
-        now = heap.messages_sent
-        if now != sent:
-            slow.append(dt)
-        sent = now
-        results.append(result)
-    return slow, results
-
-
 def refills(heap: slitter.Heap, cls: slitter.Class) -> dict[str, list[int]]:
-    n = heap._classes_table[cls.id].mag_capacity * REFILLS
-    carve, handles = split_by_message(heap, lambda _i: cls.allocate(), range(n))
-    flush, _ = split_by_message(heap, cls.release, handles)
-    depot, handles = split_by_message(heap, lambda _i: cls.allocate(), range(n))
-    for h in handles:
-        cls.release(h)
-    return {"refill_carve": carve, "refill_depot": depot, "flush": flush}
-
-
-def pct(samples: list[int], p: float) -> float:
-    if not samples:
-        return float("nan")
-    s = sorted(samples)
-    return float(s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))])
+    """The refill passes of fastpath.py (``benchlib.refill_passes``): ns of the calls that sent a message."""
+    samples, _messages = refill_passes(heap, cls, heap._classes_table[cls.id].mag_capacity * REFILLS)
+    return {k: samples[k] for k in ("refill_carve", "refill_depot", "flush")}
 
 
 def measure(heap: slitter.Heap, big: slitter.Class, live: array, ref: slitter.Class, ref_live: array, reps: int,
@@ -176,8 +149,8 @@ def measure(heap: slitter.Heap, big: slitter.Class, live: array, ref: slitter.Cl
     for _ in range(max(1, reps // 3)):
         for k, v in timed(refills, heap, big).items():
             slow[k] += v
-    out = {k: statistics.median(r[k] for r in per_rep) for k in per_rep[0]}
-    out["ranges"] = {k: [min(r[k] for r in per_rep), max(r[k] for r in per_rep)] for k in per_rep[0]}
+    out, ranges = medians_ranges(per_rep)
+    out["ranges"] = ranges
     out["fast_loop_messages"] = fast_messages  # pairs and churn alike: expected 0
     for k, v in slow.items():
         out[f"{k}_p50_us"] = pct(v, 50) / 1e3
@@ -213,9 +186,7 @@ def run(size: str, progress) -> dict[str, Any]:
         cls = heap.register_class(f"scaling-{SIZE}", SIZE)
         result["mag_capacity"] = heap._classes_table[cls.id].mag_capacity
         for c in (cls, ref):
-            c.release(c.allocate())
-            timed(loop_py_pairs, c, py_n // 4)
-            c_pairs(heap, c, c_n // 10)
+            warm(heap, c, py_n, c_n)
         live = array("Q")
 
         def level_row(label: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -252,14 +223,6 @@ def run(size: str, progress) -> dict[str, Any]:
         for how, ratios in (("sequential", result["ratios_sequential"]), ("paired", result["ratios_paired"]))
         for k in ("py_pair_ns", "c_pair_ns", "churn_ns")}
     return result
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def short(n: int) -> str:
@@ -327,12 +290,11 @@ def print_tables(result: dict[str, Any]) -> None:
     rows.append(("0 (all released)", result["memory_all_released"]))
     for label, m in rows:
         live = m["live"]
-        t.add_row(label, _bytes(live * SIZE), f"{m['runs']:,}", _bytes(m["reserved_bytes"]),
-                  f"{m['reserved_per_data']:.3f}" if live else "", _bytes(m["committed_delta"]),
+        t.add_row(label, fmt_bytes(live * SIZE), f"{m['runs']:,}", fmt_bytes(m["reserved_bytes"]),
+                  f"{m['reserved_per_data']:.3f}" if live else "", fmt_bytes(m["committed_delta"]),
                   f"{m['committed_delta_per_data']:.3f}" if live else "")
     console.print(t)
-    m = result["machine"]
-    print(f"machine: {m['nproc']} CPUs, {m['cpu']}, {m['implementation']} {m['python']}, {m['platform']}")
+    print(machine_line(result["machine"]))
 
 
 def main(argv: list[str] | None = None) -> int:

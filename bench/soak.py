@@ -118,16 +118,27 @@ def open_words(path: str) -> tuple[mmap.mmap, memoryview]:
     return mm, memoryview(mm).cast("Q")
 
 
+def register_classes(heap: slitter.Heap) -> tuple[list[slitter.Class], list[int]]:
+    """The soak's classes (CLASSES, in order) on ``heap``, and their sizes."""
+    classes = [heap.register_class(name, size=size, zero_init=zero) for name, size, zero in CLASSES]
+    return classes, [size for _, size, _ in CLASSES]
+
+
+def run_logged(errdir: str, tag: str, fn, *args) -> None:
+    """``fn(*args)`` in a child process; on any exception, its traceback in ``errdir/tag-PID.err``, exit 1."""
+    try:
+        fn(*args)
+    except BaseException:
+        Path(errdir, f"{tag}-{os.getpid()}.err").write_text(traceback.format_exc())
+        sys.exit(1)
+
+
 # -- the worker ----------------------------------------------------------------
 
 
 def worker(address: str, slot: int, workers: int, seed: int, path: str, errdir: str) -> None:
     """One soak client: random work until its stop word is set (or SIGKILL)."""
-    try:
-        _work(address, slot, workers, seed, path)
-    except BaseException:
-        Path(errdir, f"worker{slot}-{os.getpid()}.err").write_text(traceback.format_exc())
-        sys.exit(1)
+    run_logged(errdir, f"worker{slot}", _work, address, slot, workers, seed, path)
 
 
 def _work(address: str, slot: int, workers: int, seed: int, path: str) -> None:
@@ -138,8 +149,7 @@ def _work(address: str, slot: int, workers: int, seed: int, path: str) -> None:
     inboxes = [mailbox(words, workers, src, slot) for src in range(workers) if src != slot]
     outboxes = [mailbox(words, workers, slot, dst) for dst in range(workers) if dst != slot]
     heap = slitter.connect(address, name=f"soak{slot}", timeout=30)
-    classes = [heap.register_class(name, size=size, zero_init=zero) for name, size, zero in CLASSES]
-    sizes = [size for _, size, _ in CLASSES]
+    classes, sizes = register_classes(heap)
     view = heap.view
     free = list(range(HELD - 1, -1, -1))
     held: list[tuple[int, int, int]] = []  # (held word, class index, handle)
@@ -235,19 +245,14 @@ def cycler(address: str, index: int, workers: int, path: str, errdir: str) -> No
     stamp, so a worker that is handed the same object at the same time sees
     its stamp overwritten.
     """
-    try:
-        _cycle(address, index, workers, path)
-    except BaseException:
-        Path(errdir, f"cycler{index}-{os.getpid()}.err").write_text(traceback.format_exc())
-        sys.exit(1)
+    run_logged(errdir, f"cycler{index}", _cycle, address, index, workers, path)
 
 
 def _cycle(address: str, index: int, workers: int, path: str) -> None:
     _mm, words = open_words(path)
     rec = cycler_block(words, workers, index)
     heap = slitter.connect(address, name=f"cycler{index}", timeout=30)
-    classes = [heap.register_class(name, size=size, zero_init=zero) for name, size, zero in CLASSES]
-    sizes = [size for _, size, _ in CLASSES]
+    classes, sizes = register_classes(heap)
     marks = [b"\xa5" * size for size in sizes]
     view = heap.view
     keep = []
@@ -357,6 +362,7 @@ class Soak:
         self.bad = 0
         self.final: dict[str, dict] = {}
         self.lost = [0] * len(CLASSES)
+        self.refused: list = []  # audit entries refusing objects of flushed or reclaimed magazines
 
     def fail(self, message: str) -> None:
         self.failures.append(message)
@@ -378,12 +384,7 @@ class Soak:
         rec[H_PID] = p.pid
         self.procs[slot] = p
         self.started_workers += 1
-        deadline = time.monotonic() + 60
-        while rec[H_STATE] != 1:
-            if not p.is_alive() or time.monotonic() > deadline:
-                self.fail(f"worker {slot} (pid {p.pid}) did not start: exit code {p.exitcode}")
-                return
-            time.sleep(0.01)
+        self.await_start(rec, p, f"worker {slot}")
 
     def start_cycler(self, index: int) -> None:
         rec = cycler_block(self.words, self.n, index)
@@ -392,10 +393,14 @@ class Soak:
         p.start()
         rec[H_PID] = p.pid
         self.cyclers.append(p)
+        self.await_start(rec, p, f"cycler {index}")
+
+    def await_start(self, rec: memoryview, p: multiprocessing.Process, what: str) -> None:
+        """Wait (up to 60 s) until the client sets its state word; a failure if it dies or times out first."""
         deadline = time.monotonic() + 60
         while rec[H_STATE] != 1:
             if not p.is_alive() or time.monotonic() > deadline:
-                self.fail(f"cycler {index} (pid {p.pid}) did not start: exit code {p.exitcode}")
+                self.fail(f"{what} (pid {p.pid}) did not start: exit code {p.exitcode}")
                 return
             time.sleep(0.01)
 
@@ -577,7 +582,7 @@ class Soak:
         for src in range(self.n):
             for dst in range(self.n):
                 self.orphans.update(v for v in mailbox(self.words, self.n, src, dst) if v)
-        classes = [self.heap.register_class(name, size=size, zero_init=zero) for name, size, zero in CLASSES]
+        classes, _sizes = register_classes(self.heap)
         for value in sorted(self.orphans):
             ci, h = decode(value)
             content = bytes(self.heap.view(h))
@@ -594,7 +599,6 @@ class Soak:
         self.heap.close()
         self.heap = slitter.connect(self.daemon.address, name="soak-check", timeout=30)
         stats = self.heap.stats()
-        self.final_stats = stats
         for ci, (name, _, _) in enumerate(CLASSES):
             c = stats["classes"][name]
             self.final[name] = c
@@ -656,7 +660,7 @@ class Soak:
                   f"lost in flight {self.lost[ci]} (kills mid-allocate {self.mid_allocate[ci]}); "
                   f"errors {sum(c['errors'].values())}")
         print(f"  content errors   {self.bad}")
-        print(f"  audit refusals   {len(getattr(self, 'refused', []))} (flush/reclaim)")
+        print(f"  audit refusals   {len(self.refused)} (flush/reclaim)")
         print(f"  result           {'FAIL' if self.failures else 'PASS'} ({len(self.failures)} failures)")
 
 
