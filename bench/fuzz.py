@@ -26,10 +26,10 @@ MAXMSGSIZE.  Valid requests that slip through may succeed.  Every
 ``--check-every`` cases: the daemon is alive and answers a ping, the victim's
 stats entry, rack and objects are unchanged, and it can allocate and release.
 
-Known exclusions, each pinned by a test in tests/test_hostile_messages.py:
-rack garbage leaves the fast-path counters alone unless ``--rack-counters``
-(garbage counters kill the daemon today), and never flushes handles cached
-in the victim's rack (the audit accepts them today).
+Rack garbage includes the fast-path counters and handles cached in the
+victim's rack: the daemon clamps untrusted counters, and the audit takes back
+only objects tagged with the flushing rack (tests/test_hostile_messages.py
+pins both).
 
 Run it:
 
@@ -361,13 +361,6 @@ class Victim:
     def tc(self, cls):
         return self.rack.threads[self.slot[cls.id]].classes[cls.id]
 
-    def cached(self) -> set[int]:
-        out = set()
-        for cls in self.classes:
-            t = tc_state(self.tc(cls))
-            out.update(t[6], t[7])
-        return out
-
     def state(self) -> dict:
         """The victim's own: its stats entry and its rack (class figures are everyone's)."""
         clients = self.heap.stats()["clients"]
@@ -433,11 +426,10 @@ class RackAttacker:
     def creds(self) -> tuple[int, int]:
         return self.heap._client_id, self.heap._token
 
-    def poke(self, rng: random.Random, counters: bool) -> tuple[list, object]:
-        """Garbage into the rack; returns (slots poked, undo)."""
+    def poke(self, rng: random.Random) -> tuple[list, object]:
+        """Garbage into the rack, counters included; returns (slots poked, undo)."""
         r = self.rack
-        cached = self.victim.cached()
-        pool = [h for h in self.pool if h not in cached]
+        pool = self.pool
         edges = (0, 1, 8, MAG_CAP - 1, MAG_CAP, MAG_CAP + 1, 1 << 31, U32)
 
         def u32() -> int:
@@ -457,9 +449,8 @@ class RackAttacker:
             tc.alloc_count, tc.release_count = u32(), u32()
             if rng.random() < 0.3:
                 tc.capacity = u32()
-            if counters:
-                tc.counters.allocations, tc.counters.releases = rng.randrange(U64 + 1), rng.randrange(U64 + 1)
-                tc.counters.errors[rng.randrange(5)] = rng.randrange(U64 + 1)
+            tc.counters.allocations, tc.counters.releases = rng.randrange(U64 + 1), rng.randrange(U64 + 1)
+            tc.counters.errors[rng.randrange(5)] = rng.randrange(U64 + 1)
             poked.append((t, c))
         masks = [r.threads[t].classes_touched for t in range(MAX_THREADS)]
         if rng.random() < 0.3:
@@ -599,7 +590,7 @@ class Run:
 
     def rack_case(self) -> None:
         r, a = self.rng, self.rack
-        poked, restore = a.poke(r, self.args.rack_counters)
+        poked, restore = a.poke(r)
         client, token = a.creds()
         calls = [(op, t, c) for t, c in poked if c for op in r.sample((Op.REFILL, Op.FLUSH), r.randrange(1, 3))]
         calls += [(r.choice((Op.REFILL, Op.FLUSH)), r.randrange(64), r.randrange(1, 64))
@@ -609,8 +600,7 @@ class Run:
             for op, t, c in calls:
                 self.send("rack", [pack(protocol.request(op, r.randrange(U64 + 1), client=client, token=token,
                                                          thread=t, class_id=c))])
-            if self.args.rack_counters:
-                self.send("rack", [pack(protocol.request(Op.STATS, 3))])
+            self.send("rack", [pack(protocol.request(Op.STATS, 3))])  # sums the garbage counters
         finally:
             restore()
             for _op, t, c in calls:
@@ -639,7 +629,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     ap.add_argument("--check-every", type=int, default=500, metavar="N", help="check daemon and victim every N cases")
     ap.add_argument("--timeout-ms", type=int, default=5000, help="wait this long for each reply")
-    ap.add_argument("--rack-counters", action="store_true", help="rack garbage includes the fast-path counters")
     ap.add_argument("--arena-size", default="4G")
     ap.add_argument("--keep", type=int, default=200, help="frames kept for the failure file")
     ap.add_argument("--save", default=None, help="directory for the failure file (default: the temp dir)")
