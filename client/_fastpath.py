@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 from slitter import errors
 from slitter._native import ffi, lib
@@ -21,15 +22,41 @@ NEED_FLUSH = lib.SLITTER_NEED_FLUSH
 NEED_SLOW = lib.SLITTER_NEED_SLOW
 
 
-def entry_points(key: int) -> tuple[Callable[[], int], Callable[[int], int]]:
-    """The native (allocate(), release(handle)) of a class key.
+class EntryPoints(NamedTuple):
+    """A class key's native calls, the key bound in.  The batch ones take one int, ``address << BATCH_COUNT_BITS | n``
+    of an ``array('Q')`` of n < BATCH_LIMIT handles (``array.buffer_info()``)."""
+
+    allocate: Callable[[], int]
+    release: Callable[[int], int]
+    allocate_many: Callable[[int], int]
+    check_many: Callable[[int], int]
+    release_many: Callable[[int], int]
+
+
+def entry_points(key: int) -> EntryPoints:
+    """The native calls of a class key.
 
     The first SLITTER_KEY_ENTRY_POINTS keys have functions of their own, so
     Python passes no key; later keys bind it with functools.partial.
     """
     if key < lib.SLITTER_KEY_ENTRY_POINTS:
-        return getattr(lib, f"slitter_allocate_k{key}"), getattr(lib, f"slitter_release_k{key}")
-    return partial(lib.slitter_allocate_key, key), partial(lib.slitter_release_as, key)
+        return EntryPoints(*(getattr(lib, f"slitter_{op}_k{key}")
+                             for op in ("allocate", "release", "allocate_many", "check_many", "release_many")))
+    return EntryPoints(*(partial(call, key) for call in (
+        lib.slitter_allocate_key, lib.slitter_release_as, lib.slitter_allocate_batch,
+        lib.slitter_check_batch, lib.slitter_release_batch)))
+
+
+#: Batches the batch entry points take: fewer handles than this (see slitter_fast.h).
+BATCH_LIMIT = 1 << lib.SLITTER_BATCH_COUNT_BITS
+BATCH_COUNT_BITS = lib.SLITTER_BATCH_COUNT_BITS
+_KIND_BITS = lib.SLITTER_BATCH_KIND_BITS
+
+
+def batch_refusal(result: int) -> tuple[int, int]:
+    """(index of the refused handle, SLITTER_ERR_* kind) of a batch call's result below -1."""
+    code = -1 - result
+    return code >> _KIND_BITS, code & ((1 << _KIND_BITS) - 1)
 
 
 def locate(view, handle: int) -> tuple[object, int, int]:

@@ -16,25 +16,29 @@ from slitter import _fastpath
 if TYPE_CHECKING:
     from slitter.heap import Heap
 
-_allocate_many = _fastpath.lib.slitter_allocate_many_key
-_from_buffer = _fastpath.ffi.from_buffer
 _FOREIGN_KIND = _fastpath.lib.SLITTER_ERR_FOREIGN_ADDRESS
 _ZEROS = array("Q", [0])
+_OK = _fastpath.OK
+_NEED_SLOW = _fastpath.NEED_SLOW
+_BATCH_LIMIT = _fastpath.BATCH_LIMIT
+_COUNT_BITS = _fastpath.BATCH_COUNT_BITS
 
 
 class Class:
     """A registered allocation class.  Get one from ``Heap.register_class``."""
 
-    __slots__ = ("_allocate", "_heap", "_key", "_release", "id", "name", "policy", "size", "stride",
-                 "zero_init")
+    __slots__ = ("_allocate", "_allocate_batch", "_check_batch", "_heap", "_key", "_release", "_release_batch",
+                 "id", "name", "policy", "size", "stride", "zero_init")
 
     def __init__(self, heap: Heap, class_id: int, name: str, size: int, stride: int, zero_init: bool,
                  policy: str) -> None:
         self._heap = heap
         # One small int stands for (this heap, this class) in the native calls.
         self._key = heap._class_key(class_id, name)
-        # The class's own native entry points: allocate() with no argument, release(handle).
-        self._allocate, self._release = _fastpath.entry_points(self._key)
+        # The class's own native entry points: allocate() with no argument, release(handle),
+        # and the batch calls with the batch packed in one int (one argument costs cffi least).
+        (self._allocate, self._release, self._allocate_batch, self._check_batch,
+         self._release_batch) = _fastpath.entry_points(self._key)
         self.id = class_id
         self.name = name
         self.size = size
@@ -83,13 +87,16 @@ class Class:
             and are in the exception's ``handles`` attribute.
         """
         out = _ZEROS * n
-        if n <= 0:
+        got = 0
+        if 0 < n < _BATCH_LIMIT:
+            got = self._allocate_batch(out.buffer_info()[0] << _COUNT_BITS | n)
+            if got == n:
+                return out
+        elif n <= 0:
             if n < 0 or type(n) is not int:
                 raise ValueError(f"class '{self.name}': allocate_many(n) needs an int n >= 0, not {n!r}")
             return out
-        got = _allocate_many(self._key, _from_buffer("uint64_t[]", out), n)
-        if got < n:
-            self._heap._allocate_many_slow(self, out, got)
+        self._heap._allocate_many_slow(self, out, got)
         return out
 
     def release_many(self, handles: Iterable[int]) -> None:
@@ -101,32 +108,52 @@ class Class:
         another thread releasing one of the objects at the same moment, is
         found while releasing; then the handles before the magazine-sized
         chunk in which it was found are released (the error's ``released``
-        says how many) and the rest are not.
+        says how many) and the rest are not.  An ``array('Q')`` of handles,
+        as ``allocate_many`` returns, is released without a copy.
         """
+        if type(handles) is array and handles.typecode == "Q":
+            address, n = handles.buffer_info()
+            if 0 < n < _BATCH_LIMIT:
+                # All or none, if the batch fits the thread's magazines.
+                result = self._release_batch(address << _COUNT_BITS | n)
+                if result == _OK:
+                    return
+                if result != _NEED_SLOW:
+                    self._heap._whole_batch_released(self, handles, result)
+                    return
         self._heap._release_many(self, handles)
 
     def check(self, handles: Iterable[int]) -> array:
         """Check that every handle is a live object of this class, in one native call.
 
-        Returns the handles as ``array('Q')``.  Nothing changes and nothing is
-        reported: this is the check ``release`` makes, for handles received
-        from elsewhere, before touching them through ``Heap.arena``.
+        Returns the handles as ``array('Q')`` (the very array, if given one).
+        Nothing changes and nothing is reported: this is the check ``release``
+        makes, for handles received from elsewhere, before touching them
+        through ``Heap.arena``.
 
         Raises:
             ClassMismatch, InteriorPointer, ForeignAddress: for the first
             handle that is not an object start of this class.
             DoubleFree: for the first object that is not live (released already).
         """
-        return self._heap._check_live(self, handles, "checked as")
+        return self._checked(handles, "checked as")
 
     def views(self, handles: Iterable[int]) -> list[memoryview]:
         """Writable views of many live objects of this class: ``check``, then one slice each.
 
         About a third of the cost of ``Heap.view`` per object.  Raises as ``check``.
         """
-        batch = self._heap._check_live(self, handles, "viewed as")
+        batch = self._checked(handles, "viewed as")
         arena, size = self._heap._arena, self.size
         return [arena[h:h + size] for h in batch]
+
+    def _checked(self, handles: Iterable[int], verb: str) -> array:
+        if type(handles) is array and handles.typecode == "Q":
+            address, n = handles.buffer_info()
+            if 0 < n < _BATCH_LIMIT and self._check_batch(address << _COUNT_BITS | n) == _OK:
+                return handles
+        # Unbound, guard pages to protect, a refusal to raise, or not an array('Q').
+        return self._heap._check_live(self, handles, verb)
 
     def __repr__(self) -> str:
         return f"<slitter.Class '{self.name}' id={self.id} size={self.size}>"

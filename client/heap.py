@@ -361,22 +361,15 @@ class Heap:
         n = len(batch)
         if n == 0:
             return
+        if n < _fastpath.BATCH_LIMIT:
+            # A batch that fits the thread's magazines goes in one call, all or none.
+            result = cls._release_batch(batch.buffer_info()[0] << _fastpath.BATCH_COUNT_BITS | n)
+            if result != _fastpath.NEED_SLOW:
+                self._whole_batch_released(cls, batch, result)
+                return
+        # Unbound, or more than the magazines' room: check the whole batch, then release in chunks.
         buf = ffi.from_buffer("uint64_t[]", batch)
         bad = ffi.new("uint32_t *")
-        # A batch that fits the thread's magazines goes in one call, all or none.
-        result = lib.slitter_release_whole_key(cls._key, buf, n, bad)
-        if result < 0:  # counted in C; none of the batch was released
-            try:
-                self._refused(cls, batch[bad[0]], -1 - result)
-            except errors.ReleaseError as exc:
-                exc.released = 0
-                raise
-            return
-        if result != _fastpath.NEED_SLOW:
-            if result == _fastpath.NEED_FLUSH:
-                self._flush(cls, self._bind(cls))
-            return
-        # Unbound, or more than the magazines' room: check the whole batch, then release in chunks.
         result = self._check_batch(cls, batch, buf, bad)
         if result < 0:  # the check counts nothing: the refusal is counted here
             self._refused(cls, batch[bad[0]], -1 - result, counted=False)
@@ -394,6 +387,18 @@ class Heap:
             done += bad[0]
             if result == _fastpath.NEED_FLUSH or (result == _fastpath.NEED_SLOW and done < n):
                 self._flush(cls, self._bind(cls))
+
+    def _whole_batch_released(self, cls: Class, batch: array, result: int) -> None:
+        """After a release_many call on the whole batch: flush if it asks, or report its refusal."""
+        if result == _fastpath.NEED_FLUSH:
+            self._flush(cls, self._bind(cls))
+        elif result < 0:  # counted in C; none of the batch was released
+            index, kind = _fastpath.batch_refusal(result)
+            try:
+                self._refused(cls, batch[index], kind)
+            except errors.ReleaseError as exc:
+                exc.released = 0
+                raise
 
     def _release_slow(self, cls: Class, handle: int, result: int) -> None:
         for _ in range(8):

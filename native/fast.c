@@ -264,6 +264,70 @@ static inline int64_t slitter__locate(const struct slitter_view *v, uint64_t han
 }
 
 /*
+ * One class's constants in locals, for the checks.  The live map is bytes,
+ * which alias everything in C: a batch loop reading these through
+ * c->view after each live-byte store would reload every one of them (and
+ * the header's next_span) per handle.  One load of next_span per batch is
+ * enough: a handle the caller holds was carved before the call began.
+ */
+struct slitter__cursor {
+    const struct slitter_span *spans;
+    uint8_t *live;
+    uint64_t next_span;
+    uint64_t div_magic;
+    uint64_t stride;
+    uint32_t objects_per_run;
+    uint32_t class_id;
+};
+
+static inline struct slitter__cursor slitter__cursor(const struct slitter_client *c, uint32_t class_id)
+{
+    const struct slitter_class *cls = &c->view.classes[class_id];
+    struct slitter__cursor k = {
+        .spans = c->view.spans,
+        .live = c->view.live_map,
+        .next_span = __atomic_load_n(&c->view.header->next_span, __ATOMIC_ACQUIRE),
+        .div_magic = cls->div_magic,
+        .stride = cls->stride,
+        .objects_per_run = cls->objects_per_run,
+        .class_id = class_id,
+    };
+    return k;
+}
+
+/*
+ * The checks of a release up to the live byte, with nothing changed: the
+ * live-map index of `handle`, or -1 - SLITTER_ERR_*.  Foreign (beyond the
+ * carved spans, or a span no class owns: one compare and one load of the
+ * span entry), class (the span table says who owns the address, forever),
+ * interior or guard (two multiplies against the class's stride).
+ */
+static inline int64_t slitter__check_at(const struct slitter__cursor *k, uint64_t handle)
+{
+    uint64_t span = handle >> SLITTER_SPAN_SHIFT;
+    if (slitter_unlikely(span >= k->next_span))
+        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;
+    const struct slitter_span *sp = &k->spans[span];
+    uint32_t owner = __atomic_load_n(&sp->class_id, __ATOMIC_ACQUIRE);
+    if (slitter_unlikely(owner != k->class_id))
+        return -1 - (owner == 0 ? SLITTER_ERR_FOREIGN_ADDRESS : SLITTER_ERR_CLASS_MISMATCH);
+    uint64_t rel = handle - ((uint64_t)sp->run_first_span << SLITTER_SPAN_SHIFT);
+    uint64_t index = (uint64_t)(((unsigned __int128)k->div_magic * rel) >> 64);
+    if (slitter_unlikely(index >= k->objects_per_run))
+        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;    /* guard page or run tail */
+    if (slitter_unlikely(index * k->stride != rel))
+        return -1 - SLITTER_ERR_INTERIOR_POINTER;
+    return (int64_t)(sp->obj_base + index);
+}
+
+/* The same for one handle: what slitter_release() checks. */
+static inline int64_t slitter__check(const struct slitter_client *c, uint32_t class_id, uint64_t handle)
+{
+    struct slitter__cursor k = slitter__cursor(c, class_id);
+    return slitter__check_at(&k, handle);
+}
+
+/*
  * Rare (once per magazine): the allocation magazine is empty.  Take the
  * release magazine's objects, else the prefetched spare (and ask Python to
  * prefetch the next one, without waiting), else give up: the slow path
@@ -360,18 +424,6 @@ static SLITTER_NOINLINE int slitter__send_release_out(struct slitter_client *c, 
     return SLITTER_OK;
 }
 
-/* The checks of slitter_release() up to the live byte, with nothing changed.
- * Returns the live-map index, or -1 - SLITTER_ERR_*. */
-static inline int64_t slitter__check(const struct slitter_client *c, uint32_t class_id, uint64_t handle)
-{
-    const struct slitter_span *sp = slitter__span(&c->view, handle);
-    if (sp == NULL)
-        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;
-    if (sp->class_id != class_id)
-        return -1 - SLITTER_ERR_CLASS_MISMATCH;
-    return slitter__object_bit(sp, &c->view.classes[class_id], handle);
-}
-
 /* Rare: count a refused release under the class it was released as. */
 static SLITTER_NOINLINE int slitter__refuse(struct slitter_thread_class *tc, int kind)
 {
@@ -454,6 +506,52 @@ int slitter_release_key(uint64_t packed)
     return slitter_release_as((uint32_t)(packed & (SLITTER_MAX_KEYS - 1)), packed >> SLITTER_KEY_BITS);
 }
 
+/*
+ * allocate_many's loop: slitter__allocate_in's checks per object, with the
+ * class's constants in locals (see slitter__cursor) and the magazine's
+ * count written once per magazine.  A magazine refilled locally may hold
+ * objects of runs carved since the last cursor, so the cursor is taken
+ * again after each refill.
+ */
+static uint32_t slitter__allocate_batch(struct slitter_client *c, struct slitter_thread_slot *slot,
+                                        uint32_t class_id, uint64_t *out, uint32_t n)
+{
+    struct slitter_thread_class *tc = &slot->classes[class_id];
+    const struct slitter_class *cls = &c->view.classes[class_id];
+    const uint8_t tag = c->cache_tag;
+    uint32_t got = 0, corrupt = 0;
+    while (got < n) {
+        uint32_t avail = tc->alloc_count;
+        if (slitter_unlikely(avail == 0)) {
+            if (!slitter__refill_locally(c, slot, tc, class_id))
+                break;
+            avail = tc->alloc_count;
+        }
+        const struct slitter__cursor k = slitter__cursor(c, class_id);
+        const uint64_t *top = tc->alloc + avail;
+        uint32_t take = n - got < avail ? n - got : avail;
+        for (uint32_t i = 1; i <= take; i++) {
+            uint64_t handle = top[-(int64_t)i];
+            int64_t obj = slitter__check_at(&k, handle);
+            /* As in slitter__allocate_in: anything but our tag is dropped. */
+            if (slitter_likely(obj >= 0 && __atomic_load_n(&k.live[obj], __ATOMIC_RELAXED) == tag)) {
+                __atomic_store_n(&k.live[obj], SLITTER_LIVE, __ATOMIC_RELEASE);
+                out[got++] = handle;
+            } else {
+                corrupt++;
+            }
+        }
+        tc->alloc_count = avail - take;
+    }
+    if (slitter_unlikely(corrupt != 0))
+        tc->counters.errors[SLITTER_ERR_CORRUPT] += corrupt;
+    tc->counters.allocations += got;
+    if (cls->flags & SLITTER_CLASS_ZERO_INIT)
+        for (uint32_t i = 0; i < got; i++)
+            memset(c->view.data + out[i], 0, cls->size);
+    return got;
+}
+
 uint32_t slitter_allocate_many_key(uint32_t key, uint64_t *out, uint32_t n)
 {
     const struct slitter_key *k = slitter__key(key);
@@ -464,33 +562,31 @@ uint32_t slitter_allocate_many_key(uint32_t key, uint64_t *out, uint32_t n)
     struct slitter_thread_slot *slot = slitter__slot(c);
     if (slitter_unlikely(slot == NULL || class_id >= SLITTER_MAX_CLASSES))
         return 0;
-    uint32_t got = 0;
-    /* The single-object path per object: its checks stay, the call and
-     * the thread's slot lookup are amortised. */
-    while (got < n) {
-        uint64_t handle = slitter__allocate_in(c, slot, class_id);
-        if (handle == 0)
-            break;
-        out[got++] = handle;
-    }
-    return got;
+    return slitter__allocate_batch(c, slot, class_id, out, n);
 }
 
-int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *bad)
+/* The calling thread's slot for the class behind `key`, with its client and
+ * class id; NULL for a key that names no client, or an unbound thread. */
+static inline struct slitter_thread_slot *slitter__key_slot(uint32_t key, struct slitter_client **c,
+                                                             uint32_t *class_id)
 {
     const struct slitter_key *k = slitter__key(key);
     if (k == NULL)
-        return SLITTER_NEED_SLOW;
-    struct slitter_client *c = k->client;
-    uint32_t class_id = k->class_id;
-    struct slitter_thread_slot *slot = slitter__slot(c);
-    if (slot == NULL || slot->classes[class_id].capacity == 0)
-        return SLITTER_NEED_SLOW;
+        return NULL;
+    *c = k->client;
+    *class_id = k->class_id;
+    return slitter__slot(k->client);
+}
+
+static int slitter__check_many(const struct slitter_client *c, uint32_t class_id,
+                               const uint64_t *handles, uint32_t n, uint32_t *bad)
+{
+    const struct slitter__cursor k = slitter__cursor(c, class_id);
     for (uint32_t i = 0; i < n; i++) {
-        int64_t obj = slitter__check(c, class_id, handles[i]);
-        if (obj >= 0 && __atomic_load_n(&c->view.live_map[obj], __ATOMIC_ACQUIRE) != SLITTER_LIVE)
+        int64_t obj = slitter__check_at(&k, handles[i]);
+        if (obj >= 0 && __atomic_load_n(&k.live[obj], __ATOMIC_ACQUIRE) != SLITTER_LIVE)
             obj = -1 - SLITTER_ERR_DOUBLE_FREE;
-        if (obj < 0) {
+        if (slitter_unlikely(obj < 0)) {
             *bad = i;
             return (int)obj;   /* not counted: a check, whoever calls it, changes nothing */
         }
@@ -498,17 +594,39 @@ int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, ui
     return SLITTER_OK;
 }
 
-static int slitter__release_many(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done, int whole)
+int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *bad)
+{
+    struct slitter_client *c;
+    uint32_t class_id;
+    struct slitter_thread_slot *slot = slitter__key_slot(key, &c, &class_id);
+    if (slot == NULL || slot->classes[class_id].capacity == 0)
+        return SLITTER_NEED_SLOW;
+    return slitter__check_many(c, class_id, handles, n, bad);
+}
+
+/* release_many marks the live bytes of a chunk of handles at a time. */
+#define SLITTER__CHUNK 64
+/* A word of the live map: eight bytes, read and written with the bytes it holds. */
+typedef uint64_t __attribute__((may_alias, aligned(8))) slitter__word;
+#define SLITTER__BYTES(state) (0x0101010101010101ULL * (uint8_t)(state))
+
+/* Whether objs[0..8) are the eight objects of one live-map word, in any order. */
+static inline int slitter__fills_word(const int64_t *objs)
+{
+    int64_t word = objs[0] >> 3;
+    unsigned seen = 0;
+    for (int t = 0; t < 8; t++) {
+        if ((objs[t] >> 3) != word)
+            return 0;
+        seen |= 1u << (objs[t] & 7);
+    }
+    return seen == 0xFF;
+}
+
+static int slitter__release_many(struct slitter_client *c, struct slitter_thread_slot *slot, uint32_t class_id,
+                                 const uint64_t *handles, uint32_t n, uint32_t *done, int whole)
 {
     *done = 0;
-    const struct slitter_key *k = slitter__key(key);
-    if (k == NULL)
-        return SLITTER_NEED_SLOW;
-    struct slitter_client *c = k->client;
-    uint32_t class_id = k->class_id;
-    struct slitter_thread_slot *slot = slitter__slot(c);
-    if (slot == NULL)
-        return SLITTER_NEED_SLOW;
     struct slitter_thread_class *tc = &slot->classes[class_id];
     uint32_t capacity = tc->capacity;
     uint32_t room = (capacity - tc->alloc_count) + (capacity - tc->release_count);
@@ -517,31 +635,65 @@ static int slitter__release_many(uint32_t key, const uint64_t *handles, uint32_t
     if (n > room)
         n = room;
     /* Pass 1: every check, and the live byte of each, all or none. */
-    for (uint32_t i = 0; i < n; i++) {
-        int64_t obj = slitter__check(c, class_id, handles[i]);
-        uint8_t expected = SLITTER_LIVE;
-        if (obj >= 0 && !__atomic_compare_exchange_n(&c->view.live_map[obj], &expected, c->cache_tag, 0,
-                                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            obj = -1 - SLITTER_ERR_DOUBLE_FREE;
-        if (slitter_unlikely(obj < 0)) {
+    const struct slitter__cursor k = slitter__cursor(c, class_id);
+    const uint8_t tag = c->cache_tag;
+    for (uint32_t first = 0; first < n; first += SLITTER__CHUNK) {
+        uint32_t m = n - first < SLITTER__CHUNK ? n - first : SLITTER__CHUNK;
+        int64_t objs[SLITTER__CHUNK];
+        int64_t refused = 0;
+        for (uint32_t j = 0; j < m; j++) {
+            objs[j] = slitter__check_at(&k, handles[first + j]);
+            if (slitter_unlikely(objs[j] < 0)) {
+                /* Mark those before it first: one of them may be refused earlier. */
+                refused = objs[j];
+                m = j;
+                break;
+            }
+        }
+        uint32_t j = 0;
+        while (j < m) {
+            /* Eight objects that fill one word of the live map, as a batch
+             * allocated together mostly does: one lock cmpxchg for the
+             * eight, LIVE to our tag in all of them or in none, which is
+             * what eight single ones would do (a byte of any other state
+             * fails it, and nobody else moves a byte out of LIVE). */
+            if (j + 8 <= m && slitter__fills_word(objs + j)) {
+                uint64_t expected = SLITTER__BYTES(SLITTER_LIVE);
+                if (__atomic_compare_exchange_n((slitter__word *)(k.live + (objs[j] & ~7)), &expected,
+                                                SLITTER__BYTES(tag), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                    j += 8;
+                    continue;
+                }
+            }
+            uint8_t expected = SLITTER_LIVE;
+            if (slitter_unlikely(!__atomic_compare_exchange_n(&k.live[objs[j]], &expected, tag, 0,
+                                                              __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))) {
+                refused = -1 - SLITTER_ERR_DOUBLE_FREE;
+                break;
+            }
+            j++;
+        }
+        if (slitter_unlikely(refused < 0)) {
             /* Undo: nobody can have taken the objects we marked, since none
              * of them is in a magazine yet. */
-            for (uint32_t j = 0; j < i; j++)
-                __atomic_store_n(&c->view.live_map[slitter__check(c, class_id, handles[j])], SLITTER_LIVE,
-                                 __ATOMIC_RELEASE);
+            uint32_t i = first + j;
+            for (uint32_t u = 0; u < i; u++)
+                __atomic_store_n(&k.live[slitter__check_at(&k, handles[u])], SLITTER_LIVE, __ATOMIC_RELEASE);
             *done = i;
-            return slitter__refuse(tc, (int)(-1 - obj));
+            return slitter__refuse(tc, (int)(-1 - refused));
         }
     }
     /* Pass 2: push, allocation magazine first. */
-    uint32_t i = 0;
-    while (i < n && tc->alloc_count < capacity)
-        tc->alloc[tc->alloc_count++] = handles[i++];
+    uint32_t i = 0, a = tc->alloc_count, r = tc->release_count;
+    while (i < n && a < capacity)
+        tc->alloc[a++] = handles[i++];
     while (i < n)
-        tc->release[tc->release_count++] = handles[i++];
+        tc->release[r++] = handles[i++];
+    tc->alloc_count = a;
+    tc->release_count = r;
     tc->counters.releases += n;
     *done = n;
-    if (tc->release_count < capacity)
+    if (r < capacity)
         return SLITTER_OK;
     /* Full: out of the way to the daemon without waiting, if it is done with the last one. */
     return slitter__send_release_out(c, slot, tc, class_id);
@@ -549,12 +701,68 @@ static int slitter__release_many(uint32_t key, const uint64_t *handles, uint32_t
 
 int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done)
 {
-    return slitter__release_many(key, handles, n, done, 0);
+    struct slitter_client *c;
+    uint32_t class_id;
+    struct slitter_thread_slot *slot = slitter__key_slot(key, &c, &class_id);
+    *done = 0;
+    return slot ? slitter__release_many(c, slot, class_id, handles, n, done, 0) : SLITTER_NEED_SLOW;
 }
 
 int slitter_release_whole_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done)
 {
-    return slitter__release_many(key, handles, n, done, 1);
+    struct slitter_client *c;
+    uint32_t class_id;
+    struct slitter_thread_slot *slot = slitter__key_slot(key, &c, &class_id);
+    *done = 0;
+    return slot ? slitter__release_many(c, slot, class_id, handles, n, done, 1) : SLITTER_NEED_SLOW;
+}
+
+/*
+ * Batches in one integer, for the per-key entry points: cffi passes a single
+ * argument through METH_O, but two or more through a tuple, about 85 ns a
+ * call here, and a cffi pointer to a Python array (ffi.from_buffer) costs
+ * 170 ns more.  Python packs array.buffer_info() instead.
+ */
+static inline const uint64_t *slitter__batch(uint64_t batch, uint32_t *n)
+{
+    *n = (uint32_t)(batch & ((1u << SLITTER_BATCH_COUNT_BITS) - 1));
+    return (const uint64_t *)(uintptr_t)(batch >> SLITTER_BATCH_COUNT_BITS);
+}
+
+uint32_t slitter_allocate_batch(uint32_t key, uint64_t batch)
+{
+    struct slitter_client *c;
+    uint32_t class_id, n;
+    uint64_t *out = (uint64_t *)slitter__batch(batch, &n);
+    struct slitter_thread_slot *slot = slitter__key_slot(key, &c, &class_id);
+    return slot ? slitter__allocate_batch(c, slot, class_id, out, n) : 0;
+}
+
+int64_t slitter_check_batch(uint32_t key, uint64_t batch)
+{
+    struct slitter_client *c;
+    uint32_t class_id, n, bad = 0;
+    const uint64_t *handles = slitter__batch(batch, &n);
+    struct slitter_thread_slot *slot = slitter__key_slot(key, &c, &class_id);
+    /* Unbound, or runs carved whose guard pages this process has not
+     * protected yet: the slow path binds or protects them, then checks. */
+    if (slitter_unlikely(slot == NULL || slot->classes[class_id].capacity == 0 ||
+                         __atomic_load_n(&c->view.header->nruns, __ATOMIC_ACQUIRE) != c->guards_applied))
+        return SLITTER_NEED_SLOW;
+    int result = slitter__check_many(c, class_id, handles, n, &bad);
+    return result < 0 ? SLITTER_BATCH_REFUSED(bad, -1 - result) : result;
+}
+
+int64_t slitter_release_batch(uint32_t key, uint64_t batch)
+{
+    struct slitter_client *c;
+    uint32_t class_id, n, bad = 0;
+    const uint64_t *handles = slitter__batch(batch, &n);
+    struct slitter_thread_slot *slot = slitter__key_slot(key, &c, &class_id);
+    if (slitter_unlikely(slot == NULL))
+        return SLITTER_NEED_SLOW;
+    int result = slitter__release_many(c, slot, class_id, handles, n, &bad, 1);
+    return result < 0 ? SLITTER_BATCH_REFUSED(bad, -1 - result) : result;
 }
 
 /* bench/ baselines: magazine traffic alone (see slitter_fast.h). */

@@ -163,6 +163,33 @@ int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, 
 int slitter_release_whole_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done);
 
 /**
+ * The batch calls of the per-key entry points, with the batch in one
+ * integer: `address << SLITTER_BATCH_COUNT_BITS | n`, where `address` is
+ * that of a uint64_t[n] (Python: `array('Q').buffer_info()`) and
+ * n < 2**SLITTER_BATCH_COUNT_BITS.  Addresses are below 2**48, so the
+ * packed value of one that is not fits no uint64_t: cffi refuses it before C.
+ *
+ * slitter_allocate_batch(): slitter_allocate_many_key().
+ * slitter_check_batch(): slitter_check_many_key(), and SLITTER_NEED_SLOW as
+ *   well when runs were carved whose guard pages this process has not
+ *   protected yet (the check comes before touching the objects).
+ * slitter_release_batch(): slitter_release_whole_key().
+ * A refusal of handle i with SLITTER_ERR_* kind k returns
+ * SLITTER_BATCH_REFUSED(i, k), below -1; other results are as the calls'.
+ *
+ * Keys below SLITTER_KEY_ENTRY_POINTS get their own, one argument each:
+ * `uint32_t slitter_allocate_many_k<key>(uint64_t batch)`,
+ * `int64_t slitter_check_many_k<key>(uint64_t batch)` and
+ * `int64_t slitter_release_many_k<key>(uint64_t batch)`.
+ */
+#define SLITTER_BATCH_COUNT_BITS 16
+#define SLITTER_BATCH_KIND_BITS 8
+#define SLITTER_BATCH_REFUSED(index, kind) (-1 - (((int64_t)(index) << SLITTER_BATCH_KIND_BITS) | (kind)))
+uint32_t slitter_allocate_batch(uint32_t key, uint64_t batch);
+int64_t slitter_check_batch(uint32_t key, uint64_t batch);
+int64_t slitter_release_batch(uint32_t key, uint64_t batch);
+
+/**
  * The size of the object at `packed >> SLITTER_KEY_BITS`, for a view of it,
  * with the client behind the low bits' key (any key of that client).
  * Returns the size (> 0), SLITTER_VIEW_GUARDS when runs were carved whose

@@ -102,3 +102,22 @@ def test_another_process_writes_through_the_arena(daemon, heap):
     finally:
         done.put(None)
         child.join(30)
+
+
+def test_checking_an_array_protects_new_guard_pages_first(daemon, heap):
+    """Runs another process carved after this one attached: check() of an array('Q') protects their
+    guard pages here before it says the objects may be touched."""
+    ctx = multiprocessing.get_context("spawn")
+    queue, done = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=workers.arena_writer, args=(daemon.address, 500, queue, done))
+    child.start()
+    try:
+        handles = array("Q", queue.get(timeout=60))
+        cls = heap.register_class("shared", size=48)
+        assert heap._client.guards_applied < heap._guards.header.nruns  # carved by the writer
+        assert cls.check(handles) is handles
+        assert heap._client.guards_applied == heap._guards.header.nruns
+        cls.release_many(handles)
+    finally:
+        done.put(None)
+        child.join(30)

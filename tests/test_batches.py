@@ -7,6 +7,8 @@ from array import array
 import pytest
 
 import slitter
+from slitter import _fastpath
+from slitter._native import lib
 
 
 def test_allocate_many_and_release_many(heap):
@@ -96,3 +98,78 @@ def test_a_batch_bigger_than_the_magazines_is_checked_whole(heap):
     assert heap.stats()["classes"]["big"]["live"] == len(rest)
     cls.release_many(rest)
     assert heap.stats()["classes"]["big"]["live"] == 0
+
+
+@pytest.mark.parametrize("container", [list, array])
+def test_arrays_and_lists_get_the_same_checks(heap, container):
+    """An array('Q') goes straight to the native call; a list is converted first."""
+    cls = heap.register_class("both", size=32)
+    handles = cls.allocate_many(40)
+    cls.release(handles[17])
+    batch = container("Q", handles) if container is array else container(handles)
+    with pytest.raises(slitter.DoubleFree) as info:
+        cls.release_many(batch)
+    assert info.value.handle == handles[17] and info.value.released == 0
+    assert heap.stats()["classes"]["both"]["live"] == 39
+    rest = array("Q", [h for i, h in enumerate(handles) if i != 17])
+    assert cls.check(rest) is rest
+    cls.release_many(rest if container is array else list(rest))
+    assert heap.stats()["classes"]["both"]["live"] == 0
+
+
+def live_index(heap, handle):
+    """The live-map index of an object (as the native checks compute it)."""
+    span = heap._view.spans[handle >> lib.SLITTER_SPAN_SHIFT]
+    stride = heap._classes_table[span.class_id].stride
+    return span.obj_base + (handle - (span.run_first_span << lib.SLITTER_SPAN_SHIFT)) // stride
+
+
+@pytest.mark.parametrize("victim", [0, 3, 7, 8, 62])
+def test_a_live_map_word_is_marked_whole_or_not_at_all(heap, victim):
+    """Eight objects whose live bytes fill one word are released with one compare-and-swap of the
+    word; any of the eight not live must fail it, name that object, and leave all eight live."""
+    cls = heap.register_class("words", size=64)
+    handles = cls.allocate_many(64)
+    indexes = sorted(live_index(heap, h) for h in handles)
+    assert indexes == list(range(indexes[0], indexes[0] + 64)) and indexes[0] % 8 == 0  # eight whole words
+    cls.release(handles[victim])
+    shuffled = array("Q", handles[::-1])  # any order inside a word
+    with pytest.raises(slitter.DoubleFree) as info:
+        cls.release_many(shuffled)
+    assert info.value.handle == handles[victim] and info.value.released == 0
+    assert heap.stats()["classes"]["words"]["live"] == 63
+    with pytest.raises(slitter.DoubleFree):  # the word around the victim was not marked either
+        cls.release_many(array("Q", [handles[victim ^ 1], handles[victim]]))
+    rest = array("Q", [h for i, h in enumerate(handles) if i != victim])
+    cls.release_many(rest)
+    assert heap.stats()["classes"]["words"]["live"] == 0
+
+
+@pytest.mark.parametrize("first,second,error", [
+    (5, 20, slitter.DoubleFree),       # released before, then an interior pointer later on
+    (2, 5, slitter.InteriorPointer),   # an interior pointer, then one released before
+])
+def test_the_first_bad_handle_in_the_batch_is_named(heap, first, second, error):
+    cls = heap.register_class("order", size=64)
+    handles = cls.allocate_many(64)
+    released, interior = (handles[first], handles[second]) if error is slitter.DoubleFree else \
+        (handles[second], handles[first])
+    cls.release(released)
+    batch = array("Q", handles)
+    batch[first if error is slitter.InteriorPointer else second] = interior + 8
+    with pytest.raises(error) as info:
+        cls.release_many(batch)
+    assert info.value.handle == batch[first] and info.value.released == 0
+    assert heap.stats()["classes"]["order"]["live"] == 63
+    cls.release_many(array("Q", [h for h in handles if h != released]))
+
+
+def test_a_batch_past_one_native_call(heap):
+    """Batches of BATCH_LIMIT handles or more do not fit one packed call: they take the general path."""
+    cls = heap.register_class("huge", size=16)
+    n = _fastpath.BATCH_LIMIT + 10
+    handles = cls.allocate_many(n)
+    assert len(handles) == n and len(set(handles)) == n
+    assert cls.check(handles) is handles
+    cls.release_many(handles)
+    assert heap.stats()["classes"]["huge"]["live"] == 0

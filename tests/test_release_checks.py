@@ -129,6 +129,7 @@ def test_every_check_through_both_native_entry_points(daemon):
         assert r["interior"] == "InteriorPointer", label
         assert r["foreign"] == ["ForeignAddress"] * 5, label
         assert (r["release"], r["double free"], r["many"], r["cleanup"]) == ("ok", "DoubleFree", "ok", "ok"), label
+        assert (r["batch"], r["batch mismatch"], r["batch double free"]) == ("ok", "ClassMismatch", "DoubleFree"), label
 
 
 def test_double_free_across_processes(daemon, heap, classes):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 import slitter
 
 # The kinds of refused release that counted_mix makes and counts (test_counters checks them).
@@ -348,6 +350,9 @@ def checks_per_entry_point(address, queue):
                 "release": outcome(lambda: order.release(h)),
                 "double free": outcome(lambda: order.release(h)),
                 "many": outcome(lambda: [order.release(x) for x in [order.allocate() for _ in range(2000)]]),
+                "batch": outcome(lambda: order.release_many(order.check(order.allocate_many(64)))),
+                "batch mismatch": outcome(lambda: order.check(array("Q", [t]))),
+                "batch double free": outcome(lambda: order.release_many(array("Q", [h]))),
                 "cleanup": outcome(lambda: trade.release(t)),
             }
     queue.put(results)
