@@ -70,8 +70,9 @@ class Transport:
 
         A patient transport (one whose heap is attached) rides out a daemon
         restart: while no reply comes it reopens the socket and sends the
-        request again (every op is safe to repeat) until ``timeout`` has
-        passed in all.  An impatient one (connecting) gives up at once when
+        request again, with the same id, until ``timeout`` has passed in all.
+        Every op is safe to repeat: REPORT, the one that is not, is recorded
+        once per id.  An impatient one (connecting) gives up at once when
         nothing listens.
 
         Raises:
@@ -81,8 +82,9 @@ class Transport:
         deadline = time.monotonic() + self.timeout_ms / 1000
         with self.lock:
             self.round_trips += 1
+            request_id = next(self.ids)
             while True:
-                reply = self._attempt(op, args, deadline)
+                reply = self._attempt(op, request_id, args, deadline)
                 if reply is not None:
                     break
                 if not self.patient or time.monotonic() >= deadline:
@@ -112,7 +114,8 @@ class Transport:
         finally:
             self.lock.release()
 
-    def _attempt(self, op: protocol.Op, args: dict[str, Any], deadline: float) -> dict[str, Any] | None:
+    def _attempt(self, op: protocol.Op, request_id: int, args: dict[str, Any],
+                 deadline: float) -> dict[str, Any] | None:
         """One send and wait; None when nothing answered (the socket is then reset)."""
         if self.socket is None:
             try:
@@ -121,7 +124,6 @@ class Transport:
                 if not self.patient:
                     raise
                 return None
-        request_id = next(self.ids)
         self._send(op, request_id, args)
         wait_until = min(deadline, time.monotonic() + self.RETRY_SECONDS) if self.patient else deadline
         while (left := wait_until - time.monotonic()) > 0:

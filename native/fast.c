@@ -237,16 +237,22 @@ static inline const struct slitter_span *slitter__span(const struct slitter_view
  * stands in for the division by the stride (Lemire's fastdiv: exact because
  * a run is below 2^31 bytes); a second multiply tells an interior pointer.
  */
+static inline int64_t slitter__run_index(const struct slitter_span *sp, uint64_t div_magic, uint64_t stride,
+                                         uint32_t objects_per_run, uint64_t handle)
+{
+    uint64_t rel = handle - ((uint64_t)sp->run_first_span << SLITTER_SPAN_SHIFT);
+    uint64_t index = (uint64_t)(((unsigned __int128)div_magic * rel) >> 64);
+    if (slitter_unlikely(index >= objects_per_run))
+        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;    /* guard page or run tail */
+    if (slitter_unlikely(index * stride != rel))
+        return -1 - SLITTER_ERR_INTERIOR_POINTER;
+    return (int64_t)(sp->obj_base + index);
+}
+
 static inline int64_t slitter__object_bit(const struct slitter_span *sp,
                                           const struct slitter_class *cls, uint64_t handle)
 {
-    uint64_t rel = handle - ((uint64_t)sp->run_first_span << SLITTER_SPAN_SHIFT);
-    uint64_t index = (uint64_t)(((unsigned __int128)cls->div_magic * rel) >> 64);
-    if (slitter_unlikely(index >= cls->objects_per_run))
-        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;    /* guard page or run tail */
-    if (slitter_unlikely(index * cls->stride != rel))
-        return -1 - SLITTER_ERR_INTERIOR_POINTER;
-    return (int64_t)(sp->obj_base + index);
+    return slitter__run_index(sp, cls->div_magic, cls->stride, cls->objects_per_run, handle);
 }
 
 /*
@@ -311,13 +317,7 @@ static inline int64_t slitter__check_at(const struct slitter__cursor *k, uint64_
     uint32_t owner = __atomic_load_n(&sp->class_id, __ATOMIC_ACQUIRE);
     if (slitter_unlikely(owner != k->class_id))
         return -1 - (owner == 0 ? SLITTER_ERR_FOREIGN_ADDRESS : SLITTER_ERR_CLASS_MISMATCH);
-    uint64_t rel = handle - ((uint64_t)sp->run_first_span << SLITTER_SPAN_SHIFT);
-    uint64_t index = (uint64_t)(((unsigned __int128)k->div_magic * rel) >> 64);
-    if (slitter_unlikely(index >= k->objects_per_run))
-        return -1 - SLITTER_ERR_FOREIGN_ADDRESS;    /* guard page or run tail */
-    if (slitter_unlikely(index * k->stride != rel))
-        return -1 - SLITTER_ERR_INTERIOR_POINTER;
-    return (int64_t)(sp->obj_base + index);
+    return slitter__run_index(sp, k->div_magic, k->stride, k->objects_per_run, handle);
 }
 
 /* The same for one handle: what slitter_release() checks. */

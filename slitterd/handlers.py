@@ -104,8 +104,13 @@ def report(inst: Instance, req: Request) -> Reply:
     class_id = req.args["class_id"]
     if class_id not in inst.depots:
         raise Refusal(ErrorCode.UNKNOWN_CLASS, f"report: no class with id {class_id}")
+    # A client resends a request the daemon was too slow to answer, with the
+    # same id: the refusal it reports goes into the log once.
+    if req.id != 0 and client.last_report[0] == req.id:
+        return {"seq": client.last_report[1]}
     entry = inst.audit.record(client.pid, inst.class_name(class_id), req.args["handle"],
                               ERROR_KINDS[req.args["kind"]], "release")
+    client.last_report = (req.id, entry.seq)
     return {"seq": entry.seq}
 
 

@@ -53,6 +53,8 @@ class Client:
     name: str
     rack_index: int
     pidfd: int | None
+    #: (request id, audit seq) of the last REPORT recorded: a resent one is recorded once.
+    last_report: tuple[int, int] = (0, 0)
 
 
 def owner_name(owner) -> str:

@@ -144,3 +144,36 @@ def test_log_policy_applies_to_batches_of_non_u64(daemon):
         h = cls.allocate()
         assert cls.release_many([h, 1 << 70]) is None  # refused, logged, nothing released
         assert heap.stats()["classes"]["batchlog"]["live"] == 1
+
+
+def test_a_report_resent_to_a_silent_daemon_is_recorded_once(daemon, heap):
+    """The transport resends a request the daemon leaves unanswered for RETRY_SECONDS, with the
+    same id; the refusal a REPORT carries must still reach the audit log once, not twice."""
+    import signal
+    import threading
+
+    from slitter._transport import Transport
+
+    order = heap.register_class("order", size=64)
+    h = order.allocate()
+    order.release(h)
+    outcome = []
+
+    def double_free() -> None:
+        try:
+            order.release(h)
+        except slitter.SlitterError as exc:
+            outcome.append(exc)
+
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        releaser = threading.Thread(target=double_free)
+        releaser.start()
+        time.sleep(Transport.RETRY_SECONDS * 1.5)  # past one resend
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    releaser.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], slitter.DoubleFree)
+    assert heap._transport.sent["report"] >= 2  # it was sent again
+    entries = [e for e in heap.audit()["entries"] if e[4] == h]
+    assert [e[5] for e in entries] == ["double_free"]

@@ -158,3 +158,14 @@ def test_racing_releases_of_one_object_succeed_once(daemon, heap):
     _, results = run_spawned(workers.release_all, [(daemon.address, handles)] * 2, timeout=60, join_timeout=30)
     assert sum(r[0] for r in results) == len(handles)
     assert sum(r[1] for r in results) == len(handles)
+
+
+def test_a_u64_beyond_any_handle_is_refused_and_counted(heap):
+    """Handles are below 2**48; a larger u64 still reaches the fast path and is counted there."""
+    order = heap.register_class("order", size=64)
+    for bad in (1 << 48, 1 << 50, 2**64 - 1):
+        with pytest.raises(slitter.ForeignAddress) as info:
+            order.release(bad)
+        assert info.value.handle == bad
+    assert heap.stats()["classes"]["order"]["errors"]["foreign_address"] == 3
+    assert [e[4] for e in heap.audit()["entries"]] == [1 << 48, 1 << 50, 2**64 - 1]
