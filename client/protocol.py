@@ -195,12 +195,50 @@ def reply_packer() -> Callable[[dict[str, Any]], bytes]:
 
 def unpack(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
     """Deserialise one frame with hostile-input limits; raises Refusal(MALFORMED)."""
-    if len(frame) > max_bytes:
-        raise Refusal(ErrorCode.MALFORMED, f"message of {len(frame)} bytes exceeds {max_bytes}")
+    _check_size(frame, max_bytes)
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises many types for bad input
-        raise Refusal(ErrorCode.MALFORMED, f"not a msgpack message: {type(exc).__name__}") from None
+        raise _malformed(exc) from None
+
+
+def frame_decoder(max_bytes: int = MAX_MESSAGE_BYTES) -> Callable[[bytes], Any]:
+    """``unpack`` for one thread's use: a reused msgpack Unpacker (the daemon's loop).
+
+    ``msgpack.unpackb`` parses its keyword arguments on every call, about
+    1.1 µs of a 1.5 µs decode; an Unpacker takes them once.  A frame must
+    hold exactly one message: anything left over, or a bad frame, is
+    MALFORMED and the decoder starts afresh.
+    """
+    def fresh() -> msgpack.Unpacker:
+        return msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max_bytes, **_UNPACK_LIMITS)
+
+    unpacker = fresh()
+
+    def decode(frame: bytes) -> Any:
+        nonlocal unpacker
+        _check_size(frame, max_bytes)
+        start = unpacker.tell()
+        try:
+            unpacker.feed(frame)
+            message = unpacker.unpack()
+            if unpacker.tell() - start != len(frame):
+                raise msgpack.ExtraData(message, b"")
+        except Exception as exc:  # msgpack raises many types for bad input
+            unpacker = fresh()  # drop whatever the bad frame left in the buffer
+            raise _malformed(exc) from None
+        return message
+
+    return decode
+
+
+def _check_size(frame: bytes, max_bytes: int) -> None:
+    if len(frame) > max_bytes:
+        raise Refusal(ErrorCode.MALFORMED, f"message of {len(frame)} bytes exceeds {max_bytes}")
+
+
+def _malformed(exc: Exception) -> Refusal:
+    return Refusal(ErrorCode.MALFORMED, f"not a msgpack message: {type(exc).__name__}")
 
 
 def request(op: Op, request_id: int, **args: Any) -> dict[str, Any]:
@@ -208,13 +246,14 @@ def request(op: Op, request_id: int, **args: Any) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "op": op.value, **args}
 
 
-def parse_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Request:
-    """Decode and validate a request frame (the daemon side).
+def parse_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
+                  decode: Callable[[bytes], Any] | None = None) -> Request:
+    """Decode and validate a request frame (the daemon side); ``decode``: a ``frame_decoder``.
 
     Raises:
         Refusal: with the code and a message naming the bad field.
     """
-    message = unpack(frame, max_bytes)
+    message = unpack(frame, max_bytes) if decode is None else decode(frame)
     if not isinstance(message, dict):
         raise Refusal(ErrorCode.MALFORMED, "a request must be a msgpack map")
     request_id = message.get("id", 0)

@@ -40,6 +40,10 @@ BAD = [
     (b"\xc1", ErrorCode.MALFORMED),
     (os.urandom(64), None),
     (msgpack.packb([1, 2, 3]), ErrorCode.MALFORMED),
+    # A frame holds exactly one message: neither more nor less (the daemon's decoder is reused,
+    # so what a bad frame leaves behind must not reach the next request, the PING below).
+    (msgpack.packb({"v": 1, "id": 1, "op": "ping"}) + b"\x01", ErrorCode.MALFORMED),
+    (msgpack.packb({"v": 1, "id": 1, "op": "ping"})[:-1], ErrorCode.MALFORMED),
     (msgpack.packb({"v": 99, "id": 1, "op": "ping"}), ErrorCode.UNSUPPORTED_VERSION),
     (msgpack.packb({"v": 1, "id": 1, "op": "explode"}), ErrorCode.UNKNOWN_OP),
     (msgpack.packb({"v": 1, "id": -1, "op": "ping"}), ErrorCode.MALFORMED),
