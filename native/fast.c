@@ -286,19 +286,24 @@ struct slitter__cursor {
     uint32_t class_id;
 };
 
-static inline struct slitter__cursor slitter__cursor(const struct slitter_client *c, uint32_t class_id)
+static inline struct slitter__cursor slitter__view_cursor(const struct slitter_view *v, uint32_t class_id)
 {
-    const struct slitter_class *cls = &c->view.classes[class_id];
+    const struct slitter_class *cls = &v->classes[class_id];
     struct slitter__cursor k = {
-        .spans = c->view.spans,
-        .live = c->view.live_map,
-        .next_span = __atomic_load_n(&c->view.header->next_span, __ATOMIC_ACQUIRE),
+        .spans = v->spans,
+        .live = v->live_map,
+        .next_span = __atomic_load_n(&v->header->next_span, __ATOMIC_ACQUIRE),
         .div_magic = cls->div_magic,
         .stride = cls->stride,
         .objects_per_run = cls->objects_per_run,
         .class_id = class_id,
     };
     return k;
+}
+
+static inline struct slitter__cursor slitter__cursor(const struct slitter_client *c, uint32_t class_id)
+{
+    return slitter__view_cursor(&c->view, class_id);
 }
 
 /*
@@ -849,28 +854,26 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, ui
                              uint8_t *refused_kind, uint32_t *nrefused)
 {
     uint32_t nacc = 0, nref = 0;
-    const struct slitter_class *cls = &v->classes[class_id];
+    /* The class's constants in locals: the live-map stores below would
+     * otherwise reload them per handle (see slitter__cursor). */
+    const struct slitter__cursor k = slitter__view_cursor(v, class_id);
+    uint64_t *depot_bits = v->depot_bits;
     for (uint32_t i = 0; i < n; i++) {
         uint64_t handle = handles[i];
+        int64_t obj = slitter__check_at(&k, handle);
         int kind = -1;
-        const struct slitter_span *sp = slitter__span(v, handle);
-        if (sp == NULL) {
-            kind = SLITTER_ERR_FOREIGN_ADDRESS;
-        } else if (sp->class_id != class_id) {
-            kind = SLITTER_ERR_CLASS_MISMATCH;
+        if (obj < 0) {
+            kind = (int)(-1 - obj);
         } else {
-            int64_t obj = slitter__object_bit(sp, cls, handle);
-            uint8_t state = obj >= 0 ? __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE) : 0;
-            if (obj < 0)
-                kind = (int)(-1 - obj);
-            else if (state == SLITTER_FREE)
+            uint8_t state = __atomic_load_n(&k.live[obj], __ATOMIC_ACQUIRE);
+            if (state == SLITTER_FREE)
                 kind = SLITTER_ERR_DOUBLE_FREE;     /* in the depot, or twice in this batch */
             else if (state != tag)
                 kind = SLITTER_ERR_CORRUPT;         /* live, or cached by another rack */
             else {
                 /* Only this rack moves objects out of its tag; it waits for us. */
-                __atomic_store_n(&v->live_map[obj], SLITTER_FREE, __ATOMIC_RELEASE);
-                v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
+                __atomic_store_n(&k.live[obj], SLITTER_FREE, __ATOMIC_RELEASE);
+                depot_bits[obj >> 6] |= 1ULL << (obj & 63);
             }
         }
         if (kind < 0) {
@@ -933,16 +936,16 @@ uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitte
     return n;
 }
 
-void slitter_hand_out(const struct slitter_view *v, const uint64_t *handles, uint32_t n, uint8_t tag)
+void slitter_hand_out(const struct slitter_view *v, uint32_t class_id, const uint64_t *handles, uint32_t n,
+                      uint8_t tag)
 {
+    const struct slitter__cursor k = slitter__view_cursor(v, class_id);
+    uint64_t *depot_bits = v->depot_bits;
     for (uint32_t i = 0; i < n; i++) {
-        const struct slitter_span *sp = slitter__span(v, handles[i]);
-        if (sp == NULL)
-            continue;
-        int64_t obj = slitter__object_bit(sp, &v->classes[sp->class_id], handles[i]);
+        int64_t obj = slitter__check_at(&k, handles[i]);
         if (obj >= 0) {
-            v->depot_bits[obj >> 6] &= ~(1ULL << (obj & 63));
-            __atomic_store_n(&v->live_map[obj], tag, __ATOMIC_RELEASE);
+            depot_bits[obj >> 6] &= ~(1ULL << (obj & 63));
+            __atomic_store_n(&k.live[obj], tag, __ATOMIC_RELEASE);
         }
     }
 }

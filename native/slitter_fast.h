@@ -249,8 +249,9 @@ uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_
  */
 uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitter_run *run, uint64_t *out);
 
-/** Daemon: `n` handles leave the depot for the rack tagged `tag` (depot bit cleared, live byte = tag). */
-void slitter_hand_out(const struct slitter_view *v, const uint64_t *handles, uint32_t n, uint8_t tag);
+/** Daemon: `n` handles of class `class_id` leave the depot for the rack tagged `tag` (depot bit cleared, live byte = tag). */
+void slitter_hand_out(const struct slitter_view *v, uint32_t class_id, const uint64_t *handles, uint32_t n,
+                      uint8_t tag);
 
 /**
  * Daemon: mark a thread slot and class of a rack as holding magazines (the

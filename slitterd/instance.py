@@ -174,7 +174,7 @@ class Instance:
     def _fill(self, client: Client, class_id: int, magazine, cap: int) -> int:
         handles = self.depots[class_id].take(cap)
         buf = ffi.from_buffer("uint64_t[]", handles)
-        lib.slitter_hand_out(self.arena.view, buf, len(handles), tag(client))  # before the client can see them
+        lib.slitter_hand_out(self.arena.view, class_id, buf, len(handles), tag(client))  # before the client can see them
         ffi.memmove(magazine, buf, 8 * len(handles))
         return len(handles)
 
@@ -407,7 +407,7 @@ class Instance:
                 "id": cid, "size": spec.size, "stride": cls.stride, "zero_init": spec.zero_init,
                 "policy": self.policy(cid),
                 "carved": depot.carved, "live": t.allocations - t.releases, "cached": t.cached,
-                "free": len(depot.free), "allocations": t.allocations, "releases": t.releases,
+                "free": depot.nfree, "allocations": t.allocations, "releases": t.releases,
                 "refills": kept.refills, "flushes": kept.flushes,
                 "errors": dict(zip(ERROR_KINDS, t.errors)),
                 "runs": depot.runs, "reserved_bytes": depot.runs * cls.spans_per_run * lib.SLITTER_SPAN_SIZE,
