@@ -99,7 +99,8 @@ class Transport:
         """Send a request whose reply nobody waits for (a prefetch); never blocks.
 
         Returns False when it could not go now (another thread is mid-call,
-        no socket, or ZeroMQ would block).  Its reply is read and dropped by
+        no socket, or ZeroMQ would block).  A reply, if the request asks for
+        one (REFILL and FLUSH can say ``reply=False``), is read and dropped by
         the next ``call``, which matches replies by id.
         """
         if not self.lock.acquire(blocking=False):

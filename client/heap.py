@@ -422,7 +422,7 @@ class Heap:
         """A request nobody waits for: refill the spare, or flush the outgoing magazine."""
         transport = self._transport
         if transport is not None and not self._closed:
-            transport.send_nowait(op, client=self._client_id, token=self._token, thread=thread,
+            transport.send_nowait(op, client=self._client_id, token=self._token, thread=thread, reply=False,
                                   class_id=class_id, **flag)
 
     def _flush(self, cls: Class, slot: int) -> None:

@@ -122,6 +122,8 @@ class Server:
                 reply = self.handle(b"")
             else:
                 reply = self.handle(frame.bytes)
+                if reply is None:
+                    continue
             try:
                 payload = self._pack(reply)
             except Exception:  # e.g. a figure msgpack cannot carry: answer, never die
@@ -134,14 +136,17 @@ class Server:
             except zmq.ZMQError as exc:
                 log.warning("could not reply: %s", exc)
 
-    def handle(self, frame: bytes) -> dict:
-        """One request frame in, one reply message out; never raises."""
+    def handle(self, frame: bytes) -> dict | None:
+        """One request frame in, one reply message out (None: no reply asked for); never raises."""
         self.requests += 1
         request_id = 0
         try:
             req = protocol.parse_request(frame, decode=self._decode)
             request_id = req.id
-            return protocol.ok_reply(req.id, **HANDLERS[req.op](self.instance, req))
+            fields = HANDLERS[req.op](self.instance, req)
+            if req.args.get("reply") is False:  # the sender does not wait (REFILL, FLUSH)
+                return None
+            return protocol.ok_reply(req.id, **fields)
         except Refusal as exc:
             return protocol.error_reply(exc.request_id or request_id, exc.code, exc.message)
         except errors.SlitterError as exc:

@@ -68,6 +68,9 @@ FUZZ = dict(deadline=None, database=None, phases=(Phase.explicit, Phase.generate
 # -- the raw attacker's socket --------------------------------------------
 
 
+PING_ID = 0x5EA1  # the id of Raw.ping's requests
+
+
 class Raw:
     """A bare DEALER socket to the daemon: frames out, decoded replies (or None) in."""
 
@@ -90,6 +93,16 @@ class Raw:
             return None
         # Replies are not bounded like requests: an error message may quote a hostile value.
         return msgpack.unpackb(self.socket.recv(), raw=False, strict_map_key=False)
+
+    def ping(self) -> None:
+        """A PING answered, skipping any late reply to an earlier request."""
+        self.socket.send(protocol.pack(protocol.request(Op.PING, PING_ID)))
+        while True:
+            assert self.socket.poll(5000), "no reply to PING within 5 s: the daemon hangs or died"
+            reply = msgpack.unpackb(self.socket.recv(), raw=False, strict_map_key=False)
+            if reply.get("id") == PING_ID:
+                assert reply["ok"] is True, reply
+                return
 
     def ask(self, message: dict) -> dict:
         reply = self.exchange([protocol.pack(message)])
@@ -126,7 +139,17 @@ def send(raw: Raw, frames: list[bytes]):
         assert reply is None, f"a frame over MAXMSGSIZE was answered: {reply}"
         raw.reopen()  # ZeroMQ dropped the connection
         return None, None
-    reply = raw.exchange(frames)
+    quiet = False  # REFILL and FLUSH with reply=False: success is not answered, errors are
+    if len(frames) == 1:
+        try:
+            quiet = protocol.parse_request(frames[0]).args.get("reply") is False
+        except protocol.Refusal:
+            pass
+    reply = raw.exchange(frames, timeout_ms=300 if quiet else 5000)
+    if reply is None and quiet:
+        log("  no reply (reply=False)")
+        raw.ping()  # but the daemon is alive, and answers the next request
+        return protocol.parse_request(frames[0]), None
     assert reply is not None, "no reply within 5 s: the daemon hangs or died"
     log(f"  reply {str(reply)[:500]}")
     assert isinstance(reply, dict) and reply.get("v") == protocol.PROTOCOL_VERSION, reply
@@ -443,7 +466,7 @@ def run_batch(raw: Raw, frames_list, env=None, on_ok=None) -> None:
         elif isinstance(item, bytes):
             item = [item]
         req, reply = send(raw, item)
-        if req is not None and reply["ok"] and on_ok is not None:
+        if req is not None and (reply is None or reply["ok"]) and on_ok is not None:
             on_ok(req, reply)
 
 

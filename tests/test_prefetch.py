@@ -19,6 +19,7 @@ def test_spare_magazine_is_prefetched_without_waiting(heap):
         time.sleep(0.05)  # the daemon fills the new spare meanwhile
     assert transport.round_trips == waited, "a refill was waited for in steady state"
     assert transport.sent["refill"] == sent + 5  # one prefetch per magazine, none waited for
+    assert not transport.socket.poll(300)  # sent with reply=False: nothing comes back to read
     assert len(set(held)) == len(held)
     stats = heap.stats()["classes"]["stream"]
     assert stats["live"] == len(held)
@@ -71,3 +72,37 @@ def test_batch_releases_hand_full_magazines_out_without_waiting(heap):
     stats = heap.stats()["classes"]["batch_out"]
     assert stats["live"] == 0 and stats["releases"] == len(handles)
     assert stats["carved"] == stats["live"] + stats["cached"] + stats["free"]
+
+
+def test_a_request_that_asks_for_no_reply_is_done_and_not_answered(daemon, heap):
+    """REFILL and FLUSH with reply=False: the daemon does the work and answers only a refusal."""
+    import msgpack
+    import zmq
+
+    from slitter import protocol
+    from slitter.protocol import ErrorCode, Op
+
+    cls = heap.register_class("quiet", size=64)
+    cls.release(cls.allocate())  # binds this thread: slot and class exist in the rack
+    slot = slitter._native.lib.slitter_bind(heap._client, cls.id)
+    args = {"client": heap._client_id, "token": heap._token, "thread": slot, "class_id": cls.id}
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect("ipc://" + daemon.address)
+    try:
+        before = heap.stats()["classes"]["quiet"]
+        sock.send(protocol.pack(protocol.request(Op.REFILL, 1, reply=False, **args)))
+        sock.send(protocol.pack(protocol.request(Op.FLUSH, 2, reply=False, **args)))
+        assert not sock.poll(300)
+        after = heap.stats()["classes"]["quiet"]
+        assert (after["refills"], after["flushes"]) == (before["refills"] + 1, before["flushes"] + 1)
+        sock.send(protocol.pack(protocol.request(Op.REFILL, 3, reply=False, **{**args, "token": heap._token ^ 1})))
+        assert sock.poll(5000), "a refused request with reply=False must still be answered"
+        reply = msgpack.unpackb(sock.recv(), raw=False)
+        assert (reply["id"], reply["ok"], reply["code"]) == (3, False, ErrorCode.UNKNOWN_CLIENT)
+        sock.send(protocol.pack(protocol.request(Op.REFILL, 4, reply=True, **args)))
+        assert sock.poll(5000) and msgpack.unpackb(sock.recv(), raw=False)["ok"] is True
+    finally:
+        sock.close(0)
+        ctx.term()
