@@ -6,6 +6,7 @@ finalizer, even when the test fails.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 import slitter
 from slitter import address
@@ -147,3 +149,17 @@ def manual_daemon(tmp_path_factory, request):
     yield make
     for d in made:
         d.cleanup()
+
+
+@contextlib.contextmanager
+def dealer(address: str):
+    """A bare DEALER socket connected to the daemon at ``address``: raw frames, no client library."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect("ipc://" + address)
+    try:
+        yield sock
+    finally:
+        sock.close(0)
+        ctx.term()

@@ -10,8 +10,7 @@ import textwrap
 
 import msgpack
 import pytest
-import zmq
-from conftest import run_slitterd
+from conftest import dealer, run_slitterd
 
 import slitter
 from slitter import protocol
@@ -20,19 +19,13 @@ from slitter.protocol import ErrorCode
 
 @pytest.fixture
 def raw(daemon):
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect("ipc://" + daemon.address)
+    with dealer(daemon.address) as sock:
+        def ask(*frames: bytes) -> dict:
+            sock.send_multipart(list(frames))
+            assert sock.poll(5000), "no reply"
+            return msgpack.unpackb(sock.recv(), raw=False)
 
-    def ask(*frames: bytes) -> dict:
-        sock.send_multipart(list(frames))
-        assert sock.poll(5000), "no reply"
-        return msgpack.unpackb(sock.recv(), raw=False)
-
-    yield ask
-    sock.close(0)
-    ctx.term()
+        yield ask
 
 
 BAD = [
@@ -66,14 +59,9 @@ def test_malformed_messages_get_error_replies(daemon, raw, heap, frame, code):
     h = cls.allocate()
     if len(frame) > protocol.MAX_MESSAGE_BYTES:
         # over the socket's MAXMSGSIZE: ZeroMQ drops the connection, no reply
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect("ipc://" + daemon.address)
-        s.send(frame)
-        assert not s.poll(300)
-        s.close(0)
-        ctx.term()
+        with dealer(daemon.address) as s:
+            s.send(frame)
+            assert not s.poll(300)
     else:
         reply = raw(frame)
         assert reply["ok"] is False
@@ -199,15 +187,8 @@ def test_full_dev_shm_is_out_of_memory_not_sigbus():
 
 def test_message_size_limit_is_configurable(manual_daemon):
     d = manual_daemon("--ephemeral").start("--max-message-bytes", "2048")
-    ctx = zmq.Context()
-    try:
-        big = ctx.socket(zmq.DEALER)
-        big.setsockopt(zmq.LINGER, 0)
-        big.connect("ipc://" + d.address)
+    with dealer(d.address) as big:
         big.send(msgpack.packb({"v": 1, "id": 1, "op": "attach", "pid": os.getpid(), "name": "x" * 3000}))
         assert not big.poll(500), "a frame over the limit is dropped unanswered"
-        big.close(0)
-        with slitter.connect(d.address) as heap:  # the daemon carries on
-            assert heap.register_class("ok", size=8).allocate()
-    finally:
-        ctx.term()
+    with slitter.connect(d.address) as heap:  # the daemon carries on
+        assert heap.register_class("ok", size=8).allocate()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import time
 
+import msgpack
+from conftest import dealer
+
 import slitter
+from slitter import protocol
+from slitter._native import lib
+from slitter.protocol import ErrorCode, Op
 
 
 def test_spare_magazine_is_prefetched_without_waiting(heap):
@@ -76,21 +82,11 @@ def test_batch_releases_hand_full_magazines_out_without_waiting(heap):
 
 def test_a_request_that_asks_for_no_reply_is_done_and_not_answered(daemon, heap):
     """REFILL and FLUSH with reply=False: the daemon does the work and answers only a refusal."""
-    import msgpack
-    import zmq
-
-    from slitter import protocol
-    from slitter.protocol import ErrorCode, Op
-
     cls = heap.register_class("quiet", size=64)
     cls.release(cls.allocate())  # binds this thread: slot and class exist in the rack
-    slot = slitter._native.lib.slitter_bind(heap._client, cls.id)
+    slot = lib.slitter_bind(heap._client, cls.id)
     args = {"client": heap._client_id, "token": heap._token, "thread": slot, "class_id": cls.id}
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect("ipc://" + daemon.address)
-    try:
+    with dealer(daemon.address) as sock:
         before = heap.stats()["classes"]["quiet"]
         sock.send(protocol.pack(protocol.request(Op.REFILL, 1, reply=False, **args)))
         sock.send(protocol.pack(protocol.request(Op.FLUSH, 2, reply=False, **args)))
@@ -103,6 +99,3 @@ def test_a_request_that_asks_for_no_reply_is_done_and_not_answered(daemon, heap)
         assert (reply["id"], reply["ok"], reply["code"]) == (3, False, ErrorCode.UNKNOWN_CLIENT)
         sock.send(protocol.pack(protocol.request(Op.REFILL, 4, reply=True, **args)))
         assert sock.poll(5000) and msgpack.unpackb(sock.recv(), raw=False)["ok"] is True
-    finally:
-        sock.close(0)
-        ctx.term()
