@@ -50,6 +50,8 @@ def entry_points(key: int) -> EntryPoints:
 #: Batches the batch entry points take: fewer handles than this (see slitter_fast.h).
 BATCH_LIMIT = 1 << lib.SLITTER_BATCH_COUNT_BITS
 BATCH_COUNT_BITS = lib.SLITTER_BATCH_COUNT_BITS
+#: Array addresses the packed argument can carry (user addresses are below 2**47 on x86-64).
+BATCH_ADDRESS_LIMIT = 1 << (64 - BATCH_COUNT_BITS)
 _KIND_BITS = lib.SLITTER_BATCH_KIND_BITS
 
 

@@ -22,6 +22,7 @@ _OK = _fastpath.OK
 _NEED_SLOW = _fastpath.NEED_SLOW
 _BATCH_LIMIT = _fastpath.BATCH_LIMIT
 _COUNT_BITS = _fastpath.BATCH_COUNT_BITS
+_ADDRESS_LIMIT = _fastpath.BATCH_ADDRESS_LIMIT
 
 
 class Class:
@@ -89,9 +90,11 @@ class Class:
         out = _ZEROS * n
         got = 0
         if 0 < n < _BATCH_LIMIT:
-            got = self._allocate_batch(out.buffer_info()[0] << _COUNT_BITS | n)
-            if got == n:
-                return out
+            address = out.buffer_info()[0]
+            if address < _ADDRESS_LIMIT:
+                got = self._allocate_batch(address << _COUNT_BITS | n)
+                if got == n:
+                    return out
         elif n <= 0:
             if n < 0 or type(n) is not int:
                 raise ValueError(f"class '{self.name}': allocate_many(n) needs an int n >= 0, not {n!r}")
@@ -113,7 +116,7 @@ class Class:
         """
         if type(handles) is array and handles.typecode == "Q":
             address, n = handles.buffer_info()
-            if 0 < n < _BATCH_LIMIT:
+            if 0 < n < _BATCH_LIMIT and address < _ADDRESS_LIMIT:
                 # All or none, if the batch fits the thread's magazines.
                 result = self._release_batch(address << _COUNT_BITS | n)
                 if result == _OK:
@@ -121,6 +124,9 @@ class Class:
                 if result != _NEED_SLOW:
                     self._heap._whole_batch_released(self, handles, result)
                     return
+                # Unbound, or more than the magazines' room: the chunked path, without trying again.
+                self._heap._release_many(self, handles, whole_tried=True)
+                return
         self._heap._release_many(self, handles)
 
     def check(self, handles: Iterable[int]) -> array:
@@ -150,7 +156,8 @@ class Class:
     def _checked(self, handles: Iterable[int], verb: str) -> array:
         if type(handles) is array and handles.typecode == "Q":
             address, n = handles.buffer_info()
-            if 0 < n < _BATCH_LIMIT and self._check_batch(address << _COUNT_BITS | n) == _OK:
+            if 0 < n < _BATCH_LIMIT and address < _ADDRESS_LIMIT and \
+                    self._check_batch(address << _COUNT_BITS | n) == _OK:
                 return handles
         # Unbound, guard pages to protect, a refusal to raise, or not an array('Q').
         return self._heap._check_live(self, handles, verb)

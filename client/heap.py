@@ -58,6 +58,8 @@ class Heap:
         self._class_keys: dict[int, int] = {}
         self._arena: memoryview | None = None
         self._transport: Transport | None = None
+        #: Extra fields of the requests sent ahead (see _attach).
+        self._ahead_flags: dict[str, bool] = {}
         self._closed = False
         self._attach()
         _OPEN_HEAPS.add(self)
@@ -74,6 +76,8 @@ class Heap:
         transport.patient = True  # attached: from now on, wait out daemon restarts
         self._transport = transport
         self._client_id, self._token = reply["client"], reply["token"]
+        # Requests sent ahead ask for no reply, if this daemon knows the field (an older one refuses it).
+        self._ahead_flags = {"reply": False} if "reply" in reply.get("features", ()) else {}
         self.instance = reply["instance"]
         meta_path, data_path = _address.segment_paths(self.instance)
         # A forked child re-attaches: the tables, live map and arena it inherited
@@ -353,7 +357,8 @@ class Heap:
                 raise self._release_error(cls, batch[bad[0]], -1 - result, verb)
         return batch
 
-    def _release_many(self, cls: Class, handles: Iterable[int]) -> None:
+    def _release_many(self, cls: Class, handles: Iterable[int], *, whole_tried: bool = False) -> None:
+        """release_many's general path; ``whole_tried``: the batch call on all of it said NEED_SLOW."""
         batch, not_u64 = self._u64_batch(handles)
         if not_u64 is not None:  # none of the batch is released
             self._refused(cls, not_u64, lib.SLITTER_ERR_FOREIGN_ADDRESS, counted=False)
@@ -361,9 +366,10 @@ class Heap:
         n = len(batch)
         if n == 0:
             return
-        if n < _fastpath.BATCH_LIMIT:
+        address = batch.buffer_info()[0]
+        if n < _fastpath.BATCH_LIMIT and address < _fastpath.BATCH_ADDRESS_LIMIT and not whole_tried:
             # A batch that fits the thread's magazines goes in one call, all or none.
-            result = cls._release_batch(batch.buffer_info()[0] << _fastpath.BATCH_COUNT_BITS | n)
+            result = cls._release_batch(address << _fastpath.BATCH_COUNT_BITS | n)
             if result != _fastpath.NEED_SLOW:
                 self._whole_batch_released(cls, batch, result)
                 return
@@ -422,8 +428,8 @@ class Heap:
         """A request nobody waits for: refill the spare, or flush the outgoing magazine."""
         transport = self._transport
         if transport is not None and not self._closed:
-            transport.send_nowait(op, client=self._client_id, token=self._token, thread=thread, reply=False,
-                                  class_id=class_id, **flag)
+            transport.send_nowait(op, client=self._client_id, token=self._token, thread=thread,
+                                  class_id=class_id, **self._ahead_flags, **flag)
 
     def _flush(self, cls: Class, slot: int) -> None:
         reply = self._call(Op.FLUSH, thread=slot, class_id=cls.id)

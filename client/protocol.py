@@ -110,6 +110,9 @@ _CLIENT = (Field("client", int, 1, U32, "client id from attach"),
            Field("token", int, 0, U64, "secret from attach; proves the sender is that client"))
 _SLOT = (Field("thread", int, 0, 63, "thread slot in the client's rack"),
          Field("class_id", int, 1, 63, "class id from register_class"))
+#: Optional behaviour a daemon announces in its attach reply, so that a newer
+#: client uses it only with a daemon that has it: "reply" is the field below.
+FEATURES = ["reply"]
 #: A request nobody waits for need not be answered: the daemon's reply costs it
 #: a wake-up of its ZeroMQ I/O thread, about half its time per magazine here.
 _NO_WAIT = Field("reply", bool, doc="false: send no reply on success (errors are answered); optional",

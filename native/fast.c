@@ -682,8 +682,11 @@ static int slitter__release_many(struct slitter_client *c, struct slitter_thread
             /* Undo: nobody can have taken the objects we marked, since none
              * of them is in a magazine yet. */
             uint32_t i = first + j;
-            for (uint32_t u = 0; u < i; u++)
-                __atomic_store_n(&k.live[slitter__check_at(&k, handles[u])], SLITTER_LIVE, __ATOMIC_RELEASE);
+            for (uint32_t u = 0; u < i; u++) {
+                int64_t obj = slitter__check_at(&k, handles[u]);   /* >= 0: it passed just now */
+                if (slitter_likely(obj >= 0))
+                    __atomic_store_n(&k.live[obj], SLITTER_LIVE, __ATOMIC_RELEASE);
+            }
             *done = i;
             return slitter__refuse(tc, (int)(-1 - refused));
         }

@@ -166,8 +166,10 @@ int slitter_release_whole_key(uint32_t key, const uint64_t *handles, uint32_t n,
  * The batch calls of the per-key entry points, with the batch in one
  * integer: `address << SLITTER_BATCH_COUNT_BITS | n`, where `address` is
  * that of a uint64_t[n] (Python: `array('Q').buffer_info()`) and
- * n < 2**SLITTER_BATCH_COUNT_BITS.  Addresses are below 2**48, so the
- * packed value of one that is not fits no uint64_t: cffi refuses it before C.
+ * n < 2**SLITTER_BATCH_COUNT_BITS.  User addresses are below 2**47 on
+ * x86-64 unless a program maps above that on purpose; the packed value of
+ * one of 2**48 or more fits no uint64_t, cffi raises OverflowError before
+ * C runs, and the client takes its general path.
  *
  * slitter_allocate_batch(): slitter_allocate_many_key().
  * slitter_check_batch(): slitter_check_many_key(), and SLITTER_NEED_SLOW as
@@ -175,7 +177,10 @@ int slitter_release_whole_key(uint32_t key, const uint64_t *handles, uint32_t n,
  *   protected yet (the check comes before touching the objects).
  * slitter_release_batch(): slitter_release_whole_key().
  * A refusal of handle i with SLITTER_ERR_* kind k returns
- * SLITTER_BATCH_REFUSED(i, k), below -1; other results are as the calls'.
+ * SLITTER_BATCH_REFUSED(i, k), which is negative (-1 for handle 0 of
+ * another class); other results are as the calls', never negative.
+ * The array must not change during the call: slitter._native keeps the
+ * GIL in its calls (native/build_ffi.py), so no Python thread can.
  *
  * Keys below SLITTER_KEY_ENTRY_POINTS get their own, one argument each:
  * `uint32_t slitter_allocate_many_k<key>(uint64_t batch)`,

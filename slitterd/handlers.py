@@ -15,8 +15,8 @@ from typing import Any
 
 from slitter import errors
 from slitter._native import lib
-from slitter.protocol import (CLASS_NAME_PRINTABLE, ERROR_KINDS, POLICIES, PROTOCOL_VERSION, ErrorCode, Op, Refusal,
-                              Request)
+from slitter.protocol import (CLASS_NAME_PRINTABLE, ERROR_KINDS, FEATURES, POLICIES, PROTOCOL_VERSION, ErrorCode, Op,
+                              Refusal, Request)
 
 from slitterd.instance import ClassSpec, Instance
 from slitterd.rack import Client
@@ -67,7 +67,8 @@ def attach(inst: Instance, req: Request) -> Reply:
     return {"client": client.id, "token": client.token, "rack_index": client.rack_index,
             "rack_offset": inst.arena.rack_offset(client.rack_index), "rack_size": g.rack_size,
             "tables_end": g.tables_end, "live_map_off": g.live_map_off, "live_map_bytes": g.live_map_bytes,
-            "arena_size": g.arena_size, "instance": inst.name, "layout_version": lib.SLITTER_LAYOUT_VERSION}
+            "arena_size": g.arena_size, "instance": inst.name, "layout_version": lib.SLITTER_LAYOUT_VERSION,
+            "features": FEATURES}
 
 
 def detach(inst: Instance, req: Request) -> Reply:

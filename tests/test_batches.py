@@ -138,9 +138,11 @@ def test_a_live_map_word_is_marked_whole_or_not_at_all(heap, victim):
         cls.release_many(shuffled)
     assert info.value.handle == handles[victim] and info.value.released == 0
     assert heap.stats()["classes"]["words"]["live"] == 63
-    with pytest.raises(slitter.DoubleFree):  # the word around the victim was not marked either
-        cls.release_many(array("Q", [handles[victim ^ 1], handles[victim]]))
     rest = array("Q", [h for i, h in enumerate(handles) if i != victim])
+    assert cls.check(rest) is rest  # every other live byte is LIVE again
+    with pytest.raises(slitter.DoubleFree) as info:  # the word around the victim was not marked either
+        cls.release_many(array("Q", [handles[victim ^ 1], handles[victim]]))
+    assert info.value.handle == handles[victim]
     cls.release_many(rest)
     assert heap.stats()["classes"]["words"]["live"] == 0
 
@@ -173,3 +175,20 @@ def test_a_batch_past_one_native_call(heap):
     assert cls.check(handles) is handles
     cls.release_many(handles)
     assert heap.stats()["classes"]["huge"]["live"] == 0
+
+
+@pytest.mark.parametrize("bad", [0, 63, 64, 150, 199])
+def test_a_refusal_past_the_first_chunk_undoes_every_chunk(heap, bad):
+    """The all-or-none call marks live bytes 64 handles at a time: a refusal in a later chunk
+    restores the chunks before it."""
+    cls = heap.register_class("chunks", size=64)
+    handles = cls.allocate_many(200)
+    cls.release(handles[bad])
+    with pytest.raises(slitter.DoubleFree) as info:
+        cls.release_many(handles)
+    assert info.value.handle == handles[bad] and info.value.released == 0
+    rest = array("Q", [h for i, h in enumerate(handles) if i != bad])
+    assert cls.check(rest) is rest  # all 199 still live
+    assert heap.stats()["classes"]["chunks"]["live"] == 199
+    cls.release_many(rest)
+    assert heap.stats()["classes"]["chunks"]["live"] == 0

@@ -151,6 +151,7 @@ def send(raw: Raw, frames: list[bytes]):
         raw.ping()  # but the daemon is alive, and answers the next request
         return protocol.parse_request(frames[0]), None
     assert reply is not None, "no reply within 5 s: the daemon hangs or died"
+    assert not quiet or reply.get("ok") is False, f"a success answered despite reply=False: {reply}"
     log(f"  reply {str(reply)[:500]}")
     assert isinstance(reply, dict) and reply.get("v") == protocol.PROTOCOL_VERSION, reply
     assert type(reply.get("id")) is int and type(reply.get("ok")) is bool, reply

@@ -80,6 +80,23 @@ def test_batch_releases_hand_full_magazines_out_without_waiting(heap):
     assert stats["carved"] == stats["live"] + stats["cached"] + stats["free"]
 
 
+def test_requests_sent_ahead_ask_for_a_reply_from_a_daemon_without_the_feature(heap):
+    """An older daemon refuses the reply field: a client whose daemon did not list "reply" in its
+    attach reply sends the prefetch without it, and gets the reply, which it drops unread."""
+    assert heap._ahead_flags == {"reply": False}  # this daemon lists the feature
+    heap._ahead_flags = {}  # as attached to a daemon that does not
+    cls = heap.register_class("older", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    transport = heap._transport
+    held = [cls.allocate() for _ in range(cap)]
+    waited, sent = transport.round_trips, transport.sent["refill"]
+    held += [cls.allocate() for _ in range(cap)]  # takes the spare, asks for the next one
+    assert transport.sent["refill"] == sent + 1 and transport.round_trips == waited
+    assert transport.socket.poll(5000)  # its reply came back (and the next call drops it)
+    assert heap.stats()["classes"]["older"]["cached"] == cap  # the spare was refilled
+    cls.release_many(held)
+
+
 def test_a_request_that_asks_for_no_reply_is_done_and_not_answered(daemon, heap):
     """REFILL and FLUSH with reply=False: the daemon does the work and answers only a refusal."""
     cls = heap.register_class("quiet", size=64)
