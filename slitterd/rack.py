@@ -55,6 +55,8 @@ class Client:
     pidfd: int | None
     #: (request id, audit seq) of the last REPORT recorded: a resent one is recorded once.
     last_report: tuple[int, int] = (0, 0)
+    #: time.monotonic() of the last prefetch per (thread, class id): magazines grow by demand.
+    last_prefetch: dict[tuple[int, int], float] = field(default_factory=dict)
 
 
 def owner_name(owner) -> str:

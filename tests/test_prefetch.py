@@ -9,7 +9,7 @@ from conftest import dealer
 
 import slitter
 from slitter import protocol
-from slitter._native import lib
+from slitter._native import ffi, lib
 from slitter.protocol import ErrorCode, Op
 
 
@@ -116,3 +116,46 @@ def test_a_request_that_asks_for_no_reply_is_done_and_not_answered(daemon, heap)
         assert (reply["id"], reply["ok"], reply["code"]) == (3, False, ErrorCode.UNKNOWN_CLIENT)
         sock.send(protocol.pack(protocol.request(Op.REFILL, 4, reply=True, **args)))
         assert sock.poll(5000) and msgpack.unpackb(sock.recv(), raw=False)["ok"] is True
+
+
+def _thread_class(heap, cls):
+    """This thread's magazines of ``cls`` in the heap's rack."""
+    slot = lib.slitter_bind(heap._client, cls.id)
+    return ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
+
+
+def test_magazines_grow_for_a_thread_that_streams(heap):
+    """Prefetches of one class close together double the thread's magazines, up to 4096 handles
+    (and 4 MiB of objects); the figures stay whole and every object comes back."""
+    cls = heap.register_class("grow", size=1024)
+    base = heap._classes_table[cls.id].mag_capacity
+    assert base == 1024  # 1 MiB of 1 KiB objects: the class's own size
+    tc = _thread_class(heap, cls)
+    held = []
+    for _ in range(12):
+        held.append(cls.allocate_many(base))  # takes the spare, asks for the next one at once
+        time.sleep(0.005)
+    deadline = time.monotonic() + 5
+    while tc.capacity < 4096 and time.monotonic() < deadline:
+        held.append(cls.allocate_many(base))
+        time.sleep(0.005)
+    assert tc.capacity == 4096
+    stats = heap.stats()["classes"]["grow"]
+    assert stats["cached"] > base and stats["carved"] == stats["live"] + stats["cached"] + stats["free"]
+    for batch in held:
+        cls.release_many(batch)
+    stats = heap.stats()["classes"]["grow"]
+    assert stats["live"] == 0 and stats["carved"] == stats["cached"] + stats["free"]
+
+
+def test_magazines_keep_the_class_size_for_a_thread_that_allocates_slowly(heap):
+    cls = heap.register_class("slow", size=1024)
+    base = heap._classes_table[cls.id].mag_capacity
+    tc = _thread_class(heap, cls)
+    held = []
+    for _ in range(4):
+        held.append(cls.allocate_many(base))
+        time.sleep(0.3)  # prefetches far apart (the daemon grows them when closer than 50 ms)
+    assert tc.capacity == base
+    for batch in held:
+        cls.release_many(batch)
