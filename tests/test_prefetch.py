@@ -155,7 +155,7 @@ def test_magazines_keep_the_class_size_for_a_thread_that_allocates_slowly(heap):
     held = []
     for _ in range(4):
         held.append(cls.allocate_many(base))
-        time.sleep(0.3)  # prefetches far apart (the daemon grows them when closer than 50 ms)
+        time.sleep(0.5)  # prefetches far apart (the daemon grows them when closer than 50 ms)
     assert tc.capacity == base
     for batch in held:
         cls.release_many(batch)
