@@ -51,7 +51,7 @@ class Heap:
         self._view = ffi.addressof(self._client[0], "view")
         self._lock = threading.RLock()
         self._data: Mapping | None = None
-        self._tables = self._live_map = self._rack = None
+        self._tables = self._live_map = self._rack = self._shelf = None
         self._guards: GuardApplier | None = None
         self._view_key: int | None = None
         #: Native key per class id: registering a class again reuses it (keys are never freed).
@@ -73,6 +73,14 @@ class Heap:
         except BaseException:
             transport.close()
             raise
+        if reply.get("layout_version") != lib.SLITTER_LAYOUT_VERSION:
+            try:
+                transport.call(Op.DETACH, client=reply["client"], token=reply["token"])
+            finally:
+                transport.close()
+            raise errors.ProtocolError(f"slitterd at {self.address} serves shared-memory layout version "
+                                       f"{reply.get('layout_version')}; this client maps version "
+                                       f"{lib.SLITTER_LAYOUT_VERSION}: upgrade the older of the two")
         transport.patient = True  # attached: from now on, wait out daemon restarts
         self._transport = transport
         self._client_id, self._token = reply["client"], reply["token"]
@@ -89,6 +97,7 @@ class Heap:
                 self._tables = Mapping(meta_fd, reply["tables_end"], lib.PROT_READ, guarded=True)
                 self._live_map = Mapping(meta_fd, reply["live_map_bytes"], RW, reply["live_map_off"],
                                          noreserve=True, guarded=True)
+                self._shelf = Mapping(meta_fd, reply["shelf_bytes"], RW, reply["shelf_off"], guarded=True)
             self._rack = Mapping(meta_fd, reply["rack_size"], RW, reply["rack_offset"], guarded=True)
         finally:
             os.close(meta_fd)
@@ -104,7 +113,7 @@ class Heap:
             self._classes_table = ffi.cast("struct slitter_class *", self._tables.ptr + header.class_table_off)
         err = lib.slitter_client_open(self._client, self._tables.ptr, self._live_map.ptr,
                                       ffi.cast("struct slitter_rack *", self._rack.ptr), reply["rack_index"],
-                                      self._data.ptr)
+                                      self._data.ptr, ffi.cast("struct slitter_shelf *", self._shelf.ptr))
         if err:
             raise errors.LimitExceeded(f"cannot open a client of {self.address}: {os.strerror(err)}")
         _BY_CLIENT[int(ffi.cast("uintptr_t", self._client))] = self
@@ -160,7 +169,7 @@ class Heap:
                     log.warning("detach from %s failed: %s", self.address, exc)
             transport.close()
         lib.slitter_client_close(self._client)
-        for mapping in (self._rack, self._live_map, self._tables):
+        for mapping in (self._rack, self._shelf, self._live_map, self._tables):
             if mapping is not None:
                 mapping.close()
         self._data = self._arena = None  # the arena is unmapped when the last view goes

@@ -102,8 +102,8 @@ void slitter_view_init(struct slitter_view *v, const void *meta_tables,
     v->data = data;
 }
 
-int slitter_client_open(struct slitter_client *c, const void *meta_tables,
-                        void *live_map, struct slitter_rack *rack, uint32_t rack_index, void *data)
+int slitter_client_open(struct slitter_client *c, const void *meta_tables, void *live_map,
+                        struct slitter_rack *rack, uint32_t rack_index, void *data, struct slitter_shelf *shelf)
 {
     pthread_key_t key;
     int err = pthread_key_create(&key, slitter__thread_exit);
@@ -111,6 +111,8 @@ int slitter_client_open(struct slitter_client *c, const void *meta_tables,
         return err;
     slitter_view_init(&c->view, meta_tables, live_map, NULL, data);
     c->rack = rack;
+    c->shelf = shelf;
+    c->rack_index = rack_index;
     c->cache_tag = (uint8_t)SLITTER_TAG(rack_index);
     c->thread_key = (unsigned int)key;
     c->has_key = 1;
@@ -135,6 +137,7 @@ void slitter_client_close(struct slitter_client *c)
             open_clients[i].client = NULL;
     c->epoch = 0;
     c->rack = NULL;
+    c->shelf = NULL;
     if (c->has_key) {
         pthread_key_delete((pthread_key_t)c->thread_key);
         c->has_key = 0;
@@ -150,6 +153,7 @@ void slitter_client_forked(struct slitter_client *c)
     memset(open_clients, 0, sizeof(open_clients));
     c->epoch = 0;
     c->rack = NULL;
+    c->shelf = NULL;  /* the parent may hold a slot: a child never touches the shelf before re-attaching */
     c->has_key = 0;   /* the key is this process's too; leak it rather than race */
     tls.client = NULL;
     tls.slot = NULL;
@@ -332,11 +336,128 @@ static inline int64_t slitter__check(const struct slitter_client *c, uint32_t cl
     return slitter__check_at(&k, handle);
 }
 
+/* Rare: a magazine held an object not cached under our tag, or not of its class. */
+static SLITTER_NOINLINE void slitter__count_corrupt(struct slitter_thread_class *tc)
+{
+    tc->counters.errors[SLITTER_ERR_CORRUPT]++;
+}
+
+/*
+ * Rare (once per magazine): take a full magazine of the class off the shelf
+ * (layout.h), or up to this thread's capacity of it, into the empty
+ * allocation magazine.  A scan of 16 state words, one lock cmpxchg to claim
+ * the slot, then per handle the release's checks (class, interior, guard)
+ * and the slot's tag: a plain load and store of the live byte, as only the
+ * slot's holder moves objects out of its tag.  A handle that fails is
+ * dropped and counted corrupt, never handed out.  Cheaper than the refill
+ * it replaces by two orders of magnitude: no message, no daemon.
+ */
+static SLITTER_NOINLINE int slitter__take_from_shelf(struct slitter_client *c, struct slitter_thread_class *tc,
+                                                     uint32_t class_id)
+{
+    struct slitter_shelf *shelf = c->shelf;
+    if (shelf == NULL || tc->capacity == 0)
+        return 0;
+    const uint32_t full = SLITTER_SHELF_STATE(SLITTER_SHELF_FULL, class_id);
+    const uint32_t busy = SLITTER_SHELF_STATE(SLITTER_SHELF_BUSY, c->rack_index);
+    for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++) {
+        struct slitter_shelf_slot *s = &shelf->slots[i];
+        uint32_t expected = full;
+        if (__atomic_load_n(&s->state, __ATOMIC_RELAXED) != full
+            || !__atomic_compare_exchange_n(&s->state, &expected, busy, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            continue;
+        /* The slot is ours until we store its state again. */
+        uint32_t count = s->count;
+        if (count > SLITTER_MAG_CAP)
+            count = SLITTER_MAG_CAP;      /* written by a client: trusted up to the array */
+        uint32_t take = count < tc->capacity ? count : tc->capacity;
+        const uint8_t slot_tag = (uint8_t)SLITTER_SHELF_TAG(i);
+        const struct slitter__cursor k = slitter__cursor(c, class_id);
+        uint32_t got = 0;
+        for (uint32_t j = count - take; j < count; j++) {
+            uint64_t handle = s->handles[j];
+            int64_t obj = slitter__check_at(&k, handle);
+            if (slitter_likely(obj >= 0 && __atomic_load_n(&k.live[obj], __ATOMIC_RELAXED) == slot_tag)) {
+                /* Tag first: if we die before alloc_count covers it, the
+                 * daemon still finds it under our tag. */
+                __atomic_store_n(&k.live[obj], c->cache_tag, __ATOMIC_RELEASE);
+                tc->alloc[got++] = handle;
+            } else {
+                slitter__count_corrupt(tc);
+            }
+        }
+        tc->alloc_count = got;
+        s->count = count - take;
+        __atomic_store_n(&s->state, count > take ? full : SLITTER_SHELF_EMPTY, __ATOMIC_RELEASE);
+        if (take != 0)
+            __atomic_fetch_add(&shelf->takes[class_id], 1, __ATOMIC_RELAXED);
+        if (got != 0)
+            return 1;
+    }
+    return 0;
+}
+
+/*
+ * Rare (once per magazine): put the full release magazine on an empty slot
+ * of the shelf, unless SLITTER_SHELF_PER_CLASS slots already hold this
+ * class (objects nobody takes must not fill the shelf: past that, flushes
+ * go to the daemon's depot).  The same checks per handle as a take, against
+ * our own tag.  Returns 1 when the release magazine is empty again.
+ */
+static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, struct slitter_thread_class *tc,
+                                                  uint32_t class_id)
+{
+    struct slitter_shelf *shelf = c->shelf;
+    if (shelf == NULL)
+        return 0;
+    const uint32_t full = SLITTER_SHELF_STATE(SLITTER_SHELF_FULL, class_id);
+    const uint32_t busy = SLITTER_SHELF_STATE(SLITTER_SHELF_BUSY, c->rack_index);
+    uint32_t of_class = 0, first_empty = SLITTER_SHELF_SLOTS;
+    for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++) {
+        uint32_t state = __atomic_load_n(&shelf->slots[i].state, __ATOMIC_RELAXED);
+        of_class += state == full;
+        if (state == SLITTER_SHELF_EMPTY && first_empty == SLITTER_SHELF_SLOTS)
+            first_empty = i;
+    }
+    if (of_class >= SLITTER_SHELF_PER_CLASS)
+        return 0;
+    for (uint32_t i = first_empty; i < SLITTER_SHELF_SLOTS; i++) {
+        struct slitter_shelf_slot *s = &shelf->slots[i];
+        uint32_t expected = SLITTER_SHELF_EMPTY;
+        if (__atomic_load_n(&s->state, __ATOMIC_RELAXED) != SLITTER_SHELF_EMPTY
+            || !__atomic_compare_exchange_n(&s->state, &expected, busy, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            continue;
+        const uint8_t slot_tag = (uint8_t)SLITTER_SHELF_TAG(i);
+        const struct slitter__cursor k = slitter__cursor(c, class_id);
+        uint32_t n = tc->release_count, put = 0;
+        if (n > SLITTER_MAG_CAP)
+            n = SLITTER_MAG_CAP;
+        for (uint32_t j = 0; j < n; j++) {
+            uint64_t handle = tc->release[j];
+            int64_t obj = slitter__check_at(&k, handle);
+            if (slitter_likely(obj >= 0 && __atomic_load_n(&k.live[obj], __ATOMIC_RELAXED) == c->cache_tag)) {
+                __atomic_store_n(&k.live[obj], slot_tag, __ATOMIC_RELEASE);
+                s->handles[put++] = handle;
+            } else {
+                slitter__count_corrupt(tc);
+            }
+        }
+        tc->release_count = 0;
+        s->count = put;
+        __atomic_store_n(&s->state, put ? full : SLITTER_SHELF_EMPTY, __ATOMIC_RELEASE);
+        __atomic_fetch_add(&shelf->puts[class_id], 1, __ATOMIC_RELAXED);
+        return 1;
+    }
+    return 0;
+}
+
 /*
  * Rare (once per magazine): the allocation magazine is empty.  Take the
- * release magazine's objects, else the prefetched spare (and ask Python to
- * prefetch the next one, without waiting), else give up: the slow path
- * refills and waits.
+ * release magazine's objects, else a full magazine off the shelf, else the
+ * prefetched spare (and ask Python to prefetch the next one, without
+ * waiting), else give up: the slow path refills and waits.  The shelf comes
+ * before the spare so that a stream from another thread or process, which
+ * puts magazines on the shelf, keeps the spare full and sends no refill.
  */
 static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, struct slitter_thread_slot *slot,
                                                     struct slitter_thread_class *tc, uint32_t class_id)
@@ -348,6 +469,8 @@ static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, st
         tc->release_count = 0;
         return 1;
     }
+    if (slitter__take_from_shelf(c, tc, class_id))
+        return 1;
     n = __atomic_load_n(&tc->spare_count, __ATOMIC_ACQUIRE);
     if (n == 0 || n > tc->capacity)
         return 0;
@@ -356,12 +479,6 @@ static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, st
     __atomic_store_n(&tc->spare_count, 0, __ATOMIC_RELEASE);
     slitter_spare_taken(c, (uint32_t)(slot - c->rack->threads), class_id);
     return 1;
-}
-
-/* Rare: a magazine held an object not cached under our tag, or not of its class. */
-static SLITTER_NOINLINE void slitter__count_corrupt(struct slitter_thread_class *tc)
-{
-    tc->counters.errors[SLITTER_ERR_CORRUPT]++;
 }
 
 /* The allocation proper, for a thread whose slot is known: allocate and allocate_many share it. */
@@ -412,13 +529,16 @@ uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
 }
 
 /*
- * Rare (once per magazine): the release magazine is full.  Move it to the
- * outgoing magazine, if the daemon is done with the last one, and ask
- * Python to flush it without waiting; else the slow path flushes and waits.
+ * Rare (once per magazine): the release magazine is full.  Put it on the
+ * shelf for another thread to take, else move it to the outgoing magazine,
+ * if the daemon is done with the last one, and ask Python to flush it
+ * without waiting; else the slow path flushes and waits.
  */
 static SLITTER_NOINLINE int slitter__send_release_out(struct slitter_client *c, struct slitter_thread_slot *slot,
                                                       struct slitter_thread_class *tc, uint32_t class_id)
 {
+    if (slitter__put_on_shelf(c, tc, class_id))
+        return SLITTER_OK;
     if (__atomic_load_n(&tc->outgoing_count, __ATOMIC_ACQUIRE) != 0)
         return SLITTER_NEED_FLUSH;
     uint32_t n = tc->release_count;
@@ -910,14 +1030,16 @@ uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_
     return live;
 }
 
-uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_run *run, uint8_t tag, uint64_t *out)
+uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *tags,
+                             uint64_t *out)
 {
     const struct slitter_class *cls = &v->classes[run->class_id];
     uint64_t base = (uint64_t)run->first_span << SLITTER_SPAN_SHIFT;
     uint32_t n = 0;
     for (uint32_t i = 0; i < run->carved && i < run->nobjects; i++) {
         uint64_t obj = run->obj_base + i;
-        if (__atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE) == tag) {
+        uint8_t state = __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE);
+        if (state >= SLITTER_TAG_BASE && tags[state]) {
             __atomic_store_n(&v->live_map[obj], SLITTER_FREE, __ATOMIC_RELEASE);
             v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
             out[n++] = base + (uint64_t)i * cls->stride;
@@ -937,6 +1059,20 @@ uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitte
             out[n++] = base + (uint64_t)i * cls->stride;
     }
     return n;
+}
+
+void slitter_shelf_counts(const struct slitter_shelf *shelf, uint64_t *out)
+{
+    memset(out, 0, SLITTER_MAX_CLASSES * sizeof(uint64_t));
+    for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++) {
+        const struct slitter_shelf_slot *s = &shelf->slots[i];
+        uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+        uint32_t class_id = state >> 8;
+        if ((state & 0xff) == SLITTER_SHELF_FULL && class_id < SLITTER_MAX_CLASSES) {
+            uint32_t count = __atomic_load_n(&s->count, __ATOMIC_RELAXED);
+            out[class_id] += count < SLITTER_MAG_CAP ? count : SLITTER_MAG_CAP;
+        }
+    }
 }
 
 void slitter_hand_out(const struct slitter_view *v, uint32_t class_id, const uint64_t *handles, uint32_t n,

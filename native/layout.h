@@ -14,7 +14,8 @@
  *                              (clients map these read-only) | live map,
  *                              one byte per object (clients map read-write)
  *                              | depot bits and rack owners (daemon only)
- *                              | racks (each client maps its own).
+ *                              | racks (each client maps its own)
+ *                              | the shelf (every client maps it read-write).
  *
  * A handle is a u64: segment index in the top 16 bits (0: the data segment),
  * byte offset of the object inside that segment below.  Handle 0 is never an
@@ -26,7 +27,7 @@
 #include <stdint.h>
 
 #define SLITTER_LAYOUT_MAGIC   0x2152455454494C53ULL /* "SLITTER!" little-endian */
-#define SLITTER_LAYOUT_VERSION 2
+#define SLITTER_LAYOUT_VERSION 3
 
 #define SLITTER_PAGE_SIZE      4096
 #define SLITTER_SPAN_SHIFT     16          /* 64 KiB spans */
@@ -77,6 +78,9 @@
 #define SLITTER_LIVE 1
 #define SLITTER_TAG_BASE 2
 #define SLITTER_TAG(rack) (SLITTER_TAG_BASE + (rack))
+/* Tags of the shelf's slots: above every rack's (SLITTER_TAG(63) is 65). */
+#define SLITTER_SHELF_TAG_BASE 128
+#define SLITTER_SHELF_TAG(slot) (SLITTER_SHELF_TAG_BASE + (slot))
 #define SLITTER_CLASS_POLICY_SHIFT 4   /* flags bits 4-5: 0 unset (raise), 1 raise, 2 log, 3 abort */
 #define SLITTER_CLASS_POLICY_MASK  (3u << SLITTER_CLASS_POLICY_SHIFT)
 
@@ -105,6 +109,8 @@ struct slitter_header {
     uint64_t departed_off;     /* struct slitter_departed_log: daemon only */
     uint64_t rack_area_off;    /* struct slitter_rack, max_racks of them */
     uint64_t rack_size;        /* bytes per rack, page aligned */
+    uint64_t shelf_off;        /* struct slitter_shelf: every client maps it read-write */
+    uint64_t shelf_bytes;
     uint32_t max_racks;
     uint32_t max_classes;
     uint32_t max_threads;
@@ -262,6 +268,49 @@ struct slitter_rack {
     uint32_t client_id;
     uint32_t reserved[10];
     struct slitter_thread_slot threads[SLITTER_MAX_THREADS];
+};
+
+/*
+ * The shelf: full magazines passed between clients without the daemon.
+ *
+ * A thread whose release magazine is full puts it on an empty slot; a
+ * thread of any client whose allocation magazine is empty takes a full slot
+ * of its class.  A stream from one process to another thus never sends a
+ * refill or a flush.  The daemon is not involved: it only counts what is on
+ * the shelf, and takes back a slot's objects when the client holding the
+ * slot dies.
+ *
+ * Slot i has its own live-map tag, SLITTER_SHELF_TAG(i).  The rule of the
+ * racks holds: only the holder of slot i (the client that marked it BUSY)
+ * moves objects into or out of that tag, so a putter re-checks every handle
+ * against its own rack's tag and a taker against the slot's, and a handle
+ * written into a slot by anyone else is refused, never handed out.
+ *
+ * `state` is the only word written by compare-and-swap:
+ *   EMPTY                 nobody's: a putter may claim it
+ *   FULL | class_id << 8  handles[0..count) are objects of that class, all
+ *                         tagged SLITTER_SHELF_TAG(i): a taker may claim it
+ *   BUSY | rack << 8      rack is filling or emptying it; if that client
+ *                         dies, the daemon takes back the slot's tag
+ */
+#define SLITTER_SHELF_SLOTS     16
+#define SLITTER_SHELF_PER_CLASS 4      /* full slots of one class at most: the rest goes to the daemon */
+#define SLITTER_SHELF_EMPTY     0u
+#define SLITTER_SHELF_FULL      1u
+#define SLITTER_SHELF_BUSY      2u
+#define SLITTER_SHELF_STATE(kind, who) ((uint32_t)(kind) | ((uint32_t)(who) << 8))
+
+struct slitter_shelf_slot {
+    uint32_t state;
+    uint32_t count;            /* handles in the slot; written by its holder */
+    uint32_t reserved[14];     /* the state word alone on its cache line */
+    uint64_t handles[SLITTER_MAG_CAP];
+};
+
+struct slitter_shelf {
+    uint64_t puts[SLITTER_MAX_CLASSES];    /* magazines put on the shelf, by class (clients count: figures only) */
+    uint64_t takes[SLITTER_MAX_CLASSES];   /* magazines (or parts of one) taken off it */
+    struct slitter_shelf_slot slots[SLITTER_SHELF_SLOTS];
 };
 
 #endif /* SLITTER_LAYOUT_H */

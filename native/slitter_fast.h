@@ -35,6 +35,8 @@ struct slitter_client {
     unsigned int thread_key;   /* pthread_key_t: this thread's slot */
     int has_key;
     uint64_t guards_applied;   /* runs whose guard page this process has protected */
+    struct slitter_shelf *shelf;   /* NULL: magazines go through the daemon only */
+    uint32_t rack_index;
     uint8_t cache_tag;         /* SLITTER_TAG(rack index): the live byte of our cached objects */
 };
 
@@ -57,11 +59,11 @@ void slitter_view_init(struct slitter_view *v, const void *meta_tables,
                        void *live_map, void *depot_bits, void *data);
 
 /**
- * Open a client over its mappings.  Returns 0, or an errno value when no
- * pthread key is left.
+ * Open a client over its mappings (`shelf` may be NULL: no shelf).
+ * Returns 0, or an errno value when no pthread key is left.
  */
-int slitter_client_open(struct slitter_client *c, const void *meta_tables,
-                        void *live_map, struct slitter_rack *rack, uint32_t rack_index, void *data);
+int slitter_client_open(struct slitter_client *c, const void *meta_tables, void *live_map,
+                        struct slitter_rack *rack, uint32_t rack_index, void *data, struct slitter_shelf *shelf);
 
 /** Forget the client: its threads' slots stop resolving.  Idempotent. */
 void slitter_client_close(struct slitter_client *c);
@@ -241,18 +243,26 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, ui
 uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *adopted);
 
 /**
- * Daemon: every object of `run` cached by the rack tagged `tag` becomes
- * SLITTER_FREE with its depot bit set and is written to `out`; returns how
- * many.  The live map is the truth, so whatever the rack says, nothing of
- * a reclaimed rack stays cached.
+ * Daemon: every object of `run` whose live byte is a tag with `tags[tag]`
+ * set (a rack's, or a shelf slot's) becomes SLITTER_FREE with its depot bit
+ * set and is written to `out`; returns how many.  The live map is the
+ * truth, so whatever the rack or the slot says, nothing of a reclaimed
+ * rack or slot stays cached.
  */
-uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_run *run, uint8_t tag, uint64_t *out);
+uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *tags,
+                             uint64_t *out);
 
 /**
  * Daemon recovery: write to `out` the handles of `run` whose depot bit is
  * set; returns how many (at most run->carved).
  */
 uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitter_run *run, uint64_t *out);
+
+/**
+ * Daemon: the objects on the shelf, per class (`out[class_id]`, zeroed
+ * first), from the FULL slots, each count clamped to SLITTER_MAG_CAP.
+ */
+void slitter_shelf_counts(const struct slitter_shelf *shelf, uint64_t *out);
 
 /** Daemon: `n` handles of class `class_id` leave the depot for the rack tagged `tag` (depot bit cleared, live byte = tag). */
 void slitter_hand_out(const struct slitter_view *v, uint32_t class_id, const uint64_t *handles, uint32_t n,

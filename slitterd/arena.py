@@ -43,6 +43,8 @@ class Geometry:
     rack_area_off: int
     rack_size: int
     max_racks: int
+    shelf_off: int
+    shelf_bytes: int
     meta_size: int
 
     @classmethod
@@ -69,9 +71,11 @@ class Geometry:
         departed_off = owners_off + page_align(max_racks * ffi.sizeof("struct slitter_rack_owner"))
         rack_area_off = departed_off + page_align(ffi.sizeof("struct slitter_departed_log"))
         rack_size = page_align(ffi.sizeof("struct slitter_rack"))
+        shelf_off = rack_area_off + rack_size * max_racks
+        shelf_bytes = page_align(ffi.sizeof("struct slitter_shelf"))
         return cls(arena_size, nspans, span_table_off, run_table_off, class_table_off, totals_off, tables_end,
-                   live_map_off, live_map_bytes, depot_bits_off, depot_bits_bytes, owners_off, departed_off, rack_area_off, rack_size, max_racks,
-                   rack_area_off + rack_size * max_racks)
+                   live_map_off, live_map_bytes, depot_bits_off, depot_bits_bytes, owners_off, departed_off,
+                   rack_area_off, rack_size, max_racks, shelf_off, shelf_bytes, shelf_off + shelf_bytes)
 
 
 class Arena:
@@ -92,6 +96,7 @@ class Arena:
         self.totals = ffi.cast("struct slitter_class_totals *", base + geometry.totals_off)
         self.owners = ffi.cast("struct slitter_rack_owner *", base + geometry.owners_off)
         self.departed = ffi.cast("struct slitter_departed_log *", base + geometry.departed_off)
+        self.shelf = ffi.cast("struct slitter_shelf *", base + geometry.shelf_off)
         self.view = ffi.new("struct slitter_view *")
         self.guards = None
         self._init_view()
@@ -170,6 +175,7 @@ class Arena:
         h.depot_bits_off, h.depot_bits_bytes, h.owners_off = g.depot_bits_off, g.depot_bits_bytes, g.owners_off
         h.departed_off = g.departed_off
         h.rack_area_off, h.rack_size = g.rack_area_off, g.rack_size
+        h.shelf_off, h.shelf_bytes = g.shelf_off, g.shelf_bytes
         h.max_racks, h.max_classes = g.max_racks, lib.SLITTER_MAX_CLASSES
         h.max_threads, h.mag_cap = lib.SLITTER_MAX_THREADS, lib.SLITTER_MAG_CAP
         h.header_size = ffi.sizeof("struct slitter_header")

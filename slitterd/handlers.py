@@ -67,6 +67,7 @@ def attach(inst: Instance, req: Request) -> Reply:
     return {"client": client.id, "token": client.token, "rack_index": client.rack_index,
             "rack_offset": inst.arena.rack_offset(client.rack_index), "rack_size": g.rack_size,
             "tables_end": g.tables_end, "live_map_off": g.live_map_off, "live_map_bytes": g.live_map_bytes,
+            "shelf_off": g.shelf_off, "shelf_bytes": g.shelf_bytes,
             "arena_size": g.arena_size, "instance": inst.name, "layout_version": lib.SLITTER_LAYOUT_VERSION,
             "features": FEATURES}
 

@@ -24,7 +24,7 @@ from slitterd.arena import Arena
 from slitterd.audit import AuditLog
 from slitterd.depot import Depot
 from slitterd.mill import ClassGeometry, Mill, Run
-from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks, owner_name
+from slitterd.rack import COUNTER_LIMIT, ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks, owner_name
 
 log = logging.getLogger("slitterd")
 
@@ -260,11 +260,14 @@ class Instance:
 
         The live map, not the rack, says what the client cached: every
         object tagged with its rack returns to its depot, whatever state the
-        rack was left in.
+        rack was left in; so do the objects of the shelf slots it held
+        mid-put or mid-take.  When it is the last client, the whole shelf
+        goes back to the depots: nobody is left to take from it.
         """
         caps = self._caps()
         totals = self.racks.totals(client, caps)
-        reclaimed = self._reclaim_tag(tag(client))
+        last = len(self.racks.clients) == 1
+        reclaimed = self._reclaim_tags([tag(client)] + self._take_shelf_slots(client.rack_index, everything=last))
         # Retire the counters, then forget the rack.  A crash between the two
         # counts the client twice; recover() reconciles against the live map.
         self._retire_client(client.pid, client.name, totals)
@@ -279,18 +282,46 @@ class Instance:
             self._retire(class_id, t)
         self._record_departed(pid, name, totals)
 
-    def _reclaim_tag(self, rack_tag: int) -> int:
+    def _reclaim_tags(self, tags: list[int]) -> int:
+        """Every object under one of ``tags`` back to its depot, in one pass over the live map."""
+        table = ffi.new("uint8_t[256]")
+        for t in tags:
+            table[t] = 1
         reclaimed = 0
         for index in range(self.arena.header.nruns):
             run = self.arena.runs + index
             if not run.carved:
                 continue
             out = array("Q", bytes(8 * run.carved))
-            n = lib.slitter_reclaim_run(self.arena.view, run, rack_tag, ffi.from_buffer("uint64_t[]", out))
+            n = lib.slitter_reclaim_run(self.arena.view, run, table, ffi.from_buffer("uint64_t[]", out))
             if n:
                 self.depots[run.class_id].give(out[:n])
                 reclaimed += n
         return reclaimed
+
+    def _take_shelf_slots(self, rack_index: int, everything: bool = False) -> list[int]:
+        """Empty the shelf slots the rack held mid-put or mid-take (or, with ``everything``, every slot).
+
+        Returns their tags, for ``_reclaim_tags``: the holder alone moves
+        objects in or out of a slot's tag, so once it is gone the tag says
+        exactly which objects the slot had.  ``everything`` is for when no
+        client is attached: then nobody can be holding a slot.
+        """
+        busy = lib.SLITTER_SHELF_BUSY | rack_index << 8
+        tags = []
+        for index in range(lib.SLITTER_SHELF_SLOTS):
+            slot = self.arena.shelf.slots[index]
+            if everything or slot.state == busy:
+                slot.count = 0
+                slot.state = lib.SLITTER_SHELF_EMPTY
+                tags.append(lib.SLITTER_SHELF_TAG_BASE + index)
+        return tags
+
+    def shelf_counts(self) -> dict[int, int]:
+        """Objects on the shelf (in full slots), by class id."""
+        out = ffi.new("uint64_t[]", MAX_CLASSES)
+        lib.slitter_shelf_counts(self.arena.shelf, out)
+        return {cid: out[cid] for cid in self.depots}
 
     def _record_departed(self, pid: int, name: str, totals: dict[int, ClassTotals]) -> None:
         """Remember, in the segment, what a leaving client left live (per class)."""
@@ -373,6 +404,7 @@ class Instance:
             self.racks.adopt(index, pidfd)
             adopted_tags[lib.SLITTER_TAG_BASE + index] = 1
             adopted += 1
+        self._recover_shelf(adopted_tags, adopted > 0)
         live = dict.fromkeys(self.depots, 0)
         free = 0
         for index in range(header.nruns):  # each run on its own: states first, then its free objects
@@ -391,6 +423,24 @@ class Instance:
         header.daemon_pid = os.getpid()
         return {"classes": len(self.depots), "runs": header.nruns, "adopted": adopted, "retired": retired,
                 "free": free, "live": sum(live.values())}
+
+    def _recover_shelf(self, adopted_tags, any_adopted: bool) -> None:
+        """Keep the full slots of known classes and the slots held by adopted clients; empty the rest.
+
+        With no client adopted, nobody is left to take from the shelf: all
+        of it is emptied.  An emptied slot's tag is not adopted, so the scan
+        that follows returns its objects to the depots.
+        """
+        for index in range(lib.SLITTER_SHELF_SLOTS):
+            slot = self.arena.shelf.slots[index]
+            kind, who = slot.state & 0xFF, slot.state >> 8
+            keep = any_adopted and ((kind == lib.SLITTER_SHELF_FULL and who in self.depots)
+                    or (kind == lib.SLITTER_SHELF_BUSY and who < 256 and adopted_tags[lib.SLITTER_TAG_BASE + who]))
+            if keep:
+                adopted_tags[lib.SLITTER_SHELF_TAG_BASE + index] = 1
+            else:
+                slot.count = 0
+                slot.state = lib.SLITTER_SHELF_EMPTY
 
     def _reconcile(self, live: dict[int, int]) -> None:
         """Make the counters agree with the live map, the ground truth after a crash.
@@ -430,15 +480,19 @@ class Instance:
     def class_stats(self) -> dict[str, dict]:
         """Per-class figures; carved == live + cached + free when quiet."""
         sums = self._sums()
+        shelved = self.shelf_counts()
+        shelf = self.arena.shelf
         out = {}
         for name, (cid, spec) in self.specs.items():
             depot, t, cls, kept = self.depots[cid], sums[cid], self.arena.classes[cid], self.arena.totals[cid]
             out[name] = {
                 "id": cid, "size": spec.size, "stride": cls.stride, "zero_init": spec.zero_init,
                 "policy": self.policy(cid),
-                "carved": depot.carved, "live": t.allocations - t.releases, "cached": t.cached,
-                "free": depot.nfree, "allocations": t.allocations, "releases": t.releases,
+                "carved": depot.carved, "live": t.allocations - t.releases, "cached": t.cached + shelved[cid],
+                "shelved": shelved[cid], "free": depot.nfree, "allocations": t.allocations, "releases": t.releases,
                 "refills": kept.refills, "flushes": kept.flushes,
+                # Counted by clients in shared memory: figures, trusted up to 2**48 like a rack's.
+                "shelf_puts": min(shelf.puts[cid], COUNTER_LIMIT), "shelf_takes": min(shelf.takes[cid], COUNTER_LIMIT),
                 "errors": dict(zip(ERROR_KINDS, t.errors)),
                 "runs": depot.runs, "reserved_bytes": depot.runs * cls.spans_per_run * lib.SLITTER_SPAN_SIZE,
                 "cap": cls.cap,

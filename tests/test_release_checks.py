@@ -85,19 +85,25 @@ def test_double_free_back_to_back(heap, classes):
     assert errors_of(heap, "order")["double_free"] == 1
 
 
-def test_double_free_after_many_other_releases_and_flushes(heap, classes):
+def test_double_free_after_many_other_releases_shelved_and_flushed(heap, classes):
     order, _ = classes
-    victim = order.allocate()
-    others = [order.allocate() for _ in range(5000)]
-    order.release(victim)
-    for h in others:  # enough to flush the victim's magazine to the depot
+    capacity = heap._classes_table[order.id].mag_capacity
+    # Released in order: a magazine's worth refills the allocation magazine,
+    # the next SLITTER_SHELF_PER_CLASS go on the shelf, the rest to the daemon.
+    handles = [order.allocate() for _ in range(capacity * (lib.SLITTER_SHELF_PER_CLASS + 3))]
+    on_shelf, in_depot = handles[capacity], handles[capacity * (lib.SLITTER_SHELF_PER_CLASS + 1) + 1]
+    for h in handles:
         order.release(h)
-    assert heap.stats()["classes"]["order"]["flushes"] > 0
-    with pytest.raises(slitter.DoubleFree):
-        order.release(victim)
-    # and the victim is handed out exactly once afterwards
-    again = [order.allocate() for _ in range(6000)]
-    assert len(set(again)) == len(again)
+    figures = heap.stats()["classes"]["order"]
+    assert figures["flushes"] > 0 and figures["shelf_puts"] == lib.SLITTER_SHELF_PER_CLASS, figures
+    assert figures["shelved"] == capacity * lib.SLITTER_SHELF_PER_CLASS
+    for victim in (on_shelf, in_depot):
+        with pytest.raises(slitter.DoubleFree):
+            order.release(victim)
+    assert errors_of(heap, "order")["double_free"] == 2
+    # and each victim is handed out exactly once afterwards
+    again = [order.allocate() for _ in range(heap.stats()["classes"]["order"]["carved"])]  # every object, once
+    assert len(set(again)) == len(again) and set(handles) <= set(again)
 
 
 def test_refused_release_changes_nothing(heap, classes):

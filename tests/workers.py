@@ -368,3 +368,54 @@ def arena_writer(address, count, queue, done):
             arena[h:h + 48] = i.to_bytes(8, "little") * 6
         queue.put(list(handles))
         done.get(timeout=120)  # stay attached until the reader is done
+
+
+def shelf_consumer(address, size, conn, queue):
+    """Release what the producer sends (checking each stamp); report the flushes this process sent."""
+    bad = 0
+    with slitter.connect(address, name="consumer") as heap:
+        cls = heap.register_class("shelf-stream", size=size)
+        while True:
+            raw = conn.recv_bytes()
+            if not raw:
+                break
+            handles = array("Q")
+            handles.frombytes(raw)
+            cls.check(handles)
+            bad += sum(bytes(heap.view(h)) != stamp(h, size) for h in handles)
+            cls.release_many(handles)
+            conn.send_bytes(b"ok")
+        queue.put({"bad": bad, "flushes": heap._transport.sent["flush"], "refills": heap._transport.sent["refill"]})
+
+
+def shelf_holder_dies(address, size, queue):
+    """Put a magazine on the shelf, claim it back as a taker would, and die holding it."""
+    import os
+    import signal
+
+    from slitter._native import ffi, lib
+
+    heap = slitter.connect(address, name="holder")
+    cls = heap.register_class("shelf-held", size=size)
+    cap = heap._classes_table[cls.id].mag_capacity
+    cls.release_many(cls.allocate_many(2 * cap))  # one magazine refills ours, the other goes on the shelf
+    shelf = ffi.cast("struct slitter_shelf *", heap._shelf.ptr)
+    full = lib.SLITTER_SHELF_FULL | cls.id << 8
+    index = next(i for i in range(lib.SLITTER_SHELF_SLOTS) if shelf.slots[i].state == full)
+    shelf.slots[index].state = lib.SLITTER_SHELF_BUSY | heap._client.rack_index << 8
+    queue.put((index, shelf.slots[index].count))
+    queue.close()
+    queue.join_thread()  # the item is in the pipe before we die
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def shelf_and_wait(address, size, queue):
+    """Put a magazine on the shelf, say how many handles, then wait to be killed."""
+    import time
+
+    heap = slitter.connect(address, name="shelver")
+    cls = heap.register_class("shelf-restart", size=size)
+    cap = heap._classes_table[cls.id].mag_capacity
+    cls.release_many(cls.allocate_many(2 * cap))
+    queue.put(cap)
+    time.sleep(600)

@@ -1,0 +1,188 @@
+"""The shelf: full magazines pass from the releasing process to the allocating one without the daemon.
+
+A stream between processes sends no refill and no flush once it runs; what
+is on the shelf is counted as cached; a slot is checked handle by handle
+when taken, so a forged entry is refused, never handed out; the daemon
+takes back the slots of a client that dies holding one, and the whole shelf
+when the last client leaves or a restarted daemon adopts nobody.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import pytest
+from conftest import start_spawned, wait_reclaimed
+
+import slitter
+import workers
+from slitter._native import ffi, lib
+
+SIZE = 4096  # 256 handles a magazine: a stream of a few magazines stays small
+
+
+def _shelf(heap):
+    return ffi.cast("struct slitter_shelf *", heap._shelf.ptr)
+
+
+def _slots(heap, state: int) -> list[int]:
+    shelf = _shelf(heap)
+    return [i for i in range(lib.SLITTER_SHELF_SLOTS) if shelf.slots[i].state == state]
+
+
+def _capacity(heap, cls) -> int:
+    return heap._classes_table[cls.id].mag_capacity
+
+
+def _balanced(figures: dict) -> bool:
+    return figures["carved"] == figures["live"] + figures["cached"] + figures["free"]
+
+
+def _shelve_one(heap, cls) -> int:
+    """Release two magazines' worth: the first refills our allocation magazine, the second goes on the shelf."""
+    cls.release_many(cls.allocate_many(2 * _capacity(heap, cls)))
+    (index,) = _slots(heap, lib.SLITTER_SHELF_FULL | cls.id << 8)
+    return index
+
+
+def test_a_stream_between_processes_sends_no_refill_and_no_flush(heap, daemon):
+    cls = heap.register_class("shelf-stream", size=SIZE)
+    batches_per_magazine = _capacity(heap, cls) // 64
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    procs, queue = start_spawned(workers.shelf_consumer, [(daemon.address, SIZE, there)])
+    transport = heap._transport
+    try:
+        for round_ in range(12 * batches_per_magazine):
+            if round_ == 4 * batches_per_magazine:  # warmed up: the first refill and its spare are spent
+                refills, waited = transport.sent["refill"], transport.round_trips
+                figures = heap.stats()["classes"]["shelf-stream"]
+                puts, takes = figures["shelf_puts"], figures["shelf_takes"]
+                refills, waited = transport.sent["refill"], transport.round_trips  # stats() waits too
+            handles = cls.allocate_many(64)
+            assert len(set(handles)) == 64
+            for h in handles:
+                heap.view(h)[:] = workers.stamp(h, SIZE)
+            here.send_bytes(handles.tobytes())
+            assert here.poll(60) and here.recv_bytes() == b"ok"
+        here.send_bytes(b"")
+        (result,) = [queue.get(timeout=60)]
+    finally:
+        for p in procs:
+            p.join(30)
+    assert result["bad"] == 0, "an object's content changed between the processes"
+    assert transport.sent["refill"] == refills and transport.round_trips == waited, \
+        "the producer asked the daemon for objects while the consumer's came back on the shelf"
+    assert result["flushes"] == 0, "the consumer flushed to the daemon instead of the shelf"
+    figures = heap.stats()["classes"]["shelf-stream"]
+    assert figures["shelf_puts"] - puts >= 8 and figures["shelf_takes"] - takes >= 8, figures
+    assert figures["live"] == 0 and sum(figures["errors"].values()) == 0, figures
+    assert _balanced(figures), figures
+
+
+def test_a_forged_slot_entry_is_refused_never_handed_out(daemon):
+    with slitter.connect(daemon.address) as putter, slitter.connect(daemon.address) as taker:
+        cls = putter.register_class("shelf-forged", size=SIZE)
+        index = _shelve_one(putter, cls)
+        slot = _shelf(putter).slots[index]
+        live = cls.allocate()  # ours, live
+        count = slot.count
+        # Taken from the top: a live object, an interior pointer, and a duplicate of another entry.
+        slot.handles[count - 1] = live
+        slot.handles[count - 2] = live + 16
+        slot.handles[count - 3] = slot.handles[0]
+
+        theirs = taker.register_class("shelf-forged", size=SIZE)
+        got = list(theirs.allocate_many(count))
+        assert live not in got and live + 16 not in got
+        assert len(set(got)) == len(got)
+        assert taker.stats()["classes"]["shelf-forged"]["errors"]["corrupt"] == 3
+        assert _slots(putter, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
+        cls.release(live)  # still live, still ours: released once
+        with pytest.raises(slitter.DoubleFree):
+            cls.release(live)
+        theirs.release_many(got)
+    # The entries the forgery overwrote were never taken: the last client's leaving gave them back.
+    with slitter.connect(daemon.address) as after:
+        figures = after.stats()["classes"]["shelf-forged"]
+        assert figures["shelved"] == figures["cached"] == figures["live"] == 0, figures
+        assert figures["free"] == figures["carved"], figures
+
+
+def test_a_client_dying_with_a_slot_in_hand_gives_its_objects_back(heap, daemon):
+    cls = heap.register_class("shelf-held", size=SIZE)
+    procs, queue = start_spawned(workers.shelf_holder_dies, [(daemon.address, SIZE)])
+    index, count = queue.get(timeout=60)
+    procs[0].join(30)
+    assert procs[0].exitcode == -9
+    wait_reclaimed(heap, procs[0].pid, time.monotonic())
+    assert _shelf(heap).slots[index].state == lib.SLITTER_SHELF_EMPTY
+    figures = heap.stats()["classes"]["shelf-held"]
+    assert figures["shelved"] == figures["cached"] == figures["live"] == 0, figures
+    assert figures["free"] == figures["carved"] >= 2 * count, figures
+    got = cls.allocate_many(figures["carved"])  # every one can be handed out again, once
+    assert len(set(got)) == len(got)
+    cls.release_many(got)
+
+
+def test_a_full_slot_is_counted_cached_and_goes_back_when_the_last_client_leaves(daemon):
+    with slitter.connect(daemon.address) as heap:
+        cls = heap.register_class("shelf-last", size=SIZE)
+        index = _shelve_one(heap, cls)
+        count = _shelf(heap).slots[index].count
+        figures = heap.stats()["classes"]["shelf-last"]
+        assert figures["shelved"] == count == _capacity(heap, cls)
+        assert figures["cached"] >= count and _balanced(figures), figures
+    with slitter.connect(daemon.address) as after:
+        figures = after.stats()["classes"]["shelf-last"]
+        assert figures["shelved"] == figures["cached"] == 0 and figures["free"] == figures["carved"], figures
+        assert _slots(after, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
+
+
+def test_a_restarted_daemon_keeps_the_shelf_for_an_adopted_client(manual_daemon):
+    d = manual_daemon().start()
+    with slitter.connect(d.address) as heap:
+        cls = heap.register_class("shelf-restart", size=SIZE)
+        index = _shelve_one(heap, cls)
+        count = _shelf(heap).slots[index].count
+        d.kill()
+        d.start()  # adopts our rack: we still run
+        figures = heap.stats()["classes"]["shelf-restart"]
+        assert figures["shelved"] == count and _balanced(figures), figures
+        taken = _shelf(heap).takes[cls.id]
+        got = cls.allocate_many(2 * count)  # our allocation magazine, then the shelf's
+        assert _shelf(heap).takes[cls.id] == taken + 1
+        assert len(set(got)) == len(got)
+        cls.release_many(got)
+
+
+def _first_client(address: str) -> slitter.Heap:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return slitter.connect(address, timeout=0.5)
+        except slitter.DaemonUnavailable:
+            assert time.monotonic() < deadline, "the daemon did not come back"
+            time.sleep(0.02)
+
+
+def test_a_restarted_daemon_that_adopts_nobody_empties_the_shelf(manual_daemon):
+    d = manual_daemon().start()
+    procs, queue = start_spawned(workers.shelf_and_wait, [(d.address, SIZE)])
+    try:
+        count = queue.get(timeout=60)
+        d.kill()
+        procs[0].kill()  # dies while no daemon watches: the next one finds its rack orphaned
+        procs[0].join(30)
+        d.start(wait=False)  # start()'s own probe would be the last client to leave, which empties the shelf too
+        with _first_client(d.address) as heap:
+            figures = heap.stats()["classes"]["shelf-restart"]
+            assert figures["carved"] >= 2 * count
+            assert figures["shelved"] == figures["cached"] == figures["live"] == 0, figures
+            assert figures["free"] == figures["carved"], figures
+            assert _slots(heap, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(30)
