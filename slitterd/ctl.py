@@ -20,7 +20,8 @@ from slitter import address, errors
 from slitter._transport import Transport
 from slitter.protocol import Op
 
-STAT_COLUMNS = ("size", "carved", "live", "cached", "free", "allocations", "releases", "refills", "flushes")
+STAT_COLUMNS = ("size", "carved", "live", "cached", "shelved", "free", "allocations", "releases", "refills",
+                "flushes")
 
 
 def stats_table(stats: dict[str, Any], title: str | None = None) -> Table:

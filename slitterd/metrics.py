@@ -103,6 +103,12 @@ def families(snap: Snapshot, instance_name: str, age: float) -> Iterator[Metric]
     releases = CounterMetricFamily("slitter_class_releases", "Objects of a class released", labels=["class"])
     refills = CounterMetricFamily("slitter_class_refills", "Magazine refills served for a class", labels=["class"])
     flushes = CounterMetricFamily("slitter_class_flushes", "Magazine flushes audited for a class", labels=["class"])
+    shelved = GaugeMetricFamily("slitter_class_shelved_objects",
+                                "Objects of a class in full magazines on the shelf (part of cached)", labels=["class"])
+    puts = CounterMetricFamily("slitter_class_shelf_puts", "Full magazines of a class put on the shelf by clients",
+                               labels=["class"])
+    takes = CounterMetricFamily("slitter_class_shelf_takes", "Magazines of a class taken off the shelf by clients",
+                                labels=["class"])
     errors = CounterMetricFamily("slitter_release_errors", "Refused releases of a class by kind",
                                  labels=["class", "kind"])
     for name, c in sorted(snap.classes.items()):
@@ -119,9 +125,13 @@ def families(snap: Snapshot, instance_name: str, age: float) -> Iterator[Metric]
         releases.add_metric([name], c["releases"])
         refills.add_metric([name], c["refills"])
         flushes.add_metric([name], c["flushes"])
+        shelved.add_metric([name], c.get("shelved", 0))
+        puts.add_metric([name], c.get("shelf_puts", 0))
+        takes.add_metric([name], c.get("shelf_takes", 0))
         for kind, count in sorted(c["errors"].items()):
             errors.add_metric([name, kind], count)
-    yield from (objects, carved, size, stride, runs, reserved, cap, allocs, releases, refills, flushes, errors)
+    yield from (objects, carved, size, stride, runs, reserved, cap, allocs, releases, refills, flushes, shelved, puts,
+                takes, errors)
 
     inst = snap.instance
     arena = GaugeMetricFamily("slitter_arena_bytes", "Arena bytes: size (virtual, sparse), reserved (carved into "

@@ -57,8 +57,8 @@ def test_slitterctl_stats_table_and_json(daemon, heap):
     handles = [cls.allocate() for _ in range(5)]
     table = ctl("--socket", daemon.address, "stats", env={**os.environ, "COLUMNS": "200"})
     assert table.returncode == 0, table.stderr
-    for column in ("size", "carved", "live", "cached", "free", "allocations", "releases", "refills", "flushes",
-                   "errors"):
+    for column in ("size", "carved", "live", "cached", "shelved", "free", "allocations", "releases", "refills",
+                   "flushes", "errors"):
         assert column in table.stdout
     assert "order" in table.stdout
     data = json.loads(ctl("--socket", daemon.address, "stats", "--json").stdout)

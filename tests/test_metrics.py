@@ -57,6 +57,9 @@ def expected_samples(stats: dict, pid: int) -> dict[tuple[str, frozenset], float
         want[("slitter_class_releases_total", cls)] = c["releases"]
         want[("slitter_class_refills_total", cls)] = c["refills"]
         want[("slitter_class_flushes_total", cls)] = c["flushes"]
+        want[("slitter_class_shelved_objects", cls)] = c["shelved"]
+        want[("slitter_class_shelf_puts_total", cls)] = c["shelf_puts"]
+        want[("slitter_class_shelf_takes_total", cls)] = c["shelf_takes"]
         if c["cap"]:
             want[("slitter_class_cap_objects", cls)] = c["cap"]
         for kind, n in c["errors"].items():
