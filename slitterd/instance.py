@@ -435,7 +435,8 @@ class Instance:
             slot = self.arena.shelf.slots[index]
             kind, who = slot.state & 0xFF, slot.state >> 8
             keep = any_adopted and ((kind == lib.SLITTER_SHELF_FULL and who in self.depots)
-                    or (kind == lib.SLITTER_SHELF_BUSY and who < 256 and adopted_tags[lib.SLITTER_TAG_BASE + who]))
+                    or (kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks
+                        and adopted_tags[lib.SLITTER_TAG_BASE + who]))
             if keep:
                 adopted_tags[lib.SLITTER_SHELF_TAG_BASE + index] = 1
             else:

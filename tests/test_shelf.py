@@ -10,6 +10,7 @@ when the last client leaves or a restarted daemon adopts nobody.
 from __future__ import annotations
 
 import multiprocessing
+import random
 import time
 
 import pytest
@@ -186,3 +187,40 @@ def test_a_restarted_daemon_that_adopts_nobody_empties_the_shelf(manual_daemon):
         for p in procs:
             p.kill()
             p.join(30)
+
+
+def test_garbage_on_the_shelf_never_hands_out_a_live_or_cached_object_twice(daemon):
+    rng = random.Random(0x5E1F)
+    with slitter.connect(daemon.address, name="victim") as victim, \
+            slitter.connect(daemon.address, name="attacker") as attacker:
+        cls = victim.register_class("shelf-hostile", size=SIZE)
+        theirs = attacker.register_class("shelf-hostile", size=SIZE)
+        cap = _capacity(victim, cls)
+        live = list(cls.allocate_many(100))
+        for h in live:
+            victim.view(h)[:8] = h.to_bytes(8, "little")
+        mine = set(theirs.allocate_many(cap))  # the attacker's own live objects
+        candidates = [*live, *mine, live[0] + 16, 0, 1 << 47, rng.randrange(1 << 64)]
+        shelf = _shelf(attacker)
+        for round_ in range(30):
+            for i in range(lib.SLITTER_SHELF_SLOTS):
+                slot = shelf.slots[i]
+                slot.state = rng.choice((lib.SLITTER_SHELF_EMPTY, lib.SLITTER_SHELF_FULL | cls.id << 8,
+                                         lib.SLITTER_SHELF_FULL | rng.randrange(1 << 24) << 8,
+                                         lib.SLITTER_SHELF_BUSY | rng.randrange(256) << 8, rng.randrange(1 << 32)))
+                slot.count = rng.choice((0, 1, 5, cap, lib.SLITTER_MAG_CAP, (1 << 32) - 1))
+                for j in rng.sample(range(lib.SLITTER_MAG_CAP), 64):
+                    slot.handles[j] = rng.choice(candidates)
+            stats = victim.stats()["classes"]["shelf-hostile"]  # the daemon sums the garbage, and lives
+            assert stats["shelved"] <= lib.SLITTER_SHELF_SLOTS * lib.SLITTER_MAG_CAP, (round_, stats)
+            got = cls.allocate_many(2 * cap)  # empties our magazines, then takes from the shelf if it can
+            assert len(set(got)) == len(got), round_
+            assert not set(got) & (set(live) | mine), (round_, "a live object was handed out again")
+            cls.release_many(got)
+        for h in live:
+            assert bytes(victim.view(h)[:8]) == h.to_bytes(8, "little")
+        cls.release_many(live)
+        theirs.release_many(list(mine))
+    with slitter.connect(daemon.address) as after:  # the last client left: whatever the slots said, all is back
+        figures = after.stats()["classes"]["shelf-hostile"]
+        assert figures["live"] == figures["cached"] == 0 and figures["free"] == figures["carved"], figures
