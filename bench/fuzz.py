@@ -22,7 +22,9 @@ with the ``random`` module alone:
 Every frame must get an error reply (``ok`` False, an ErrorCode other than
 INTERNAL, a message without "Traceback"; a schema refusal with the very code
 ``protocol.parse_request`` gives here), or be dropped when it is over
-MAXMSGSIZE.  Valid requests that slip through may succeed.  Every
+MAXMSGSIZE.  A valid REFILL or FLUSH with ``reply: false`` that succeeds
+gets no reply (a PING sent right after it tells, without a timeout), and
+must get none.  Valid requests that slip through may succeed.  Every
 ``--check-every`` cases: the daemon is alive and answers a ping, the victim's
 stats entry, rack and objects are unchanged, and it can allocate and release.
 
@@ -68,6 +70,7 @@ CRED_OPS = tuple(op for op in OPS if any(f.name == "client" for f in REQUEST_FIE
 FIELD_NAMES = sorted({f.name for fields in REQUEST_FIELDS.values() for f in fields})
 WORDS = ("v", "id", "op", *FIELD_NAMES, *(op.value for op in OPS))
 MAG_CAP = lib.SLITTER_MAG_CAP
+QUIET_PING_ID = 0x51554945  # the PING that follows a request with reply=False
 MAX_THREADS = lib.SLITTER_MAX_THREADS
 SPAN = lib.SLITTER_SPAN_SIZE
 VICTIM_CLASSES = (("victim.small", 48, False, "raise"), ("victim.zeroed", 200, True, "log"),
@@ -273,6 +276,25 @@ class Raw:
             return None
         return msgpack.unpackb(self.socket.recv(), raw=False, strict_map_key=False)
 
+    def exchange_quiet(self, frames: list[bytes], timeout_ms: int):
+        """Send a request whose success is not answered (``reply: false``), then a PING.
+
+        The daemon answers in order, so the request's reply, if it has one (an
+        error), arrives before the PING's: no timeout decides that a success
+        was quiet.  Returns that reply, or None.
+        """
+        self.socket.send_multipart(frames)
+        self.socket.send(pack(protocol.request(Op.PING, QUIET_PING_ID)))
+        reply = None
+        while True:
+            if not self.socket.poll(timeout_ms):
+                raise Failure("no reply to the PING sent after a request with reply=False: the daemon hangs")
+            got = msgpack.unpackb(self.socket.recv(), raw=False, strict_map_key=False)
+            if isinstance(got, dict) and got.get("id") == QUIET_PING_ID and got.get("ok") is True \
+                    and "version" in got:
+                return reply
+            reply = got
+
     def ask(self, message: dict) -> dict:
         reply = self.exchange([pack(message)], 5000)
         if reply is None:
@@ -282,6 +304,16 @@ class Raw:
     def close(self) -> None:
         self.socket.close(0)
         self.context.term()
+
+
+def _quiet(frames: list[bytes]) -> bool:
+    """A valid REFILL or FLUSH with ``reply: false``: its success gets no reply, its errors do."""
+    if len(frames) != 1:
+        return False
+    try:
+        return protocol.parse_request(frames[0]).args.get("reply") is False
+    except protocol.Refusal:
+        return False
 
 
 def judge(frames: list[bytes], reply) -> tuple[str, object]:
@@ -523,11 +555,24 @@ class Run:
         self.recent.append((kind, frames))
         self.messages += 1
         oversized = any(len(f) > MAX_MESSAGE_BYTES for f in frames)
-        reply = self.raw.exchange(frames, 200 if oversized else self.args.timeout_ms)
+        quiet = not oversized and _quiet(frames)
+        if quiet:
+            reply = self.raw.exchange_quiet(frames, self.args.timeout_ms)
+        else:
+            reply = self.raw.exchange(frames, 200 if oversized else self.args.timeout_ms)
         if reply is None and self.daemon.process.poll() is not None:
             raise Failure(f"slitterd died (exit {self.daemon.process.returncode}):\n{self.daemon.log_tail(25)}")
         if oversized:
             self.raw.reopen()
+        if quiet and reply is None:  # a success, unanswered as asked
+            self.replies["quiet ok"] += 1
+            return None
+        if quiet and reply.get("ok") is not False:
+            count, first = self.problems.get("success answered despite reply=False", (0, None))
+            self.problems["success answered despite reply=False"] = (count + 1, first or (f"{reply!r:.300}", kind,
+                                                                                         frames))
+            self.replies["problem"] += 1
+            return reply
         try:
             outcome, req = judge(frames, reply)
         except Problem as problem:
