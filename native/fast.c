@@ -1075,6 +1075,23 @@ void slitter_shelf_counts(const struct slitter_shelf *shelf, uint64_t *out)
     }
 }
 
+int slitter_shelf_seize(struct slitter_shelf *shelf, uint32_t index, uint32_t seen)
+{
+    if (index >= SLITTER_SHELF_SLOTS)
+        return 0;
+    return __atomic_compare_exchange_n(&shelf->slots[index].state, &seen,
+                                       SLITTER_SHELF_STATE(SLITTER_SHELF_BUSY, SLITTER_SHELF_DAEMON), 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
+
+void slitter_shelf_release(struct slitter_shelf *shelf, uint32_t index)
+{
+    if (index >= SLITTER_SHELF_SLOTS)
+        return;
+    shelf->slots[index].count = 0;
+    __atomic_store_n(&shelf->slots[index].state, SLITTER_SHELF_EMPTY, __ATOMIC_RELEASE);
+}
+
 void slitter_hand_out(const struct slitter_view *v, uint32_t class_id, const uint64_t *handles, uint32_t n,
                       uint8_t tag)
 {

@@ -109,8 +109,6 @@ struct slitter_header {
     uint64_t departed_off;     /* struct slitter_departed_log: daemon only */
     uint64_t rack_area_off;    /* struct slitter_rack, max_racks of them */
     uint64_t rack_size;        /* bytes per rack, page aligned */
-    uint64_t shelf_off;        /* struct slitter_shelf: every client maps it read-write */
-    uint64_t shelf_bytes;
     uint32_t max_racks;
     uint32_t max_classes;
     uint32_t max_threads;
@@ -122,6 +120,11 @@ struct slitter_header {
     uint32_t nclasses;         /* highest class id in use */
     uint32_t daemon_pid;
     uint64_t generation;       /* daemon starts over these segments, 1 for the creator */
+    /* Since version 3, at the end so that every field before keeps its
+     * offset: a client of version 2 reads the header as it did, and never
+     * uses the shelf. */
+    uint64_t shelf_off;        /* struct slitter_shelf: every client maps it read-write */
+    uint64_t shelf_bytes;
 };
 
 /**
@@ -292,6 +295,10 @@ struct slitter_rack {
  *                         tagged SLITTER_SHELF_TAG(i): a taker may claim it
  *   BUSY | rack << 8      rack is filling or emptying it; if that client
  *                         dies, the daemon takes back the slot's tag
+ *   BUSY | 255 << 8       the daemon holds it while it scans the live map
+ *                         for the slot's tag (SLITTER_SHELF_DAEMON)
+ * The daemon, too, scans for a slot's tag only while it or a dead client
+ * holds the slot: a live client could otherwise claim it mid-scan.
  */
 #define SLITTER_SHELF_SLOTS     16
 #define SLITTER_SHELF_PER_CLASS 4      /* full slots of one class at most: the rest goes to the daemon */
@@ -299,6 +306,7 @@ struct slitter_rack {
 #define SLITTER_SHELF_FULL      1u
 #define SLITTER_SHELF_BUSY      2u
 #define SLITTER_SHELF_STATE(kind, who) ((uint32_t)(kind) | ((uint32_t)(who) << 8))
+#define SLITTER_SHELF_DAEMON    255    /* BUSY | 255 << 8: the daemon holds the slot (no rack has that index) */
 
 struct slitter_shelf_slot {
     uint32_t state;

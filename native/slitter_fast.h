@@ -264,6 +264,16 @@ uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitte
  */
 void slitter_shelf_counts(const struct slitter_shelf *shelf, uint64_t *out);
 
+/**
+ * Daemon: take slot `index` of the shelf if its state is still `seen`
+ * (compare-and-swap to BUSY | SLITTER_SHELF_DAEMON << 8).  Returns 1 when
+ * the daemon now holds it, 0 when a client changed it first.
+ */
+int slitter_shelf_seize(struct slitter_shelf *shelf, uint32_t index, uint32_t seen);
+
+/** Daemon: empty slot `index`, which it or a dead client holds (count 0, then state EMPTY, release). */
+void slitter_shelf_release(struct slitter_shelf *shelf, uint32_t index);
+
 /** Daemon: `n` handles of class `class_id` leave the depot for the rack tagged `tag` (depot bit cleared, live byte = tag). */
 void slitter_hand_out(const struct slitter_view *v, uint32_t class_id, const uint64_t *handles, uint32_t n,
                       uint8_t tag);

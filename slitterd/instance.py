@@ -267,7 +267,9 @@ class Instance:
         caps = self._caps()
         totals = self.racks.totals(client, caps)
         last = len(self.racks.clients) == 1
-        reclaimed = self._reclaim_tags([tag(client)] + self._take_shelf_slots(client.rack_index, everything=last))
+        held = self._hold_shelf_slots(client.rack_index, everything=last)
+        reclaimed = self._reclaim_tags([tag(client)] + [lib.SLITTER_SHELF_TAG_BASE + i for i in held])
+        self._release_shelf_slots(held)  # only now: a client claiming one mid-scan would lose what it put
         # Retire the counters, then forget the rack.  A crash between the two
         # counts the client twice; recover() reconciles against the live map.
         self._retire_client(client.pid, client.name, totals)
@@ -299,23 +301,28 @@ class Instance:
                 reclaimed += n
         return reclaimed
 
-    def _take_shelf_slots(self, rack_index: int, everything: bool = False) -> list[int]:
-        """Empty the shelf slots the rack held mid-put or mid-take (or, with ``everything``, every slot).
+    def _hold_shelf_slots(self, rack_index: int, everything: bool = False) -> list[int]:
+        """The shelf slots whose tag the daemon may scan for now: returns their indexes.
 
-        Returns their tags, for ``_reclaim_tags``: the holder alone moves
-        objects in or out of a slot's tag, so once it is gone the tag says
-        exactly which objects the slot had.  ``everything`` is for when no
-        client is attached: then nobody can be holding a slot.
+        Those a leaving client held mid-put or mid-take (state BUSY with its
+        rack): nobody else claims a BUSY slot, so they stay put.  With
+        ``everything`` (no other client is attached), every other slot too,
+        taken with a compare-and-swap.  The holder alone moves objects in or
+        out of a slot's tag, so until ``_release_shelf_slots`` the tag says
+        exactly which objects the slot has.
         """
         busy = lib.SLITTER_SHELF_BUSY | rack_index << 8
-        tags = []
+        held = []
         for index in range(lib.SLITTER_SHELF_SLOTS):
-            slot = self.arena.shelf.slots[index]
-            if everything or slot.state == busy:
-                slot.count = 0
-                slot.state = lib.SLITTER_SHELF_EMPTY
-                tags.append(lib.SLITTER_SHELF_TAG_BASE + index)
-        return tags
+            state = self.arena.shelf.slots[index].state
+            if state == busy or (everything and lib.slitter_shelf_seize(self.arena.shelf, index, state)):
+                held.append(index)
+        return held
+
+    def _release_shelf_slots(self, held: list[int]) -> None:
+        """Empty the slots the daemon held for a scan; clients may claim them again."""
+        for index in held:
+            lib.slitter_shelf_release(self.arena.shelf, index)
 
     def shelf_counts(self) -> dict[int, int]:
         """Objects on the shelf (in full slots), by class id."""
@@ -404,16 +411,9 @@ class Instance:
             self.racks.adopt(index, pidfd)
             adopted_tags[lib.SLITTER_TAG_BASE + index] = 1
             adopted += 1
-        self._recover_shelf(adopted_tags, adopted > 0)
-        live = dict.fromkeys(self.depots, 0)
-        free = 0
-        for index in range(header.nruns):  # each run on its own: states first, then its free objects
-            run = self.arena.runs + index
-            live[run.class_id] += lib.slitter_recover_run(self.arena.view, run, adopted_tags)
-            out = array("Q", bytes(8 * run.carved))
-            n = lib.slitter_collect_depot(self.arena.view, run, ffi.from_buffer("uint64_t[]", out))
-            self.depots[run.class_id].give(out[:n])
-            free += n
+        shelf_held = self._recover_shelf(adopted_tags, adopted > 0)
+        live, free = self._recover_runs(adopted_tags)
+        self._release_shelf_slots(shelf_held)  # only now: a client claiming one mid-scan would lose what it put
         if adopted == 0:
             self._reconcile(live)
         # With clients adopted, their fast paths go on while we count: the
@@ -424,24 +424,44 @@ class Instance:
         return {"classes": len(self.depots), "runs": header.nruns, "adopted": adopted, "retired": retired,
                 "free": free, "live": sum(live.values())}
 
-    def _recover_shelf(self, adopted_tags, any_adopted: bool) -> None:
-        """Keep the full slots of known classes and the slots held by adopted clients; empty the rest.
+    def _recover_runs(self, adopted_tags) -> tuple[dict[int, int], int]:
+        """The live-map scan of recovery: (live objects by class id, objects returned to the depots)."""
+        live = dict.fromkeys(self.depots, 0)
+        free = 0
+        for index in range(self.arena.header.nruns):  # each run on its own: states first, then its free objects
+            run = self.arena.runs + index
+            live[run.class_id] += lib.slitter_recover_run(self.arena.view, run, adopted_tags)
+            out = array("Q", bytes(8 * run.carved))
+            n = lib.slitter_collect_depot(self.arena.view, run, ffi.from_buffer("uint64_t[]", out))
+            self.depots[run.class_id].give(out[:n])
+            free += n
+        return live, free
 
-        With no client adopted, nobody is left to take from the shelf: all
-        of it is emptied.  An emptied slot's tag is not adopted, so the scan
-        that follows returns its objects to the depots.
+    def _recover_shelf(self, adopted_tags, any_adopted: bool) -> list[int]:
+        """Decide the shelf's slots before the live-map scan; returns the slots the daemon holds for it.
+
+        With a client adopted, full slots of known classes, slots held by an
+        adopted client and empty slots keep their tags (an adopted client may
+        put into an empty slot during the scan).  The daemon holds the
+        others for the scan: slots of a dead holder as they are, the rest by
+        compare-and-swap.  With no client adopted it holds every slot.  A
+        held slot's tag is not adopted, so the scan returns its objects to
+        the depots; ``_release_shelf_slots`` empties it afterwards.
         """
+        held = []
         for index in range(lib.SLITTER_SHELF_SLOTS):
-            slot = self.arena.shelf.slots[index]
-            kind, who = slot.state & 0xFF, slot.state >> 8
-            keep = any_adopted and ((kind == lib.SLITTER_SHELF_FULL and who in self.depots)
-                    or (kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks
-                        and adopted_tags[lib.SLITTER_TAG_BASE + who]))
-            if keep:
-                adopted_tags[lib.SLITTER_SHELF_TAG_BASE + index] = 1
+            state = self.arena.shelf.slots[index].state
+            kind, who = state & 0xFF, state >> 8
+            live_holder = (kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks
+                           and adopted_tags[lib.SLITTER_TAG_BASE + who])
+            keep = any_adopted and (state == lib.SLITTER_SHELF_EMPTY or live_holder
+                                    or (kind == lib.SLITTER_SHELF_FULL and who in self.depots))
+            dead_holder = kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks and not live_holder
+            if not keep and (dead_holder or lib.slitter_shelf_seize(self.arena.shelf, index, state)):
+                held.append(index)
             else:
-                slot.count = 0
-                slot.state = lib.SLITTER_SHELF_EMPTY
+                adopted_tags[lib.SLITTER_SHELF_TAG_BASE + index] = 1  # kept, or a client claimed it first
+        return held
 
     def _reconcile(self, live: dict[int, int]) -> None:
         """Make the counters agree with the live map, the ground truth after a crash.

@@ -10,6 +10,7 @@ when the last client leaves or a restarted daemon adopts nobody.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import time
 
@@ -224,3 +225,95 @@ def test_garbage_on_the_shelf_never_hands_out_a_live_or_cached_object_twice(daem
     with slitter.connect(daemon.address) as after:  # the last client left: whatever the slots said, all is back
         figures = after.stats()["classes"]["shelf-hostile"]
         assert figures["live"] == figures["cached"] == 0 and figures["free"] == figures["carved"], figures
+
+
+# -- the daemon scans for a slot's tag only while it holds the slot ---------------
+#
+# A live client could claim a slot the daemon has emptied but not scanned yet,
+# put a magazine in it, and see the scan free what it put.  These drive the
+# daemon's Instance in this process, over real segments, and look at the shelf
+# at the moment of the scan.
+
+@pytest.fixture
+def instance():
+    from slitterd.arena import Arena, remove_segments
+    from slitterd.instance import ClassSpec, Instance
+
+    name = f"t{os.getpid()}-shelf-{time.monotonic_ns() % 10**9}"
+    arena = Arena.create(name, 64 << 20, 8)
+    try:
+        inst = Instance(name, arena, 8)
+        inst.register_class(ClassSpec("held", SIZE, False))
+        yield inst
+    finally:
+        for client in list(inst.racks.clients.values()):
+            inst.racks.release_rack(client)
+        arena.close()
+        remove_segments(name)
+
+
+def _busy(who: int) -> int:
+    return lib.SLITTER_SHELF_BUSY | who << 8
+
+
+def test_a_reclaim_scans_only_slots_the_daemon_or_the_dead_client_holds(instance, monkeypatch):
+    shelf = instance.arena.shelf
+    dead = instance.racks.attach(os.getpid(), "dead", None)
+    alive = instance.racks.attach(os.getpid(), "alive", None)
+    shelf.slots[3].state = _busy(dead.rack_index)         # it died mid-put
+    shelf.slots[5].state = lib.SLITTER_SHELF_FULL | 1 << 8  # someone's full magazine
+    seen = []
+    scan = instance._reclaim_tags
+
+    def watched(tags):
+        seen.append({t - lib.SLITTER_SHELF_TAG_BASE: shelf.slots[t - lib.SLITTER_SHELF_TAG_BASE].state
+                     for t in tags if t >= lib.SLITTER_SHELF_TAG_BASE})
+        return scan(tags)
+
+    monkeypatch.setattr(instance, "_reclaim_tags", watched)
+    instance.reclaim(dead, "died")
+    assert seen[-1] == {3: _busy(dead.rack_index)}  # still BUSY during the scan: nobody can claim it
+    assert shelf.slots[3].state == lib.SLITTER_SHELF_EMPTY
+    assert shelf.slots[5].state == lib.SLITTER_SHELF_FULL | 1 << 8  # another client's: left alone
+    instance.reclaim(alive, "detached")  # the last client: the whole shelf, each slot held by the daemon
+    assert seen[-1] == {i: _busy(lib.SLITTER_SHELF_DAEMON) for i in range(lib.SLITTER_SHELF_SLOTS)}
+    assert all(shelf.slots[i].state == lib.SLITTER_SHELF_EMPTY for i in range(lib.SLITTER_SHELF_SLOTS))
+
+
+@pytest.mark.parametrize("adopt", [True, False])
+def test_recovery_scans_only_slots_the_daemon_or_a_dead_client_holds(instance, monkeypatch, adopt):
+    from slitterd.instance import Instance
+
+    shelf = instance.arena.shelf
+    if adopt:
+        adopted = instance.racks.attach(os.getpid(), "runs on", None)  # our pid lives: the next daemon adopts it
+    states = {0: lib.SLITTER_SHELF_EMPTY, 1: lib.SLITTER_SHELF_FULL | 1 << 8, 2: lib.SLITTER_SHELF_FULL | 99 << 8,
+              3: _busy(adopted.rack_index if adopt else 5), 4: _busy(7), 5: _busy(lib.SLITTER_SHELF_DAEMON),
+              6: 0xDEADBEEF}
+    for i, state in states.items():
+        shelf.slots[i].state = state
+    successor = Instance(instance.name, instance.arena, 8)
+    decided = []
+    scan = successor._recover_runs
+
+    def watched(tags):
+        decided.append({i: (bool(tags[lib.SLITTER_SHELF_TAG_BASE + i]), shelf.slots[i].state) for i in states})
+        return scan(tags)
+
+    monkeypatch.setattr(successor, "_recover_runs", watched)
+    successor.recover()
+    # At the scan, every slot either keeps its tag or is held, so no client can claim it mid-scan.
+    for i, (kept, state) in decided[0].items():
+        assert kept or state & 0xFF == lib.SLITTER_SHELF_BUSY, (i, kept, hex(state))
+    if adopt:
+        assert {i for i, (kept, _) in decided[0].items() if kept} == {0, 1, 3}
+        assert decided[0][4][1] == _busy(7)  # a dead holder's slot, as it was
+        for i in (2, 5, 6):
+            assert decided[0][i][1] == _busy(lib.SLITTER_SHELF_DAEMON), i
+    else:
+        assert not any(kept for kept, _ in decided[0].values())
+    after = {i: shelf.slots[i].state for i in states}
+    for i, (kept, state) in decided[0].items():
+        assert after[i] == (state if kept else lib.SLITTER_SHELF_EMPTY), (i, hex(after[i]))
+    for client in list(successor.racks.clients.values()):
+        successor.racks.release_rack(client)
