@@ -34,6 +34,11 @@ What it measures, in one run against a private daemon (``slitter.spawn_daemon()`
    functions; target: <= 10% of the steady pair.  Then the same objects
    released by another thread, and by another process (forked before this
    one attached; handles sent over a Pipe).
+   Then a magazine passed between two clients of this process on the
+   shelf: ``release_many`` of M handles by one heap, which fills its
+   release magazine and puts it on the shelf, and ``allocate_many(M)`` by
+   the other, which takes it, each per object next to the same call on the
+   thread's own magazines, and the messages both heaps sent meanwhile.
 7. Round trips, p50/p99: a bare pyzmq DEALER to a ROUTER echo server,
    PING, and a waited REFILL and FLUSH of a full magazine (the bench moves
    the spare magazine's objects into the release magazine of its own rack
@@ -64,6 +69,7 @@ The default run takes about a minute on 2 cores, item 8 included.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sys
 import threading
@@ -245,6 +251,48 @@ def cross_process(cls: slitter.Class, conn, n: int) -> tuple[float, int]:
     return conn.recv()
 
 
+SHELF_MAGAZINES = 10  # magazines passed through the shelf per repetition
+
+
+def shelf_hand_off(putter: slitter.Class, taker: slitter.Class, n: int) -> dict[str, float]:
+    """n magazines from one heap to another through the shelf, against the same calls on own magazines.
+
+    ``putter`` and ``taker`` are one 64 B class in two heaps of this process
+    (two clients, two racks).  ns per object: ``put``, a release_many of M
+    handles that fills the putter's release magazine and ends in a put;
+    ``take``, an allocate_many(M) that starts with a take; ``own_release``
+    and ``own_allocate``, the same calls landing in and coming from the
+    thread's own magazines.
+    """
+    heaps = (putter._heap, taker._heap)
+    cap = putter._heap._classes_table[putter.id].mag_capacity
+    putter.release_many(putter.allocate_many(cap))  # the putter's allocation magazine full: releases go past it
+    taker.release_many(taker.allocate_many(cap))
+    m0 = sum(h.messages_sent for h in heaps)
+    put = take = own_release = own_allocate = 0
+    for _ in range(n):
+        handles = taker.allocate_many(cap)  # the taker's allocation magazine is now empty
+        t0 = perf_ns()
+        putter.release_many(handles)
+        t1 = perf_ns()
+        handles = taker.allocate_many(cap)
+        t2 = perf_ns()
+        taker.release_many(handles)  # back into its own allocation magazine
+        put, take = put + t1 - t0, take + t2 - t1
+    messages = sum(h.messages_sent for h in heaps) - m0
+    own = taker.allocate_many(cap)
+    for _ in range(n):
+        t0 = perf_ns()
+        taker.release_many(own)
+        t1 = perf_ns()
+        own = taker.allocate_many(cap)
+        own_release, own_allocate = own_release + t1 - t0, own_allocate + perf_ns() - t1
+    taker.release_many(own)
+    per = n * cap
+    return {"shelf_put_ns": put / per, "shelf_take_ns": take / per, "own_release_many_ns": own_release / per,
+            "own_allocate_many_ns": own_allocate / per, "shelf_messages": messages}
+
+
 def slow_path_trips(heap: slitter.Heap, n: int) -> dict[str, list[int]]:
     """Waited round trips of real refills and flushes: n pairs, each moving a full magazine out and back.
 
@@ -330,12 +378,15 @@ def _run(address: str, size: str, progress, per_rep: list, samples: dict, releas
          echo_endpoint: str) -> dict[str, Any]:
     """Every repetition, in this process's heap; fills per_rep and samples, returns the steady state."""
     reps, py_n, c_n, pings, refills, steady_n = SIZES[size]
-    with slitter.connect(address) as heap:
+    with contextlib.ExitStack() as stack:
+        heap = stack.enter_context(slitter.connect(address))
         cls = heap.register_class("bench-64", 64)
         burst_cls = heap.register_class("bench-burst", 64)
         cross_cls = heap.register_class("bench-cross", 64)
         burst_cls.release_many(burst_cls.allocate_many(64))
         cross_cls.release_many(cross_cls.allocate_many(64))
+        other = stack.enter_context(slitter.connect(address))  # a second client, for the shelf
+        putter, taker = heap.register_class("bench-shelf", 64), other.register_class("bench-shelf", 64)
         warm(heap, cls, py_n, c_n)
 
         # 4. steady state: messages during 1,000,000 pairs after warm-up.
@@ -382,6 +433,7 @@ def _run(address: str, size: str, progress, per_rep: list, samples: dict, releas
             r["cross_thread_release_ns"] = timed(cross_thread, cross_cls, BURST)
             r["cross_process_release_ns"], r["cross_process_waits"] = timed(cross_process, cross_cls, releaser,
                                                                             BURST)
+            r.update(timed(shelf_hand_off, putter, taker, SHELF_MAGAZINES))
             r["burst_slow_path_share"] = r["burst_slow_path_ns"] / r["py_pair_ns"]
             per_rep.append(r)
     return {"pairs": steady_n, "messages": steady_messages, "pair_ns": steady_ns}
@@ -469,6 +521,11 @@ def print_table(result: dict[str, Any]) -> None:
     table.add_row("release() in another thread, per object", *ns("cross_thread_release_ns"), "")
     table.add_row("release() in another process, per object", *ns("cross_process_release_ns"), "")
     table.add_row("  its waited round trips per burst", f"{med['cross_process_waits']:.0f}", "", "")
+    table.add_row("shelf: release_many(M) ending in a put, per obj.", *ns("shelf_put_ns"), "")
+    table.add_row("  the same into the thread's own magazines", *ns("own_release_many_ns"), "")
+    table.add_row("shelf: allocate_many(M) taking one, per obj.", *ns("shelf_take_ns"), "")
+    table.add_row("  the same from the thread's own magazine", *ns("own_allocate_many_ns"), "")
+    table.add_row(f"  messages while {SHELF_MAGAZINES} magazines pass", f"{med['shelf_messages']:.0f}", "", "")
     table.add_section()
     table.add_row("bare pyzmq round trip (echo server)", *trip("zmq"), "")
     table.add_row("PING round trip", *trip("ping"), "")

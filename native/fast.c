@@ -345,7 +345,7 @@ static SLITTER_NOINLINE void slitter__count_corrupt(struct slitter_thread_class 
 /*
  * Rare (once per magazine): take a full magazine of the class off the shelf
  * (layout.h), or up to this thread's capacity of it, into the empty
- * allocation magazine.  A scan of 16 state words, one lock cmpxchg to claim
+ * allocation magazine.  A scan of 32 state words, one lock cmpxchg to claim
  * the slot, then per handle the release's checks (class, interior, guard)
  * and the slot's tag: a plain load and store of the live byte, as only the
  * slot's holder moves objects out of its tag.  A handle that fails is
@@ -1082,6 +1082,30 @@ int slitter_shelf_seize(struct slitter_shelf *shelf, uint32_t index, uint32_t se
     return __atomic_compare_exchange_n(&shelf->slots[index].state, &seen,
                                        SLITTER_SHELF_STATE(SLITTER_SHELF_BUSY, SLITTER_SHELF_DAEMON), 0,
                                        __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
+
+uint32_t slitter_shelf_drain(const struct slitter_view *v, struct slitter_shelf *shelf, uint32_t index,
+                             uint32_t class_id, uint64_t *out)
+{
+    if (index >= SLITTER_SHELF_SLOTS || class_id == 0 || class_id >= SLITTER_MAX_CLASSES)
+        return 0;
+    const struct slitter_shelf_slot *s = &shelf->slots[index];
+    uint32_t count = s->count;
+    if (count > SLITTER_MAG_CAP)
+        count = SLITTER_MAG_CAP;          /* written by a client */
+    const uint8_t slot_tag = (uint8_t)SLITTER_SHELF_TAG(index);
+    const struct slitter__cursor k = slitter__view_cursor(v, class_id);
+    uint32_t n = 0;
+    for (uint32_t j = 0; j < count; j++) {
+        uint64_t handle = s->handles[j];
+        int64_t obj = slitter__check_at(&k, handle);
+        if (obj >= 0 && __atomic_load_n(&k.live[obj], __ATOMIC_RELAXED) == slot_tag) {
+            __atomic_store_n(&k.live[obj], SLITTER_FREE, __ATOMIC_RELEASE);
+            v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
+            out[n++] = handle;
+        }
+    }
+    return n;
 }
 
 void slitter_shelf_release(struct slitter_shelf *shelf, uint32_t index)

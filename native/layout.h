@@ -279,9 +279,11 @@ struct slitter_rack {
  * A thread whose release magazine is full puts it on an empty slot; a
  * thread of any client whose allocation magazine is empty takes a full slot
  * of its class.  A stream from one process to another thus never sends a
- * refill or a flush.  The daemon is not involved: it only counts what is on
- * the shelf, and takes back a slot's objects when the client holding the
- * slot dies.
+ * refill or a flush.  The daemon is not involved: it counts what is on the
+ * shelf, takes back a slot's objects when the client holding the slot dies,
+ * and takes back the full slots of a class nobody has taken from for a
+ * while (slitterd's shelf_idle option; slitter_shelf_drain), so that they
+ * do not fill the shelf.
  *
  * Slot i has its own live-map tag, SLITTER_SHELF_TAG(i).  The rule of the
  * racks holds: only the holder of slot i (the client that marked it BUSY)
@@ -300,7 +302,7 @@ struct slitter_rack {
  * The daemon, too, scans for a slot's tag only while it or a dead client
  * holds the slot: a live client could otherwise claim it mid-scan.
  */
-#define SLITTER_SHELF_SLOTS     16
+#define SLITTER_SHELF_SLOTS     32     /* tags 128..159 */
 #define SLITTER_SHELF_PER_CLASS 4      /* full slots of one class at most: the rest goes to the daemon */
 #define SLITTER_SHELF_EMPTY     0u
 #define SLITTER_SHELF_FULL      1u

@@ -271,6 +271,16 @@ void slitter_shelf_counts(const struct slitter_shelf *shelf, uint64_t *out);
  */
 int slitter_shelf_seize(struct slitter_shelf *shelf, uint32_t index, uint32_t seen);
 
+/**
+ * Daemon: the objects of slot `index`, which the daemon holds (seized from
+ * FULL | class_id), back to the depot: each handle that is an object start
+ * of `class_id` under the slot's tag becomes SLITTER_FREE with its depot
+ * bit set and is written to `out` (SLITTER_MAG_CAP entries).  Others are
+ * skipped, as a take would.  Returns how many.
+ */
+uint32_t slitter_shelf_drain(const struct slitter_view *v, struct slitter_shelf *shelf, uint32_t index,
+                             uint32_t class_id, uint64_t *out);
+
 /** Daemon: empty slot `index`, which it or a dead client holds (count 0, then state EMPTY, release). */
 void slitter_shelf_release(struct slitter_shelf *shelf, uint32_t index);
 

@@ -78,6 +78,17 @@ def parse_message_limit(value: object) -> int:
     return n
 
 
+def parse_seconds(value: object) -> float:
+    """A duration in seconds, 0.01 to 3600."""
+    try:
+        seconds = float(value.strip() if isinstance(value, str) else value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number of seconds, not {value!r}") from None
+    if isinstance(value, bool) or not 0.01 <= seconds <= 3600:
+        raise ValueError(f"must be between 0.01 and 3600 seconds, not {value!r}")
+    return seconds
+
+
 def parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -289,6 +300,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("error_policy", parse_policy, "raise",
            "policy on a refused release for classes registered without one: raise, log or abort", metavar="POLICY"),
     Option("log_level", parse_log_level, "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL", metavar="LEVEL"),
+    Option("shelf_idle", parse_seconds, 5.0,
+           "seconds a class's full magazines may wait on the shelf with none taken before they go back to "
+           "the depot", metavar="SECONDS"),
     Option("classes", parse_classes, (),
            "classes to register (and cap) at start and on SIGHUP: [[classes]] tables of name, size, zero_init, cap",
            cli=False),
@@ -312,6 +326,7 @@ class Config:
     metrics: tuple[str, int] | None
     error_policy: str
     log_level: str
+    shelf_idle: float
     classes: tuple[ClassConfig, ...]
     #: The file the configuration was read from, if any (SIGHUP re-reads it).
     config_file: str | None = None

@@ -72,6 +72,13 @@ class Instance:
         self.specs: dict[str, tuple[int, ClassSpec]] = {}
         self.depots: dict[int, Depot] = {}
         self.audit = AuditLog()
+        #: The full shelf slots of a class nobody has taken a magazine of for this
+        #: long go back to its depot (sweep_shelf), so that they neither fill the
+        #: shelf for other classes nor hide free objects from refills (option shelf_idle).
+        self.shelf_idle_seconds = 5.0
+        #: sweep_shelf: when it last looked, and each class's takes counter then.
+        self._shelf_swept_at = 0.0
+        self._shelf_takes: dict[int, int] = {}
         #: The policy of classes registered without one (the config's error_policy).
         self.default_policy = "raise"
 
@@ -323,6 +330,37 @@ class Instance:
         """Empty the slots the daemon held for a scan; clients may claim them again."""
         for index in held:
             lib.slitter_shelf_release(self.arena.shelf, index)
+
+    def sweep_shelf(self, now: float) -> int:
+        """Tick hook: the full slots of classes nobody took from since the last sweep go to the depots.
+
+        Runs every ``shelf_idle_seconds``, so a slot waits between one and two
+        of those before it goes back.  Each slot is seized by compare-and-swap
+        from FULL (a client that claims it first keeps it), drained handle by
+        handle under the slot's tag, and freed.  Returns the objects taken back.
+        """
+        if now - self._shelf_swept_at < self.shelf_idle_seconds:
+            return 0
+        self._shelf_swept_at = now
+        shelf, moved = self.arena.shelf, 0
+        takes = {cid: shelf.takes[cid] for cid in self.depots}
+        idle = {cid for cid, n in takes.items() if n == self._shelf_takes.get(cid)}
+        self._shelf_takes = takes
+        out = ffi.new("uint64_t[]", lib.SLITTER_MAG_CAP)
+        for index in range(lib.SLITTER_SHELF_SLOTS):
+            state = shelf.slots[index].state
+            class_id = state >> 8
+            if state & 0xFF != lib.SLITTER_SHELF_FULL or class_id not in idle:
+                continue
+            if not lib.slitter_shelf_seize(shelf, index, state):
+                continue  # a client took it first
+            n = lib.slitter_shelf_drain(self.arena.view, shelf, index, class_id, out)
+            self.depots[class_id].give(_copy(out, n))
+            lib.slitter_shelf_release(shelf, index)
+            moved += n
+        if moved:
+            log.debug("shelf: %d objects nobody took went back to the depots", moved)
+        return moved
 
     def shelf_counts(self) -> dict[int, int]:
         """Objects on the shelf (in full slots), by class id."""

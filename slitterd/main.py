@@ -112,7 +112,7 @@ class Reloader:
     """SIGHUP: re-read the config file and register its new classes, from the loop's tick."""
 
     #: Options that a reload applies; the others need a restart.
-    LIVE = frozenset({"classes", "log_level"})
+    LIVE = frozenset({"classes", "log_level", "shelf_idle"})
 
     def __init__(self, invocation: config.Invocation, cfg: config.Config, instance: Instance,
                  notifier: Notifier, metrics: Metrics | None) -> None:
@@ -148,6 +148,7 @@ class Reloader:
         if stale:
             log.warning("reload: %s changed; that takes a restart", ", ".join(stale))
         logging.getLogger().setLevel(new.log_level)
+        self.instance.shelf_idle_seconds = new.shelf_idle
         if self.metrics is not None:
             self.metrics.refresh(force=True)
         self.cfg = new
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     instance = Instance(cfg.name, arena, cfg.max_clients)
     instance.default_policy = cfg.error_policy
+    instance.shelf_idle_seconds = cfg.shelf_idle
     if recovered:
         found = instance.recover()
         log.info("recovered instance '%s' (start %d): %d classes, %d runs, %d live objects, %d free, "
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     reloader.requested = bool(early_hup)
     signal.signal(signal.SIGHUP, reloader.request)
     server.poll_ms = notifier.poll_ms(server.poll_ms)
-    server.tick_hooks += [notifier.tick, reloader.tick]
+    server.tick_hooks += [notifier.tick, reloader.tick, instance.sweep_shelf]
     if metrics is not None:
         server.tick_hooks.append(metrics.refresh)
     log.info("instance '%s' serving on %s (arena %d bytes, %s)", cfg.name, cfg.socket, cfg.arena_size,

@@ -142,6 +142,25 @@ def test_a_full_slot_is_counted_cached_and_goes_back_when_the_last_client_leaves
         assert _slots(after, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
 
 
+def test_full_slots_nobody_takes_go_back_to_the_depot():
+    with slitter.spawn_daemon(arena_size="1G", args=("--shelf-idle", "0.2")) as address, \
+            slitter.connect(address) as heap:
+        cls = heap.register_class("shelf-idle", size=SIZE)
+        index = _shelve_one(heap, cls)
+        count = _shelf(heap).slots[index].count
+        before = heap.stats()["classes"]["shelf-idle"]
+        assert before["shelved"] == count and before["free"] == 0, before
+        deadline = time.monotonic() + 20  # swept after 0.2-0.4 s of no take (--shelf-idle)
+        while (after := heap.stats()["classes"]["shelf-idle"])["shelved"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert after["shelved"] == 0 and after["free"] == count and _balanced(after), after
+        assert _shelf(heap).slots[index].state == lib.SLITTER_SHELF_EMPTY
+        assert after["shelf_takes"] == before["shelf_takes"]  # the daemon's sweep is not a client's take
+        got = cls.allocate_many(3 * count)  # ours, then the depot's (the swept ones among them), each once
+        assert len(set(got)) == len(got)
+        cls.release_many(got)
+
+
 def test_a_restarted_daemon_keeps_the_shelf_for_an_adopted_client(manual_daemon):
     d = manual_daemon().start()
     with slitter.connect(d.address) as heap:

@@ -95,12 +95,13 @@ def test_ready_watchdog_stopping(notified_daemon, tmp_path):
 
 def test_sighup_registers_new_classes_and_logs_conflicts(notified_daemon, tmp_path):
     conf = tmp_path / "slitterd.toml"
-    conf.write_text('[[classes]]\nname = "order"\nsize = 64\n')
+    conf.write_text('shelf_idle = 3600\n[[classes]]\nname = "order"\nsize = 64\n')
     proc, listener, log = notified_daemon("--config", str(conf))
     listener.until("READY=1")
     with slitter.connect(str(tmp_path / "d.sock"), name="hup") as heap:
         assert set(heap.stats()["classes"]) == {"order"}
-        conf.write_text('[[classes]]\nname = "order"\nsize = 128\n\n'  # conflicts: logged, not fatal
+        conf.write_text('shelf_idle = 0.2\n'  # applied at once
+                        '[[classes]]\nname = "order"\nsize = 128\n\n'  # conflicts: logged, not fatal
                         '[[classes]]\nname = "fresh"\nsize = 32\nzero_init = true\ncap = 500\n')
         proc.send_signal(signal.SIGHUP)
         listener.until("RELOADING=1", timeout=10)
@@ -109,6 +110,13 @@ def test_sighup_registers_new_classes_and_logs_conflicts(notified_daemon, tmp_pa
         assert set(classes) == {"order", "fresh"}
         assert classes["order"]["size"] == 64
         assert (classes["fresh"]["size"], classes["fresh"]["zero_init"], classes["fresh"]["cap"]) == (32, True, 500)
+        order = heap.register_class("order", size=64)
+        order.release_many(order.allocate_many(2 * heap._classes_table[order.id].mag_capacity))
+        assert heap.stats()["classes"]["order"]["shelved"] > 0  # one full magazine waits on the shelf
+        deadline = time.monotonic() + 20  # the new shelf_idle sweeps it back within 0.4 s; the old one, in an hour
+        while heap.stats()["classes"]["order"]["shelved"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert heap.stats()["classes"]["order"]["shelved"] == 0
         conf.write_text("max_clients = 0\n")  # a broken file is refused; the daemon keeps serving
         proc.send_signal(signal.SIGHUP)
         listener.until("RELOADING=1", timeout=10)
