@@ -37,6 +37,9 @@ TOTAL_LIMIT = (1 << 63) - 1  # what msgpack and the u64 totals can both carry
 # thread that allocates slowly keeps the class's size (ClassGeometry).
 GROW_SECONDS = 0.05
 GROWN_MAGAZINE_BYTES = 4 << 20
+# sweep_shelf: how long a class's full slots may wait, unclaimed, while the
+# shelf is nearly full (fewer than a quarter of its slots empty).
+SHELF_PRESSED_SECONDS = 0.2
 
 
 def _copy(magazine, count: int) -> array:
@@ -76,9 +79,8 @@ class Instance:
         #: long go back to its depot (sweep_shelf), so that they neither fill the
         #: shelf for other classes nor hide free objects from refills (option shelf_idle).
         self.shelf_idle_seconds = 5.0
-        #: sweep_shelf: when it last looked, and each class's takes counter then.
-        self._shelf_swept_at = 0.0
-        self._shelf_takes: dict[int, int] = {}
+        #: sweep_shelf: per class with full slots, its takes counter and when it last moved.
+        self._shelf_takes: dict[int, tuple[int, float]] = {}
         #: The policy of classes registered without one (the config's error_policy).
         self.default_policy = "raise"
 
@@ -332,23 +334,37 @@ class Instance:
             lib.slitter_shelf_release(self.arena.shelf, index)
 
     def sweep_shelf(self, now: float) -> int:
-        """Tick hook: the full slots of classes nobody took from since the last sweep go to the depots.
+        """Tick hook: the full slots of classes nobody takes from go back to the depots.
 
-        Runs every ``shelf_idle_seconds``, so a slot waits between one and two
-        of those before it goes back.  Each slot is seized by compare-and-swap
-        from FULL (a client that claims it first keeps it), drained handle by
-        handle under the slot's tag, and freed.  Returns the objects taken back.
+        A class is idle once its ``takes`` counter has not moved for
+        ``shelf_idle_seconds``, or for SHELF_PRESSED_SECONDS while fewer than a
+        quarter of the slots are empty (many classes each leaving a few
+        magazines would otherwise keep the shelf full for the rest).  Each of
+        its full slots is seized by compare-and-swap from FULL (a client that
+        claims it first keeps it), drained handle by handle under the slot's
+        tag, and freed.  Returns the objects taken back.
         """
-        if now - self._shelf_swept_at < self.shelf_idle_seconds:
+        shelf = self.arena.shelf
+        states = [shelf.slots[index].state for index in range(lib.SLITTER_SHELF_SLOTS)]
+        full = {state >> 8 for state in states if state & 0xFF == lib.SLITTER_SHELF_FULL}
+        if not full & self.depots.keys():
+            self._shelf_takes.clear()
             return 0
-        self._shelf_swept_at = now
-        shelf, moved = self.arena.shelf, 0
-        takes = {cid: shelf.takes[cid] for cid in self.depots}
-        idle = {cid for cid, n in takes.items() if n == self._shelf_takes.get(cid)}
-        self._shelf_takes = takes
-        out = ffi.new("uint64_t[]", lib.SLITTER_MAG_CAP)
-        for index in range(lib.SLITTER_SHELF_SLOTS):
-            state = shelf.slots[index].state
+        pressed = states.count(lib.SLITTER_SHELF_EMPTY) < lib.SLITTER_SHELF_SLOTS // 4
+        limit = min(self.shelf_idle_seconds, SHELF_PRESSED_SECONDS) if pressed else self.shelf_idle_seconds
+        # A class that shows up again starts a new clock.
+        self._shelf_takes = {cid: seen for cid, seen in self._shelf_takes.items() if cid in full}
+        idle = set()
+        for class_id in full & self.depots.keys():
+            takes = shelf.takes[class_id]
+            seen, since = self._shelf_takes.get(class_id, (None, now))
+            if takes != seen:
+                self._shelf_takes[class_id] = (takes, now)
+            elif now - since >= limit:
+                idle.add(class_id)
+        moved = 0
+        out = ffi.new("uint64_t[]", lib.SLITTER_MAG_CAP) if idle else None
+        for index, state in enumerate(states):
             class_id = state >> 8
             if state & 0xFF != lib.SLITTER_SHELF_FULL or class_id not in idle:
                 continue
@@ -359,7 +375,8 @@ class Instance:
             lib.slitter_shelf_release(shelf, index)
             moved += n
         if moved:
-            log.debug("shelf: %d objects nobody took went back to the depots", moved)
+            log.debug("shelf: %d objects nobody took went back to the depots%s", moved,
+                      " (shelf nearly full)" if pressed else "")
         return moved
 
     def shelf_counts(self) -> dict[int, int]:

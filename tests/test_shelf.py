@@ -161,6 +161,40 @@ def test_full_slots_nobody_takes_go_back_to_the_depot():
         cls.release_many(got)
 
 
+def test_a_nearly_full_shelf_gives_back_the_magazines_nobody_takes():
+    per_class = lib.SLITTER_SHELF_PER_CLASS
+    with slitter.spawn_daemon(arena_size="1G", args=("--shelf-idle", "3600")) as address, \
+            slitter.connect(address) as heap:
+        # 64 B: magazines start at the layout's 4096 handles, so demand cannot grow them.
+        classes = [heap.register_class(f"shelf-pressed-{i}", size=64) for i in range(7)]
+        cap = _capacity(heap, classes[0])
+        assert cap == lib.SLITTER_MAG_CAP
+
+        def shelve(cls) -> None:  # one magazine refills ours, the next ones go on the shelf
+            cls.release_many(cls.allocate_many((per_class + 1) * cap))
+
+        def shelved() -> int:
+            return sum(c["shelved"] for c in heap.stats()["classes"].values())
+
+        shelve(classes[0])
+        time.sleep(1.0)  # plenty of empty slots: an hour's shelf_idle holds
+        assert shelved() == per_class * cap
+        for cls in classes[1:]:  # 28 of 32 slots full: fewer than a quarter empty
+            shelve(cls)
+        first = classes[0].name
+
+        def first_shelved() -> int:
+            return heap.stats()["classes"][first]["shelved"]
+
+        deadline = time.monotonic() + 20  # the class idle longest goes first, until a quarter is empty again
+        while first_shelved() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = heap.stats()["classes"]
+        assert stats[first]["shelved"] == 0 and stats[first]["free"] >= per_class * cap, stats[first]
+        assert len(_slots(heap, lib.SLITTER_SHELF_EMPTY)) >= lib.SLITTER_SHELF_SLOTS // 4
+        assert all(_balanced(figures) for figures in stats.values()), stats
+
+
 def test_a_restarted_daemon_keeps_the_shelf_for_an_adopted_client(manual_daemon):
     d = manual_daemon().start()
     with slitter.connect(d.address) as heap:
