@@ -1099,8 +1099,13 @@ uint32_t slitter_shelf_drain(const struct slitter_view *v, struct slitter_shelf 
     for (uint32_t j = 0; j < count; j++) {
         uint64_t handle = s->handles[j];
         int64_t obj = slitter__check_at(&k, handle);
-        if (obj >= 0 && __atomic_load_n(&k.live[obj], __ATOMIC_RELAXED) == slot_tag) {
-            __atomic_store_n(&k.live[obj], SLITTER_FREE, __ATOMIC_RELEASE);
+        /* A compare-and-swap, not the plain store a take makes: the daemon
+         * is off the hot path, and so a client that claimed the slot
+         * against the rules (a state word written by hand) cannot get an
+         * object it took freed under it. */
+        uint8_t expected = slot_tag;
+        if (obj >= 0 && __atomic_compare_exchange_n(&k.live[obj], &expected, SLITTER_FREE, 0,
+                                                    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
             v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
             out[n++] = handle;
         }

@@ -279,8 +279,8 @@ struct slitter_rack {
  * A thread whose release magazine is full puts it on an empty slot; a
  * thread of any client whose allocation magazine is empty takes a full slot
  * of its class.  A stream from one process to another thus never sends a
- * refill or a flush.  The daemon is not involved: it counts what is on the
- * shelf, takes back a slot's objects when the client holding the slot dies,
+ * refill or a flush.  The daemon is not on that path: it counts what is on
+ * the shelf, takes back a slot's objects when the client holding the slot dies,
  * and takes back the full slots of a class nobody has taken from for a
  * while (slitterd's shelf_idle option; slitter_shelf_drain), so that they
  * do not fill the shelf.

@@ -302,7 +302,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", parse_log_level, "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL", metavar="LEVEL"),
     Option("shelf_idle", parse_seconds, 5.0,
            "seconds a class's full magazines may wait on the shelf with none taken before they go back to "
-           "the depot", metavar="SECONDS"),
+           "the depot (0.5 s while the shelf is nearly full)", metavar="SECONDS"),
     Option("classes", parse_classes, (),
            "classes to register (and cap) at start and on SIGHUP: [[classes]] tables of name, size, zero_init, cap",
            cli=False),

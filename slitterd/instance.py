@@ -38,8 +38,10 @@ TOTAL_LIMIT = (1 << 63) - 1  # what msgpack and the u64 totals can both carry
 GROW_SECONDS = 0.05
 GROWN_MAGAZINE_BYTES = 4 << 20
 # sweep_shelf: how long a class's full slots may wait, unclaimed, while the
-# shelf is nearly full (fewer than a quarter of its slots empty).
-SHELF_PRESSED_SECONDS = 0.2
+# shelf is nearly full (fewer than a quarter of its slots empty).  Longer
+# than two ticks of an idle daemon (200 ms each), so that a class taken
+# from every tick or two is not mistaken for an idle one.
+SHELF_PRESSED_SECONDS = 0.5
 
 
 def _copy(magazine, count: int) -> array:
@@ -337,36 +339,46 @@ class Instance:
         """Tick hook: the full slots of classes nobody takes from go back to the depots.
 
         A class is idle once its ``takes`` counter has not moved for
-        ``shelf_idle_seconds``, or for SHELF_PRESSED_SECONDS while fewer than a
-        quarter of the slots are empty (many classes each leaving a few
-        magazines would otherwise keep the shelf full for the rest).  Each of
-        its full slots is seized by compare-and-swap from FULL (a client that
+        ``shelf_idle_seconds`` (its clock starts when the sweep first sees it
+        on the shelf).  While fewer than a quarter of the slots are empty,
+        classes idle for SHELF_PRESSED_SECONDS go back too, the longest idle
+        first, until a quarter is empty again: many classes each leaving a
+        few magazines would otherwise keep the shelf full for the rest.
+        Each slot is seized by compare-and-swap from FULL (a client that
         claims it first keeps it), drained handle by handle under the slot's
         tag, and freed.  Returns the objects taken back.
         """
         shelf = self.arena.shelf
         states = [shelf.slots[index].state for index in range(lib.SLITTER_SHELF_SLOTS)]
-        full = {state >> 8 for state in states if state & 0xFF == lib.SLITTER_SHELF_FULL}
-        if not full & self.depots.keys():
-            self._shelf_takes.clear()
-            return 0
-        pressed = states.count(lib.SLITTER_SHELF_EMPTY) < lib.SLITTER_SHELF_SLOTS // 4
-        limit = min(self.shelf_idle_seconds, SHELF_PRESSED_SECONDS) if pressed else self.shelf_idle_seconds
-        # A class that shows up again starts a new clock.
-        self._shelf_takes = {cid: seen for cid, seen in self._shelf_takes.items() if cid in full}
-        idle = set()
-        for class_id in full & self.depots.keys():
+        slots_of: dict[int, int] = {}
+        for state in states:
+            if state & 0xFF == lib.SLITTER_SHELF_FULL and state >> 8 in self.depots:
+                slots_of[state >> 8] = slots_of.get(state >> 8, 0) + 1
+        # A class that leaves the shelf and shows up again starts a new clock.
+        self._shelf_takes = {cid: seen for cid, seen in self._shelf_takes.items() if cid in slots_of}
+        idle_since = []
+        for class_id in slots_of:
             takes = shelf.takes[class_id]
             seen, since = self._shelf_takes.get(class_id, (None, now))
             if takes != seen:
                 self._shelf_takes[class_id] = (takes, now)
-            elif now - since >= limit:
-                idle.add(class_id)
+            else:
+                idle_since.append((since, class_id))
+        idle_since.sort()  # the longest idle first
+        drain = {cid for since, cid in idle_since if now - since >= self.shelf_idle_seconds}
+        empty, wanted = states.count(lib.SLITTER_SHELF_EMPTY), lib.SLITTER_SHELF_SLOTS // 4
+        empty += sum(slots_of[cid] for cid in drain)
+        for since, class_id in idle_since:
+            if empty >= wanted or now - since < SHELF_PRESSED_SECONDS:
+                break
+            if class_id not in drain:
+                drain.add(class_id)
+                empty += slots_of[class_id]
         moved = 0
-        out = ffi.new("uint64_t[]", lib.SLITTER_MAG_CAP) if idle else None
+        out = ffi.new("uint64_t[]", lib.SLITTER_MAG_CAP) if drain else None
         for index, state in enumerate(states):
             class_id = state >> 8
-            if state & 0xFF != lib.SLITTER_SHELF_FULL or class_id not in idle:
+            if state & 0xFF != lib.SLITTER_SHELF_FULL or class_id not in drain:
                 continue
             if not lib.slitter_shelf_seize(shelf, index, state):
                 continue  # a client took it first
@@ -375,8 +387,7 @@ class Instance:
             lib.slitter_shelf_release(shelf, index)
             moved += n
         if moved:
-            log.debug("shelf: %d objects nobody took went back to the depots%s", moved,
-                      " (shelf nearly full)" if pressed else "")
+            log.debug("shelf: %d objects nobody took went back to the depots", moved)
         return moved
 
     def shelf_counts(self) -> dict[int, int]:

@@ -193,6 +193,9 @@ def test_a_nearly_full_shelf_gives_back_the_magazines_nobody_takes():
         assert stats[first]["shelved"] == 0 and stats[first]["free"] >= per_class * cap, stats[first]
         assert len(_slots(heap, lib.SLITTER_SHELF_EMPTY)) >= lib.SLITTER_SHELF_SLOTS // 4
         assert all(_balanced(figures) for figures in stats.values()), stats
+        time.sleep(1.0)  # a quarter empty again: the others wait for their hour
+        stats = heap.stats()["classes"]
+        assert [stats[c.name]["shelved"] for c in classes[1:]] == [per_class * cap] * 6, stats
 
 
 def test_a_restarted_daemon_keeps_the_shelf_for_an_adopted_client(manual_daemon):
