@@ -18,6 +18,14 @@ from slitterd.arena import Arena
 from slitterd.mill import Mill, Run, class_name
 
 
+def copy_handles(buffer, count: int) -> array:
+    """The first ``count`` handles of a C array (a magazine in a rack or a slot, a scratch buffer)."""
+    out = array("Q", bytes(8 * count))
+    if count:
+        ffi.memmove(ffi.from_buffer("uint64_t[]", out), buffer, 8 * count)
+    return out
+
+
 class Depot:
     """Free objects and bump carving for one class."""
 

@@ -1,7 +1,7 @@
 """The ``Instance``: everything one slitterd serves, wired together.
 
 It owns the ``Arena`` (segments), the ``Mill`` (runs), one ``Depot`` per
-class, the ``Racks`` of attached clients, the ``AuditLog``, and the
+class, the ``Racks`` of attached clients, the ``Shelf``, the ``AuditLog``, and the
 per-class totals kept in the segment (counters of clients that left, audit
 refusals, refills, flushes).  Handlers call its methods; it never talks to
 a socket.  ``recover()`` rebuilds all of it from the segments of a daemon
@@ -22,9 +22,10 @@ from slitter.protocol import ERROR_KINDS, POLICIES
 
 from slitterd.arena import Arena
 from slitterd.audit import AuditLog
-from slitterd.depot import Depot
+from slitterd.depot import Depot, copy_handles
 from slitterd.mill import ClassGeometry, Mill, Run
-from slitterd.rack import COUNTER_LIMIT, ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks, owner_name
+from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks, owner_name
+from slitterd.shelf import Shelf
 
 log = logging.getLogger("slitterd")
 
@@ -37,19 +38,6 @@ TOTAL_LIMIT = (1 << 63) - 1  # what msgpack and the u64 totals can both carry
 # thread that allocates slowly keeps the class's size (ClassGeometry).
 GROW_SECONDS = 0.05
 GROWN_MAGAZINE_BYTES = 4 << 20
-# sweep_shelf: how long a class's full slots may wait, unclaimed, while the
-# shelf is nearly full (fewer than a quarter of its slots empty).  Longer
-# than two ticks of an idle daemon (200 ms each), so that a class taken
-# from every tick or two is not mistaken for an idle one.
-SHELF_PRESSED_SECONDS = 0.5
-
-
-def _copy(magazine, count: int) -> array:
-    """The first ``count`` handles of a magazine in a rack."""
-    out = array("Q", bytes(8 * count))
-    if count:
-        ffi.memmove(ffi.from_buffer("uint64_t[]", out), magazine, 8 * count)
-    return out
 
 
 def tag(client: Client) -> int:
@@ -77,12 +65,8 @@ class Instance:
         self.specs: dict[str, tuple[int, ClassSpec]] = {}
         self.depots: dict[int, Depot] = {}
         self.audit = AuditLog()
-        #: The full shelf slots of a class nobody has taken a magazine of for this
-        #: long go back to its depot (sweep_shelf), so that they neither fill the
-        #: shelf for other classes nor hide free objects from refills (option shelf_idle).
-        self.shelf_idle_seconds = 5.0
-        #: sweep_shelf: per class with full slots, its takes counter and when it last moved.
-        self._shelf_takes: dict[int, tuple[int, float]] = {}
+        #: The magazines clients pass to each other, as the daemon sees them.
+        self.shelf = Shelf(arena, self.depots)
         #: The policy of classes registered without one (the config's error_policy).
         self.default_policy = "raise"
 
@@ -228,12 +212,12 @@ class Instance:
         tc = self.racks.thread_class(client, thread, class_id)
         cap = lib.SLITTER_MAG_CAP  # the thread's magazines may have grown past the class's capacity
         self.arena.totals[class_id].flushes += 1
-        handles = array("Q") if outgoing else _copy(tc.release, min(tc.release_count, cap))
+        handles = array("Q") if outgoing else copy_handles(tc.release, min(tc.release_count, cap))
         if not outgoing:
             tc.release_count = 0
         published = min(tc.outgoing_count, cap)
         if published:
-            handles.extend(_copy(tc.outgoing, published))
+            handles.extend(copy_handles(tc.outgoing, published))
         result = self._audit_into_depot(client, class_id, handles, "flush")
         if published:
             tc.outgoing_count = 0  # last: hands the outgoing magazine back to the client
@@ -250,7 +234,7 @@ class Instance:
         nrefused = ffi.new("uint32_t *")
         nacc = lib.slitter_audit_flush(self.arena.view, class_id, tag(client), ffi.from_buffer("uint64_t[]", handles),
                                        n, accepted, refused, kinds, nrefused)
-        self.depots[class_id].give(_copy(accepted, nacc))
+        self.depots[class_id].give(copy_handles(accepted, nacc))
         bad = []
         for i in range(nrefused[0]):
             kind = kinds[i]
@@ -278,9 +262,9 @@ class Instance:
         caps = self._caps()
         totals = self.racks.totals(client, caps)
         last = len(self.racks.clients) == 1
-        held = self._hold_shelf_slots(client.rack_index, everything=last)
-        reclaimed = self._reclaim_tags([tag(client)] + [lib.SLITTER_SHELF_TAG_BASE + i for i in held])
-        self._release_shelf_slots(held)  # only now: a client claiming one mid-scan would lose what it put
+        held = self.shelf.hold(client.rack_index, everything=last)
+        reclaimed = self._reclaim_tags([tag(client), *Shelf.tags(held)])
+        self.shelf.release(held)  # only now: a client claiming one mid-scan would lose what it put
         # Retire the counters, then forget the rack.  A crash between the two
         # counts the client twice; recover() reconciles against the live map.
         self._retire_client(client.pid, client.name, totals)
@@ -311,90 +295,6 @@ class Instance:
                 self.depots[run.class_id].give(out[:n])
                 reclaimed += n
         return reclaimed
-
-    def _hold_shelf_slots(self, rack_index: int, everything: bool = False) -> list[int]:
-        """The shelf slots whose tag the daemon may scan for now: returns their indexes.
-
-        Those a leaving client held mid-put or mid-take (state BUSY with its
-        rack): nobody else claims a BUSY slot, so they stay put.  With
-        ``everything`` (no other client is attached), every other slot too,
-        taken with a compare-and-swap.  The holder alone moves objects in or
-        out of a slot's tag, so until ``_release_shelf_slots`` the tag says
-        exactly which objects the slot has.
-        """
-        busy = lib.SLITTER_SHELF_BUSY | rack_index << 8
-        held = []
-        for index in range(lib.SLITTER_SHELF_SLOTS):
-            state = self.arena.shelf.slots[index].state
-            if state == busy or (everything and lib.slitter_shelf_seize(self.arena.shelf, index, state)):
-                held.append(index)
-        return held
-
-    def _release_shelf_slots(self, held: list[int]) -> None:
-        """Empty the slots the daemon held for a scan; clients may claim them again."""
-        for index in held:
-            lib.slitter_shelf_release(self.arena.shelf, index)
-
-    def sweep_shelf(self, now: float) -> int:
-        """Tick hook: the full slots of classes nobody takes from go back to the depots.
-
-        A class is idle once its ``takes`` counter has not moved for
-        ``shelf_idle_seconds`` (its clock starts when the sweep first sees it
-        on the shelf).  While fewer than a quarter of the slots are empty,
-        classes idle for SHELF_PRESSED_SECONDS go back too, the longest idle
-        first, until a quarter is empty again: many classes each leaving a
-        few magazines would otherwise keep the shelf full for the rest.
-        Each slot is seized by compare-and-swap from FULL (a client that
-        claims it first keeps it), drained handle by handle under the slot's
-        tag, and freed.  Returns the objects taken back.
-        """
-        shelf = self.arena.shelf
-        states = [shelf.slots[index].state for index in range(lib.SLITTER_SHELF_SLOTS)]
-        slots_of: dict[int, int] = {}
-        for state in states:
-            if state & 0xFF == lib.SLITTER_SHELF_FULL and state >> 8 in self.depots:
-                slots_of[state >> 8] = slots_of.get(state >> 8, 0) + 1
-        # A class that leaves the shelf and shows up again starts a new clock.
-        self._shelf_takes = {cid: seen for cid, seen in self._shelf_takes.items() if cid in slots_of}
-        idle_since = []
-        for class_id in slots_of:
-            takes = shelf.takes[class_id]
-            seen, since = self._shelf_takes.get(class_id, (None, now))
-            if takes != seen:
-                self._shelf_takes[class_id] = (takes, now)
-            else:
-                idle_since.append((since, class_id))
-        idle_since.sort()  # the longest idle first
-        drain = {cid for since, cid in idle_since if now - since >= self.shelf_idle_seconds}
-        empty, wanted = states.count(lib.SLITTER_SHELF_EMPTY), lib.SLITTER_SHELF_SLOTS // 4
-        empty += sum(slots_of[cid] for cid in drain)
-        for since, class_id in idle_since:
-            if empty >= wanted or now - since < SHELF_PRESSED_SECONDS:
-                break
-            if class_id not in drain:
-                drain.add(class_id)
-                empty += slots_of[class_id]
-        moved = 0
-        out = ffi.new("uint64_t[]", lib.SLITTER_MAG_CAP) if drain else None
-        for index, state in enumerate(states):
-            class_id = state >> 8
-            if state & 0xFF != lib.SLITTER_SHELF_FULL or class_id not in drain:
-                continue
-            if not lib.slitter_shelf_seize(shelf, index, state):
-                continue  # a client took it first
-            n = lib.slitter_shelf_drain(self.arena.view, shelf, index, class_id, out)
-            self.depots[class_id].give(_copy(out, n))
-            lib.slitter_shelf_release(shelf, index)
-            moved += n
-        if moved:
-            log.debug("shelf: %d objects nobody took went back to the depots", moved)
-        return moved
-
-    def shelf_counts(self) -> dict[int, int]:
-        """Objects on the shelf (in full slots), by class id."""
-        out = ffi.new("uint64_t[]", MAX_CLASSES)
-        lib.slitter_shelf_counts(self.arena.shelf, out)
-        return {cid: out[cid] for cid in self.depots}
 
     def _record_departed(self, pid: int, name: str, totals: dict[int, ClassTotals]) -> None:
         """Remember, in the segment, what a leaving client left live (per class)."""
@@ -477,9 +377,9 @@ class Instance:
             self.racks.adopt(index, pidfd)
             adopted_tags[lib.SLITTER_TAG_BASE + index] = 1
             adopted += 1
-        shelf_held = self._recover_shelf(adopted_tags, adopted > 0)
+        shelf_held = self.shelf.hold_for_recovery(adopted_tags, adopted > 0)
         live, free = self._recover_runs(adopted_tags)
-        self._release_shelf_slots(shelf_held)  # only now: a client claiming one mid-scan would lose what it put
+        self.shelf.release(shelf_held)  # only now: a client claiming one mid-scan would lose what it put
         if adopted == 0:
             self._reconcile(live)
         # With clients adopted, their fast paths go on while we count: the
@@ -502,32 +402,6 @@ class Instance:
             self.depots[run.class_id].give(out[:n])
             free += n
         return live, free
-
-    def _recover_shelf(self, adopted_tags, any_adopted: bool) -> list[int]:
-        """Decide the shelf's slots before the live-map scan; returns the slots the daemon holds for it.
-
-        With a client adopted, full slots of known classes, slots held by an
-        adopted client and empty slots keep their tags (an adopted client may
-        put into an empty slot during the scan).  The daemon holds the
-        others for the scan: slots of a dead holder as they are, the rest by
-        compare-and-swap.  With no client adopted it holds every slot.  A
-        held slot's tag is not adopted, so the scan returns its objects to
-        the depots; ``_release_shelf_slots`` empties it afterwards.
-        """
-        held = []
-        for index in range(lib.SLITTER_SHELF_SLOTS):
-            state = self.arena.shelf.slots[index].state
-            kind, who = state & 0xFF, state >> 8
-            live_holder = (kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks
-                           and adopted_tags[lib.SLITTER_TAG_BASE + who])
-            keep = any_adopted and (state == lib.SLITTER_SHELF_EMPTY or live_holder
-                                    or (kind == lib.SLITTER_SHELF_FULL and who in self.depots))
-            dead_holder = kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks and not live_holder
-            if not keep and (dead_holder or lib.slitter_shelf_seize(self.arena.shelf, index, state)):
-                held.append(index)
-            else:
-                adopted_tags[lib.SLITTER_SHELF_TAG_BASE + index] = 1  # kept, or a client claimed it first
-        return held
 
     def _reconcile(self, live: dict[int, int]) -> None:
         """Make the counters agree with the live map, the ground truth after a crash.
@@ -567,8 +441,7 @@ class Instance:
     def class_stats(self) -> dict[str, dict]:
         """Per-class figures; carved == live + cached + free when quiet."""
         sums = self._sums()
-        shelved = self.shelf_counts()
-        shelf = self.arena.shelf
+        shelved = self.shelf.counts()
         out = {}
         for name, (cid, spec) in self.specs.items():
             depot, t, cls, kept = self.depots[cid], sums[cid], self.arena.classes[cid], self.arena.totals[cid]
@@ -578,8 +451,7 @@ class Instance:
                 "carved": depot.carved, "live": t.allocations - t.releases, "cached": t.cached + shelved[cid],
                 "shelved": shelved[cid], "free": depot.nfree, "allocations": t.allocations, "releases": t.releases,
                 "refills": kept.refills, "flushes": kept.flushes,
-                # Counted by clients in shared memory: figures, trusted up to 2**48 like a rack's.
-                "shelf_puts": min(shelf.puts[cid], COUNTER_LIMIT), "shelf_takes": min(shelf.takes[cid], COUNTER_LIMIT),
+                **self.shelf.figures(cid),
                 "errors": dict(zip(ERROR_KINDS, t.errors)),
                 "runs": depot.runs, "reserved_bytes": depot.runs * cls.spans_per_run * lib.SLITTER_SPAN_SIZE,
                 "cap": cls.cap,

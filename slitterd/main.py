@@ -148,7 +148,7 @@ class Reloader:
         if stale:
             log.warning("reload: %s changed; that takes a restart", ", ".join(stale))
         logging.getLogger().setLevel(new.log_level)
-        self.instance.shelf_idle_seconds = new.shelf_idle
+        self.instance.shelf.idle_seconds = new.shelf_idle
         if self.metrics is not None:
             self.metrics.refresh(force=True)
         self.cfg = new
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     instance = Instance(cfg.name, arena, cfg.max_clients)
     instance.default_policy = cfg.error_policy
-    instance.shelf_idle_seconds = cfg.shelf_idle
+    instance.shelf.idle_seconds = cfg.shelf_idle
     if recovered:
         found = instance.recover()
         log.info("recovered instance '%s' (start %d): %d classes, %d runs, %d live objects, %d free, "
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     reloader.requested = bool(early_hup)
     signal.signal(signal.SIGHUP, reloader.request)
     server.poll_ms = notifier.poll_ms(server.poll_ms)
-    server.tick_hooks += [notifier.tick, reloader.tick, instance.sweep_shelf]
+    server.tick_hooks += [notifier.tick, reloader.tick, instance.shelf.sweep]
     if metrics is not None:
         server.tick_hooks.append(metrics.refresh)
     log.info("instance '%s' serving on %s (arena %d bytes, %s)", cfg.name, cfg.socket, cfg.arena_size,
