@@ -112,7 +112,6 @@ int slitter_client_open(struct slitter_client *c, const void *meta_tables, void 
     slitter_view_init(&c->view, meta_tables, live_map, NULL, data);
     c->rack = rack;
     c->shelf = shelf;
-    c->rack_index = rack_index;
     c->cache_tag = (uint8_t)SLITTER_TAG(rack_index);
     c->thread_key = (unsigned int)key;
     c->has_key = 1;
@@ -343,14 +342,52 @@ static SLITTER_NOINLINE void slitter__count_corrupt(struct slitter_thread_class 
 }
 
 /*
+ * The shelf's per-handle work, for a put and a take alike: each of `n`
+ * handles gets the release's checks (class, interior, guard) and must carry
+ * live-map tag `from`; the good ones move to tag `to` (a plain store: the
+ * caller holds both tags, so nobody else moves these bytes) and into `out`.
+ * A handle that fails is dropped and counted corrupt, never handed on.
+ * Returns how many moved.
+ */
+static inline uint32_t slitter__move_tagged(struct slitter_thread_class *tc, const struct slitter__cursor *k,
+                                            const uint64_t *in, uint32_t n, uint8_t from, uint8_t to,
+                                            uint64_t *out)
+{
+    uint32_t moved = 0;
+    for (uint32_t j = 0; j < n; j++) {
+        uint64_t handle = in[j];
+        int64_t obj = slitter__check_at(k, handle);
+        if (slitter_likely(obj >= 0 && __atomic_load_n(&k->live[obj], __ATOMIC_RELAXED) == from)) {
+            /* Tag first: if we die before the count covers it, the daemon
+             * still finds it under the new tag. */
+            __atomic_store_n(&k->live[obj], to, __ATOMIC_RELEASE);
+            out[moved++] = handle;
+        } else {
+            slitter__count_corrupt(tc);
+        }
+    }
+    return moved;
+}
+
+/*
+ * Make slot `s` ours if its state is `from`: a plain load first, so that a
+ * scan past other clients' slots writes nothing, then one lock cmpxchg
+ * (acquire: the handles its last holder published come with it).
+ */
+static inline int slitter__claim(struct slitter_shelf_slot *s, uint32_t from, uint32_t to)
+{
+    uint32_t expected = from;
+    return __atomic_load_n(&s->state, __ATOMIC_RELAXED) == from
+        && __atomic_compare_exchange_n(&s->state, &expected, to, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+
+/*
  * Rare (once per magazine): take a full magazine of the class off the shelf
  * (layout.h), or up to this thread's capacity of it, into the empty
  * allocation magazine.  A scan of 32 state words, one lock cmpxchg to claim
- * the slot, then per handle the release's checks (class, interior, guard)
- * and the slot's tag: a plain load and store of the live byte, as only the
- * slot's holder moves objects out of its tag.  A handle that fails is
- * dropped and counted corrupt, never handed out.  Cheaper than the refill
- * it replaces by two orders of magnitude: no message, no daemon.
+ * the slot, then slitter__move_tagged from the slot's tag to ours.  Cheaper
+ * than the refill it replaces by two orders of magnitude: no message, no
+ * daemon.
  */
 static SLITTER_NOINLINE int slitter__take_from_shelf(struct slitter_client *c, struct slitter_thread_class *tc,
                                                      uint32_t class_id)
@@ -359,33 +396,19 @@ static SLITTER_NOINLINE int slitter__take_from_shelf(struct slitter_client *c, s
     if (shelf == NULL || tc->capacity == 0)
         return 0;
     const uint32_t full = SLITTER_SHELF_STATE(SLITTER_SHELF_FULL, class_id);
-    const uint32_t busy = SLITTER_SHELF_STATE(SLITTER_SHELF_BUSY, c->rack_index);
+    const uint32_t busy = SLITTER_SHELF_STATE(SLITTER_SHELF_BUSY, c->cache_tag - SLITTER_TAG_BASE);
     for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++) {
         struct slitter_shelf_slot *s = &shelf->slots[i];
-        uint32_t expected = full;
-        if (__atomic_load_n(&s->state, __ATOMIC_RELAXED) != full
-            || !__atomic_compare_exchange_n(&s->state, &expected, busy, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        if (!slitter__claim(s, full, busy))
             continue;
         /* The slot is ours until we store its state again. */
         uint32_t count = s->count;
         if (count > SLITTER_MAG_CAP)
             count = SLITTER_MAG_CAP;      /* written by a client: trusted up to the array */
         uint32_t take = count < tc->capacity ? count : tc->capacity;
-        const uint8_t slot_tag = (uint8_t)SLITTER_SHELF_TAG(i);
         const struct slitter__cursor k = slitter__cursor(c, class_id);
-        uint32_t got = 0;
-        for (uint32_t j = count - take; j < count; j++) {
-            uint64_t handle = s->handles[j];
-            int64_t obj = slitter__check_at(&k, handle);
-            if (slitter_likely(obj >= 0 && __atomic_load_n(&k.live[obj], __ATOMIC_RELAXED) == slot_tag)) {
-                /* Tag first: if we die before alloc_count covers it, the
-                 * daemon still finds it under our tag. */
-                __atomic_store_n(&k.live[obj], c->cache_tag, __ATOMIC_RELEASE);
-                tc->alloc[got++] = handle;
-            } else {
-                slitter__count_corrupt(tc);
-            }
-        }
+        uint32_t got = slitter__move_tagged(tc, &k, s->handles + (count - take), take,
+                                            (uint8_t)SLITTER_SHELF_TAG(i), c->cache_tag, tc->alloc);
         tc->alloc_count = got;
         s->count = count - take;
         __atomic_store_n(&s->state, count > take ? full : SLITTER_SHELF_EMPTY, __ATOMIC_RELEASE);
@@ -401,8 +424,8 @@ static SLITTER_NOINLINE int slitter__take_from_shelf(struct slitter_client *c, s
  * Rare (once per magazine): put the full release magazine on an empty slot
  * of the shelf, unless SLITTER_SHELF_PER_CLASS slots already hold this
  * class (objects nobody takes must not fill the shelf: past that, flushes
- * go to the daemon's depot).  The same checks per handle as a take, against
- * our own tag.  Returns 1 when the release magazine is empty again.
+ * go to the daemon's depot).  slitter__move_tagged from our tag to the
+ * slot's.  Returns 1 when the release magazine is empty again.
  */
 static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, struct slitter_thread_class *tc,
                                                   uint32_t class_id)
@@ -411,7 +434,7 @@ static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, stru
     if (shelf == NULL)
         return 0;
     const uint32_t full = SLITTER_SHELF_STATE(SLITTER_SHELF_FULL, class_id);
-    const uint32_t busy = SLITTER_SHELF_STATE(SLITTER_SHELF_BUSY, c->rack_index);
+    const uint32_t busy = SLITTER_SHELF_STATE(SLITTER_SHELF_BUSY, c->cache_tag - SLITTER_TAG_BASE);
     uint32_t of_class = 0, first_empty = SLITTER_SHELF_SLOTS;
     for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++) {
         uint32_t state = __atomic_load_n(&shelf->slots[i].state, __ATOMIC_RELAXED);
@@ -423,25 +446,14 @@ static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, stru
         return 0;
     for (uint32_t i = first_empty; i < SLITTER_SHELF_SLOTS; i++) {
         struct slitter_shelf_slot *s = &shelf->slots[i];
-        uint32_t expected = SLITTER_SHELF_EMPTY;
-        if (__atomic_load_n(&s->state, __ATOMIC_RELAXED) != SLITTER_SHELF_EMPTY
-            || !__atomic_compare_exchange_n(&s->state, &expected, busy, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        if (!slitter__claim(s, SLITTER_SHELF_EMPTY, busy))
             continue;
-        const uint8_t slot_tag = (uint8_t)SLITTER_SHELF_TAG(i);
-        const struct slitter__cursor k = slitter__cursor(c, class_id);
-        uint32_t n = tc->release_count, put = 0;
+        uint32_t n = tc->release_count;
         if (n > SLITTER_MAG_CAP)
             n = SLITTER_MAG_CAP;
-        for (uint32_t j = 0; j < n; j++) {
-            uint64_t handle = tc->release[j];
-            int64_t obj = slitter__check_at(&k, handle);
-            if (slitter_likely(obj >= 0 && __atomic_load_n(&k.live[obj], __ATOMIC_RELAXED) == c->cache_tag)) {
-                __atomic_store_n(&k.live[obj], slot_tag, __ATOMIC_RELEASE);
-                s->handles[put++] = handle;
-            } else {
-                slitter__count_corrupt(tc);
-            }
-        }
+        const struct slitter__cursor k = slitter__cursor(c, class_id);
+        uint32_t put = slitter__move_tagged(tc, &k, tc->release, n, c->cache_tag, (uint8_t)SLITTER_SHELF_TAG(i),
+                                            s->handles);
         tc->release_count = 0;
         s->count = put;
         __atomic_store_n(&s->state, put ? full : SLITTER_SHELF_EMPTY, __ATOMIC_RELEASE);

@@ -35,9 +35,8 @@ struct slitter_client {
     unsigned int thread_key;   /* pthread_key_t: this thread's slot */
     int has_key;
     uint64_t guards_applied;   /* runs whose guard page this process has protected */
-    struct slitter_shelf *shelf;   /* NULL: magazines go through the daemon only */
-    uint32_t rack_index;
     uint8_t cache_tag;         /* SLITTER_TAG(rack index): the live byte of our cached objects */
+    struct slitter_shelf *shelf;   /* NULL: magazines go through the daemon only (last: the hot fields keep their offsets) */
 };
 
 /**

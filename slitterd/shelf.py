@@ -25,6 +25,9 @@ log = logging.getLogger("slitterd")
 # ticks of an idle daemon (200 ms each), so that a class taken from every
 # tick or two is not mistaken for an idle one.
 PRESSED_SECONDS = 0.5
+# The sweep looks this often at most: reading the slots through cffi costs a
+# few microseconds, and a busy daemon ticks every 20 ms.
+SWEEP_SECONDS = 0.1
 
 
 class Shelf:
@@ -40,6 +43,7 @@ class Shelf:
         self.idle_seconds = 5.0
         #: Per class with full slots: its takes counter, and when it last moved.
         self._takes: dict[int, tuple[int, float]] = {}
+        self._swept_at = float("-inf")
 
     @staticmethod
     def tags(indexes: list[int]) -> list[int]:
@@ -87,6 +91,9 @@ class Shelf:
         claims it first keeps it), drained handle by handle under the slot's
         tag, and freed.  Returns the objects taken back.
         """
+        if now - self._swept_at < SWEEP_SECONDS:
+            return 0
+        self._swept_at = now
         shelf = self.shared
         states = [shelf.slots[index].state for index in range(lib.SLITTER_SHELF_SLOTS)]
         slots_of: dict[int, int] = {}
@@ -150,12 +157,11 @@ class Shelf:
         for index in range(lib.SLITTER_SHELF_SLOTS):
             state = self.shared.slots[index].state
             kind, who = state & 0xFF, state >> 8
-            live_holder = (kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks
-                           and adopted_tags[lib.SLITTER_TAG_BASE + who])
+            held_by_rack = kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks
+            live_holder = held_by_rack and adopted_tags[lib.SLITTER_TAG_BASE + who]
             keep = any_adopted and (state == lib.SLITTER_SHELF_EMPTY or live_holder
                                     or (kind == lib.SLITTER_SHELF_FULL and who in self.depots))
-            dead_holder = kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks and not live_holder
-            if not keep and (dead_holder or lib.slitter_shelf_seize(self.shared, index, state)):
+            if not keep and ((held_by_rack and not live_holder) or lib.slitter_shelf_seize(self.shared, index, state)):
                 held.append(index)
             else:
                 adopted_tags[lib.SLITTER_SHELF_TAG_BASE + index] = 1  # kept, or a client claimed it first

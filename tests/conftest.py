@@ -110,18 +110,21 @@ class DaemonProcess:
                  "--arena-size", "1G", *self.args, *extra],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=self.log.parent)
         if wait:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, self.log.read_text()
-                if os.path.exists(self.address):
-                    try:
-                        slitter.connect(self.address, timeout=0.5).close()
-                        return self
-                    except slitter.DaemonUnavailable:
-                        pass
-                time.sleep(0.02)
-            raise AssertionError("daemon did not start: " + self.log.read_text())
+            self.first_client().close()
         return self
+
+    def first_client(self) -> slitter.Heap:
+        """A heap attached as soon as the daemon answers (within 20 s)."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            if os.path.exists(self.address):
+                try:
+                    return slitter.connect(self.address, timeout=0.5)
+                except slitter.DaemonUnavailable:
+                    pass
+            time.sleep(0.02)
+        raise AssertionError("daemon did not start: " + self.log.read_text())
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         self.proc.send_signal(sig)

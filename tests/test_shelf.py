@@ -42,8 +42,8 @@ def _balanced(figures: dict) -> bool:
 
 
 def _shelve_one(heap, cls) -> int:
-    """Release two magazines' worth: the first refills our allocation magazine, the second goes on the shelf."""
-    cls.release_many(cls.allocate_many(2 * _capacity(heap, cls)))
+    """One magazine of ``cls`` on the shelf; returns its slot."""
+    workers.shelve_one(heap, cls)
     (index,) = _slots(heap, lib.SLITTER_SHELF_FULL | cls.id << 8)
     return index
 
@@ -215,16 +215,6 @@ def test_a_restarted_daemon_keeps_the_shelf_for_an_adopted_client(manual_daemon)
         cls.release_many(got)
 
 
-def _first_client(address: str) -> slitter.Heap:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return slitter.connect(address, timeout=0.5)
-        except slitter.DaemonUnavailable:
-            assert time.monotonic() < deadline, "the daemon did not come back"
-            time.sleep(0.02)
-
-
 def test_a_restarted_daemon_that_adopts_nobody_empties_the_shelf(manual_daemon):
     d = manual_daemon().start()
     procs, queue = start_spawned(workers.shelf_and_wait, [(d.address, SIZE)])
@@ -234,7 +224,7 @@ def test_a_restarted_daemon_that_adopts_nobody_empties_the_shelf(manual_daemon):
         procs[0].kill()  # dies while no daemon watches: the next one finds its rack orphaned
         procs[0].join(30)
         d.start(wait=False)  # start()'s own probe would be the last client to leave, which empties the shelf too
-        with _first_client(d.address) as heap:
+        with d.first_client() as heap:
             figures = heap.stats()["classes"]["shelf-restart"]
             assert figures["carved"] >= 2 * count
             assert figures["shelved"] == figures["cached"] == figures["live"] == 0, figures

@@ -388,6 +388,16 @@ def shelf_consumer(address, size, conn, queue):
         queue.put({"bad": bad, "flushes": heap._transport.sent["flush"], "refills": heap._transport.sent["refill"]})
 
 
+def shelve_one(heap, cls) -> int:
+    """Release two magazines' worth: the first refills our allocation magazine, the second goes on the shelf.
+
+    Returns the magazine capacity.
+    """
+    cap = heap._classes_table[cls.id].mag_capacity
+    cls.release_many(cls.allocate_many(2 * cap))
+    return cap
+
+
 def shelf_holder_dies(address, size, queue):
     """Put a magazine on the shelf, claim it back as a taker would, and die holding it."""
     import os
@@ -397,12 +407,12 @@ def shelf_holder_dies(address, size, queue):
 
     heap = slitter.connect(address, name="holder")
     cls = heap.register_class("shelf-held", size=size)
-    cap = heap._classes_table[cls.id].mag_capacity
-    cls.release_many(cls.allocate_many(2 * cap))  # one magazine refills ours, the other goes on the shelf
+    shelve_one(heap, cls)
     shelf = ffi.cast("struct slitter_shelf *", heap._shelf.ptr)
     full = lib.SLITTER_SHELF_FULL | cls.id << 8
     index = next(i for i in range(lib.SLITTER_SHELF_SLOTS) if shelf.slots[i].state == full)
-    shelf.slots[index].state = lib.SLITTER_SHELF_BUSY | heap._client.rack_index << 8
+    rack_index = heap._client.cache_tag - lib.SLITTER_TAG_BASE
+    shelf.slots[index].state = lib.SLITTER_SHELF_BUSY | rack_index << 8
     queue.put((index, shelf.slots[index].count))
     queue.close()
     queue.join_thread()  # the item is in the pipe before we die
@@ -415,7 +425,5 @@ def shelf_and_wait(address, size, queue):
 
     heap = slitter.connect(address, name="shelver")
     cls = heap.register_class("shelf-restart", size=size)
-    cap = heap._classes_table[cls.id].mag_capacity
-    cls.release_many(cls.allocate_many(2 * cap))
-    queue.put(cap)
+    queue.put(shelve_one(heap, cls))
     time.sleep(600)
