@@ -80,9 +80,16 @@ they all wait on one barrier, and the timed windows start there.
      as the ring below, heads and all, with 8-byte handles where the ring
      has records. The consumer checks the batch (``cls.check``),
      checksums each record through ``heap.arena`` and calls
-     ``release_many``. So the two differ only in where the records live:
-     slitter's objects, or fixed slots. (Until 2026-11-25 the handles went
-     over a Pipe per producer, which cost slitter about 10 % of its rate.)
+     ``release_many``: the objects pass to the consumer with their
+     handles, and come back to producers through the shelf. (Until
+     2026-11-25 the handles went over a Pipe per producer, which cost
+     slitter about 10 % of its rate.)
+   - slitter, producer releases: the same, except that the consumer only
+     checks and reads, and the producer releases a batch once the consumer
+     has acknowledged it (the "space" token the ring's producer waits for
+     before it reuses a slot). The objects stay in the producer's
+     magazines, so this differs from the ring only in where the records
+     live: slitter's objects, or fixed slots.
    - Queue: one ``multiprocessing.Queue(maxsize=4 × producers)``. Each put is
      a list of 64 records (``bytearray``).
    - Pipe: one Pipe per producer; ``send_bytes`` of a 64-record batch buffer.
@@ -709,16 +716,20 @@ class _HandleRing:
 
 
 def stream_slitter_producer(address: str, size: int, producer: int, producers: int, ring: int, items, space,
-                            duration: float):
+                            duration: float, releases: bool):
+    """A slitter producer; ``releases``: it releases each batch once the consumer is done with it."""
     heap = slitter.connect(address)
     cls = heap.register_class(f"stream-{size}", size)
     cls.release_many(cls.allocate_many(BATCH))
     arena, tmpl = heap.arena, template(size)
     handle_ring = _HandleRing(arena, ring, producers)
     heads, me = handle_ring.heads, producer * CTL_STRIDE // 8
+    in_flight: collections.deque[array] = collections.deque()  # published batches, oldest first
 
     def send_batch(seq: int) -> None:
-        space.acquire()
+        space.acquire()  # the consumer is done with the oldest of WINDOW batches in flight
+        if len(in_flight) == WINDOW:
+            cls.release_many(in_flight.popleft())
         handles = cls.allocate_many(BATCH)
         for h in handles:
             _stream_write(arena, h, size, tmpl, seq, producer)
@@ -727,16 +738,22 @@ def stream_slitter_producer(address: str, size: int, producer: int, producers: i
         slot = handle_ring.slot(producer, head)
         arena[slot:slot + BATCH * 8] = memoryview(handles).cast("B")
         heads[me] = head + BATCH  # publish: one aligned 8-byte store, as the ring does
+        if releases:
+            in_flight.append(handles)
         items.release()
 
-    def cleanup() -> None:
+    def cleanup() -> None:  # after every worker's work: the consumer has read them all
+        while in_flight:
+            cls.release_many(in_flight.popleft())
         handle_ring.close()
         heap.close()
 
     return _produce_loop(send_batch, duration, items.release), cleanup
 
 
-def stream_slitter_consumer(address: str, size: int, producers: int, ring: int, items, spaces: list):
+def stream_slitter_consumer(address: str, size: int, producers: int, ring: int, items, spaces: list,
+                            releases: bool):
+    """The slitter consumer; ``releases``: it releases each batch it has read (else its producer does)."""
     heap = slitter.connect(address)
     cls = heap.register_class(f"stream-{size}", size)
     cls.release_many(cls.allocate_many(BATCH))
@@ -755,7 +772,8 @@ def stream_slitter_consumer(address: str, size: int, producers: int, ring: int, 
             for h in handles:
                 crc32(arena[h:h + size])
             verify.batch(arena[handles[0]:handles[0] + 16])
-            cls.release_many(handles)
+            if releases:
+                cls.release_many(handles)
             spaces[p].release()
             n += BATCH
         return n, verify.errors
@@ -912,15 +930,18 @@ def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: li
 
 def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, size: int, producers: int,
                  duration: float) -> dict[str, Any]:
-    if peer == "slitter":
+    if peer in (SLITTER, SLITTER_PRODUCER_RELEASES):
+        producer_releases = peer == SLITTER_PRODUCER_RELEASES
         ring_cls = heap.register_class(f"handle-ring-{producers}", handle_ring_layout(producers)[1], zero_init=True)
         ring = ring_cls.allocate()
         try:
             items = CTX.Semaphore(0)
             spaces = [CTX.Semaphore(WINDOW) for _ in range(producers)]
-            parts = [(stream_slitter_producer, (address, size, p, producers, ring, items, spaces[p], duration))
+            parts = [(stream_slitter_producer, (address, size, p, producers, ring, items, spaces[p], duration,
+                                                producer_releases))
                      for p in range(producers)]
-            parts.append((stream_slitter_consumer, (address, size, producers, ring, items, spaces)))
+            parts.append((stream_slitter_consumer, (address, size, producers, ring, items, spaces,
+                                                    not producer_releases)))
             return trial(parts, [daemon_pid])
         finally:
             ring_cls.release(ring)
@@ -954,7 +975,10 @@ def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, s
     return result
 
 
-STREAM_PEERS = ("slitter", "Queue", "Pipe", "ring")
+SLITTER = "slitter"
+SLITTER_PRODUCER_RELEASES = "slitter, producer releases"
+STREAM_OURS = (SLITTER, SLITTER_PRODUCER_RELEASES)
+STREAM_PEERS = (*STREAM_OURS, "Queue", "Pipe", "ring")
 
 
 def run_streaming(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, duration: float,
@@ -970,7 +994,8 @@ def run_streaming(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, 
                 progress(f"streaming, repetition {rep + 1}/{reps}: {size} B, {producers} producer(s), {peer}")
                 row[peer] = stream_trial(peer, address, daemon_pid, heap, size, producers, duration)
             per_rep[(size, producers)].append(row)
-    return {"configs": [{"size": size, "producers": p, **summarize(per_rep[(size, p)], "slitter")}
+    return {"configs": [{"size": size, "producers": p, **summarize(per_rep[(size, p)], SLITTER),
+                         "by_variant": {ours: summarize(per_rep[(size, p)], ours)["peers"] for ours in STREAM_OURS}}
                         for size, p in configs]}
 
 
@@ -1015,13 +1040,14 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
                                                        "met": peers[name][key] >= target}
     if "streaming" in result:
         for c in result["streaming"]["configs"]:
-            ring, queue = c["peers"]["ring"], c["peers"]["Queue"]
-            tag = f"{c['size']} B, {c['producers']}P"
-            out[f"streaming {tag}: rate vs ring"] = {"target": f">= {TARGETS['streaming_ring_rate']}x",
-                                                     "value": ring["ratio"],
-                                                     "met": ring["ratio"] >= TARGETS["streaming_ring_rate"]}
-            out[f"streaming {tag}: CPU/record vs Queue"] = {"target": "<= 1.0x", "value": queue["cpu_ratio"],
-                                                            "met": queue["cpu_ratio"] <= 1.0}
+            for ours in STREAM_OURS:
+                ring, queue = c["by_variant"][ours]["ring"], c["by_variant"][ours]["Queue"]
+                tag = f"{c['size']} B, {c['producers']}P, {ours}"
+                out[f"streaming {tag}: rate vs ring"] = {"target": f">= {TARGETS['streaming_ring_rate']}x",
+                                                         "value": ring["ratio"],
+                                                         "met": ring["ratio"] >= TARGETS["streaming_ring_rate"]}
+                out[f"streaming {tag}: CPU/record vs Queue"] = {"target": "<= 1.0x", "value": queue["cpu_ratio"],
+                                                                "met": queue["cpu_ratio"] <= 1.0}
     return out
 
 
@@ -1068,7 +1094,7 @@ def print_tables(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(110, Console().width))
+    console = Console(width=max(160, Console().width))
     reps = result["parameters"]["repetitions"]
     tg = result["targets"]
 
@@ -1110,23 +1136,29 @@ def print_tables(result: dict[str, Any]) -> None:
 
     if "streaming" in result:
         t = Table(title=f"Streaming (batches of {BATCH}, 1 consumer): medians of {reps} repetitions",
-                  title_justify="left", caption="ratios are slitter ÷ peer; targets: rate >= 0.9× ring, "
-                  "CPU/record <= Queue's", caption_justify="left")
-        for col in ("size", "prod.", "peer", "records/s", "MB/s", "CPU µs/rec", "rate ÷", "CPU ÷", "target"):
-            t.add_column(col, justify="left" if col in ("peer", "target") else "right")
+                  title_justify="left", caption="÷: slitter ÷ peer, where the consumer releases; p.r. ÷: slitter, "
+                  "producer releases ÷ peer; targets: rate >= 0.9× ring, CPU/record <= Queue's",
+                  caption_justify="left")
+        for col in ("size", "prod.", "peer", "records/s", "MB/s", "CPU µs/rec", "rate ÷", "CPU ÷", "target",
+                    "p.r. rate ÷", "p.r. CPU ÷", "p.r. target"):
+            t.add_column(col, justify="left" if col in ("peer", "target", "p.r. target") else "right")
         last = None
         for c in result["streaming"]["configs"]:
             if last is not None and c["size"] != last:
                 t.add_section()
             last = c["size"]
             for name, p in c["peers"].items():
-                mine = name == "slitter"
-                tag = f"{c['size']} B, {c['producers']}P"
-                v = {"ring": verdict(f"streaming {tag}: rate vs ring"),
-                     "Queue": verdict(f"streaming {tag}: CPU/record vs Queue")}.get(name, "")
-                t.add_row(f"{c['size']:,}" if name == "slitter" else "", str(c["producers"]) if mine else "", name,
-                          _rate(p["rate"]), f"{p['rate'] * c['size'] / 1e6:,.1f}", f"{p['cpu_us']:.2f}",
-                          "" if mine else f"{p['ratio']:.2f}", "" if mine else f"{p['cpu_ratio']:.2f}", v)
+                mine = name in STREAM_OURS
+                cells = []
+                for ours in STREAM_OURS:
+                    tag = f"{c['size']} B, {c['producers']}P, {ours}"
+                    v = {"ring": verdict(f"streaming {tag}: rate vs ring"),
+                         "Queue": verdict(f"streaming {tag}: CPU/record vs Queue")}.get(name, "")
+                    q = c["by_variant"][ours][name]
+                    cells += ["" if mine else f"{q['ratio']:.2f}", "" if mine else f"{q['cpu_ratio']:.2f}", v]
+                t.add_row(f"{c['size']:,}" if name == SLITTER else "", str(c["producers"]) if name == SLITTER else "",
+                          name, _rate(p["rate"]), f"{p['rate'] * c['size'] / 1e6:,.1f}", f"{p['cpu_us']:.2f}",
+                          *cells)
         console.print(t)
     print(machine_line(result["machine"]))
 
@@ -1143,16 +1175,16 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     configs = result["streaming"]["configs"]
     counts = sorted({c["producers"] for c in configs})
     fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts), 4), sharey=True, squeeze=False)
-    styles = {"slitter": ("tab:red", "o"), "Queue": ("tab:blue", "s"), "Pipe": ("tab:green", "^"),
-              "ring": ("tab:gray", "D")}
+    styles = {SLITTER: ("tab:red", "o"), SLITTER_PRODUCER_RELEASES: ("darkred", "v"), "Queue": ("tab:blue", "s"),
+              "Pipe": ("tab:green", "^"), "ring": ("tab:gray", "D")}
     for ax, p in zip(axes[0], counts):
         rows = [c for c in configs if c["producers"] == p]
         sizes = [c["size"] for c in rows]
         for peer in STREAM_PEERS:
             color, marker = styles[peer]
             ax.plot(sizes, [c["peers"][peer]["rate"] for c in rows], marker=marker, color=color,
-                    label="SharedMemory ring" if peer == "ring" else f"multiprocessing.{peer}" if peer != "slitter"
-                    else "slitter")
+                    label="SharedMemory ring" if peer == "ring" else peer if peer in STREAM_OURS
+                    else f"multiprocessing.{peer}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sizes, [f"{s} B" if s < 1024 else f"{s // 1024} KiB" for s in sizes])

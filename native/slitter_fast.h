@@ -294,7 +294,8 @@ void slitter_hand_out(const struct slitter_view *v, uint32_t class_id, const uin
  */
 void slitter_mark_touched(struct slitter_rack *rack, uint32_t thread, uint32_t class_id);
 
-/** Daemon: write `n` handles base, base+stride, ... into `out` (bump carving). */
+/** Daemon: write the `n` handles base, base+stride, ... into `out`, highest first (bump carving: a
+ *  magazine pops from its end, so the run is handed out in rising order). */
 void slitter_carve(uint64_t *out, uint64_t base, uint64_t stride, uint32_t n);
 
 /**
