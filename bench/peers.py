@@ -98,6 +98,16 @@ they all wait on one barrier, and the timed windows start there.
      8-byte store). A shared "items" semaphore wakes the consumer, and a
      per-producer "space" semaphore holds the producer back when its ring is
      full. Producers write records straight into their slots.
+   - Ring + handles, a control rather than a peer: the ring, except that the
+     producer also publishes the 64 records' offsets in handle slots as
+     slitter's producer does, and the consumer copies them out and reads
+     the records at those offsets, as slitter's consumer does. What
+     separates it from slitter is the allocator alone (``allocate_many``,
+     ``check``, ``release_many``); what separates it from the ring is the
+     cost of passing 8-byte handles between the cores.
+
+Streaming runs five repetitions, the rest three: the streaming ratios
+moved by up to 0.11 between runs of three.
 
 Every repetition runs all peers of a configuration one after another, so
 they share the machine's noise. The tables give medians over repetitions.
@@ -106,7 +116,7 @@ median.
 
 Run it:
 
-    cd bench && ../.venv/bin/python peers.py            # about 2 minutes on 2 cores
+    cd bench && ../.venv/bin/python peers.py            # about 5 minutes on 2 cores
     cd bench && ../.venv/bin/python peers.py --quick    # about 25 s
     cd bench && ../.venv/bin/python peers.py --json     # the full result as JSON on stdout
 
@@ -156,10 +166,11 @@ STREAM_SIZES = (64, 1024, 65536)
 WORKLOADS = ("objects", "table", "streaming")
 
 SIZES = {
-    #           reps  objects-s  table-s  stream-s  producers
-    "default": (3,    1.0,       1.0,     0.6,      (1, 2, 4)),
-    "quick":   (1,    0.3,       0.3,     0.3,      (1, 4)),
+    #           reps  objects-s  table-s  stream reps  stream-s  producers
+    "default": (3,    1.0,       1.0,     5,           0.6,      (1, 2, 4)),
+    "quick":   (1,    0.3,       0.3,     1,           0.3,      (1, 4)),
 }
+# Streaming takes more repetitions: its ratios moved by up to 0.11 between runs of three.
 
 TARGETS = {
     "objects": {"SharedMemory": 300.0, "RawArray": 50.0, "SharedMemoryManager": 1000.0},
@@ -864,20 +875,29 @@ def stream_pipe_consumer(conns: list, size: int):
 
 
 
-def ring_layout(producers: int, size: int) -> tuple[int, int]:
-    """(offset of producer 0's ring, total bytes)."""
+def ring_layout(producers: int, size: int) -> tuple[int, int, int]:
+    """(offset of producer 0's ring, offset of producer 0's handle slots, total bytes)."""
     base = producers * CTL_STRIDE
     base = (base + 4095) // 4096 * 4096
-    return base, base + producers * RING_SLOTS * size
+    handles = base + producers * RING_SLOTS * size
+    return base, handles, handles + producers * WINDOW * BATCH * 8
 
 
-def stream_ring_producer(name: str, producers: int, size: int, producer: int, items, space, duration: float):
+def _handle_slot(handles: int, producer: int, head: int) -> int:
+    return handles + (producer * WINDOW + head // BATCH % WINDOW) * BATCH * 8
+
+
+def stream_ring_producer(name: str, producers: int, size: int, producer: int, items, space, duration: float,
+                         with_handles: bool):
+    """A ring producer; ``with_handles``: it also publishes each record's offset, as slitter's producer does."""
     shm = shared_memory.SharedMemory(name)
     data = shm.buf
     heads = data[:producers * CTL_STRIDE].cast("Q")
     me = producer * CTL_STRIDE // 8
-    ring = ring_layout(producers, size)[0] + producer * RING_SLOTS * size
+    first, handles, _ = ring_layout(producers, size)
+    ring = first + producer * RING_SLOTS * size
     tmpl = template(size)
+    offsets = [array("Q", range(ring + w * BATCH * size, ring + (w + 1) * BATCH * size, size)) for w in range(WINDOW)]
 
     def send_batch(seq: int) -> None:
         space.acquire()
@@ -885,6 +905,9 @@ def stream_ring_producer(name: str, producers: int, size: int, producer: int, it
         base = ring + (head % RING_SLOTS) * size
         for j in range(BATCH):
             _stream_write(data, base + j * size, size, tmpl, seq + j, producer)
+        if with_handles:
+            slot = _handle_slot(handles, producer, head)
+            data[slot:slot + BATCH * 8] = memoryview(offsets[head // BATCH % WINDOW]).cast("B")
         heads[me] = head + BATCH  # publish: one aligned 8-byte store
         items.release()
 
@@ -900,11 +923,12 @@ def stream_ring_producer(name: str, producers: int, size: int, producer: int, it
     return _produce_loop(send_batch, duration, finish), cleanup
 
 
-def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: list):
+def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: list, with_handles: bool):
+    """The ring consumer; ``with_handles``: it reads the records at the offsets published, as slitter's does."""
     shm = shared_memory.SharedMemory(name)
     data = shm.buf
     heads = data[:producers * CTL_STRIDE].cast("Q")
-    base = ring_layout(producers, size)[0]
+    base, handle_slots, _ = ring_layout(producers, size)
     crc32 = zlib.crc32
 
     def work() -> tuple[int, int]:
@@ -912,8 +936,15 @@ def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: li
         n = 0
         for p, tail in _published_batches(items, heads, producers):
             start = base + p * RING_SLOTS * size + (tail % RING_SLOTS) * size
-            for off in range(start, start + BATCH * size, size):
-                crc32(data[off:off + size])
+            if with_handles:
+                slot = _handle_slot(handle_slots, p, tail)
+                offsets = array("Q")
+                offsets.frombytes(data[slot:slot + BATCH * 8])
+                for off in offsets:
+                    crc32(data[off:off + size])
+            else:
+                for off in range(start, start + BATCH * size, size):
+                    crc32(data[off:off + size])
             verify.batch(data[start:start + 16])
             spaces[p].release()
             n += BATCH
@@ -957,14 +988,15 @@ def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, s
         parts = [(stream_pipe_producer, (pipes[p][1], size, p, duration)) for p in range(producers)]
         parts.append((stream_pipe_consumer, ([r for r, _ in pipes], size)))
         result = trial(parts, [])
-    else:  # ring
-        shm = shared_memory.SharedMemory(create=True, size=ring_layout(producers, size)[1])
+    else:  # ring, or the ring with handles
+        with_handles = peer == RING_WITH_HANDLES
+        shm = shared_memory.SharedMemory(create=True, size=ring_layout(producers, size)[2])
         try:
             items = CTX.Semaphore(0)
             spaces = [CTX.Semaphore(WINDOW) for _ in range(producers)]
-            parts = [(stream_ring_producer, (shm.name, producers, size, p, items, spaces[p], duration))
+            parts = [(stream_ring_producer, (shm.name, producers, size, p, items, spaces[p], duration, with_handles))
                      for p in range(producers)]
-            parts.append((stream_ring_consumer, (shm.name, producers, size, items, spaces)))
+            parts.append((stream_ring_consumer, (shm.name, producers, size, items, spaces, with_handles)))
             return trial(parts, [tracker_pid()])
         finally:
             shm.close()
@@ -978,7 +1010,9 @@ def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, s
 SLITTER = "slitter"
 SLITTER_PRODUCER_RELEASES = "slitter, producer releases"
 STREAM_OURS = (SLITTER, SLITTER_PRODUCER_RELEASES)
-STREAM_PEERS = (*STREAM_OURS, "Queue", "Pipe", "ring")
+#: A control, not a peer: the ring, plus the 8-byte handles that slitter's stream passes (no allocator).
+RING_WITH_HANDLES = "ring + handles"
+STREAM_PEERS = (*STREAM_OURS, "Queue", "Pipe", "ring", RING_WITH_HANDLES)
 
 
 def run_streaming(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, duration: float,
@@ -1052,9 +1086,10 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(size: str, progress, only: set[str] = frozenset(WORKLOADS)) -> dict[str, Any]:
-    reps, obj_s, table_s, stream_s, producer_counts = SIZES[size]
+    reps, obj_s, table_s, stream_reps, stream_s, producer_counts = SIZES[size]
     result: dict[str, Any] = {"machine": machine(), "size": size,
-                              "parameters": {"repetitions": reps, "objects_seconds": obj_s, "table_seconds": table_s,
+                              "parameters": {"repetitions": reps, "streaming_repetitions": stream_reps,
+                                             "objects_seconds": obj_s, "table_seconds": table_s,
                                              "streaming_seconds": stream_s, "producers": list(producer_counts),
                                              "batch": BATCH, "window": WINDOW, "object_size": OBJECT_SIZE,
                                              "table_records": TABLE_RECORDS, "table_workers": TABLE_WORKERS,
@@ -1068,7 +1103,7 @@ def run(size: str, progress, only: set[str] = frozenset(WORKLOADS)) -> dict[str,
             if "table" in only:
                 result["table"] = run_table(address, daemon.pid, heap, reps, table_s, progress)
             if "streaming" in only:
-                result["streaming"] = run_streaming(address, daemon.pid, heap, reps, stream_s, producer_counts,
+                result["streaming"] = run_streaming(address, daemon.pid, heap, stream_reps, stream_s, producer_counts,
                                                     progress)
     finally:
         daemon.stop()
@@ -1135,7 +1170,8 @@ def print_tables(result: dict[str, Any]) -> None:
         console.print(t)
 
     if "streaming" in result:
-        t = Table(title=f"Streaming (batches of {BATCH}, 1 consumer): medians of {reps} repetitions",
+        stream_reps = result["parameters"].get("streaming_repetitions", reps)
+        t = Table(title=f"Streaming (batches of {BATCH}, 1 consumer): medians of {stream_reps} repetitions",
                   title_justify="left", caption="÷: slitter ÷ peer, where the consumer releases; p.r. ÷: slitter, "
                   "producer releases ÷ peer; targets: rate >= 0.9× ring, CPU/record <= Queue's",
                   caption_justify="left")
@@ -1181,6 +1217,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         rows = [c for c in configs if c["producers"] == p]
         sizes = [c["size"] for c in rows]
         for peer in STREAM_PEERS:
+            if peer not in styles:
+                continue  # the control
             color, marker = styles[peer]
             ax.plot(sizes, [c["peers"][peer]["rate"] for c in rows], marker=marker, color=color,
                     label="SharedMemory ring" if peer == "ring" else peer if peer in STREAM_OURS
