@@ -88,8 +88,8 @@ they all wait on one barrier, and the timed windows start there.
      checks and reads, and the producer releases a batch once the consumer
      has acknowledged it (the "space" token the ring's producer waits for
      before it reuses a slot). The objects stay in the producer's
-     magazines, so this differs from the ring only in where the records
-     live: slitter's objects, or fixed slots.
+     magazines, so this differs from "ring + handles" below only in the
+     allocator.
    - Queue: one ``multiprocessing.Queue(maxsize=4 × producers)``. Each put is
      a list of 64 records (``bytearray``).
    - Pipe: one Pipe per producer; ``send_bytes`` of a 64-record batch buffer.
@@ -116,8 +116,8 @@ median.
 
 Run it:
 
-    cd bench && ../.venv/bin/python peers.py            # about 5 minutes on 2 cores
-    cd bench && ../.venv/bin/python peers.py --quick    # about 25 s
+    cd bench && ../.venv/bin/python peers.py            # about 3.5 minutes on 2 cores
+    cd bench && ../.venv/bin/python peers.py --quick    # about 20 s
     cd bench && ../.venv/bin/python peers.py --json     # the full result as JSON on stdout
 
 It writes bench/results/peers.json and bench/results/streaming.png

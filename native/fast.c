@@ -824,11 +824,12 @@ static int slitter__release_many(struct slitter_client *c, struct slitter_thread
         }
     }
     /* Pass 2: push, allocation magazine first, each part last handle first,
-     * so that the magazine pops the batch in the order it was given: a batch
-     * released together comes back from allocate_many as it was (rising, if
-     * it was allocated so), not reversed. */
+     * so that each part pops in the order it was given: a batch that fits
+     * the allocation magazine's room comes back from allocate_many as it
+     * was (rising, if it was allocated so), not reversed. */
     uint32_t a = tc->alloc_count, r = tc->release_count;
-    uint32_t into_alloc = capacity - a < n ? capacity - a : n;
+    uint32_t alloc_room = a < capacity ? capacity - a : 0;
+    uint32_t into_alloc = alloc_room < n ? alloc_room : n;
     for (uint32_t i = n; i > into_alloc; i--)
         tc->release[r++] = handles[i - 1];
     for (uint32_t i = into_alloc; i > 0; i--)
@@ -1161,7 +1162,8 @@ void slitter_mark_touched(struct slitter_rack *rack, uint32_t thread, uint32_t c
 
 /* Highest address first: a magazine pops from its end, so the objects of a
  * fresh run are handed out in rising order, which the hardware prefetcher
- * follows (a consumer reading 1 KiB records in falling order took 4 % longer). */
+ * follows (a consumer reading 1 KiB records written on the other core took
+ * about 9 % longer in falling order). */
 void slitter_carve(uint64_t *out, uint64_t base, uint64_t stride, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++)

@@ -92,9 +92,10 @@ class Depot:
     def give_scanned(self, handles: array) -> None:
         """Take back what a scan of the live map found, in rising address order.
 
-        Reversed first: a magazine pops from its end, so they are handed out
-        in rising order again, as a fresh run is (``slitter_carve``), which
-        the hardware prefetcher follows.
+        ``handles`` is reversed in place first (callers pass a fresh slice): a
+        magazine pops from its end, so they are handed out in rising order
+        again, as a fresh run is (``slitter_carve``), which the hardware
+        prefetcher follows.
         """
         handles.reverse()
         self.give(handles)

@@ -212,6 +212,18 @@ def test_a_released_batch_comes_back_in_its_order(heap):
     assert list(cls.allocate_many(64)) == list(batch)  # not reversed: what the prefetcher follows stays so
 
 
+def test_a_batch_split_between_the_magazines_keeps_each_part_in_order(heap):
+    cls = heap.register_class("split", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    held = cls.allocate_many(cap - 32)  # 32 left in the allocation magazine; the spare is full
+    batch = cls.allocate_many(64)  # the last 32, then 32 of the spare
+    cls.release_many(batch)  # 32 fit the allocation magazine's room, 32 go to the release magazine
+    assert list(cls.allocate_many(32)) == list(batch[:32])
+    held.extend(cls.allocate_many(cap - 32))  # the allocation magazine is empty again
+    assert list(cls.allocate_many(32)) == list(batch[32:])  # the release magazine, moved over
+    cls.release_many(held)
+
+
 def test_reclaimed_objects_are_handed_out_in_rising_order(daemon, heap):
     with slitter.connect(daemon.address) as other:
         other.register_class("reclaimed", size=1024).allocate()  # its magazines keep the rest of the run
