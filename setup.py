@@ -1,5 +1,10 @@
-"""setuptools still needs setup.py for cffi_modules (python-cffi/cffi#55)."""
+"""setuptools still needs setup.py for cffi_modules (python-cffi/cffi#55), and builds slitter._batch here."""
 
-from setuptools import setup
+from setuptools import Extension, setup
 
-setup(cffi_modules=["native/build_ffi.py:ffibuilder"])
+setup(
+    cffi_modules=["native/build_ffi.py:ffibuilder"],
+    # The batch calls' argument adapter (native/batch_ext.c, doc/design.md (e)).
+    ext_modules=[Extension("slitter._batch", ["native/batch_ext.c"], include_dirs=["native"],
+                           extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"])],
+)

@@ -1,17 +1,19 @@
 """The only module that touches ``slitter._native``'s fast path.
 
-It hands each class its own native entry points (``entry_points``) and
-turns the native result codes into the named exceptions, with messages that
-say which handle and class.
+It hands each class its own native entry points (``entry_points``), binds
+``slitter._batch`` (the batch calls' argument adapter, native/batch_ext.c) to
+the fast path's batch entry points, and turns the native result codes into
+the named exceptions, with messages that say which handle and class.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
-from slitter import errors
+from slitter import _batch, errors
 from slitter._native import ffi, lib
 
 allocate = lib.slitter_allocate
@@ -23,14 +25,10 @@ NEED_SLOW = lib.SLITTER_NEED_SLOW
 
 
 class EntryPoints(NamedTuple):
-    """A class key's native calls, the key bound in.  The batch ones take one int, ``address << BATCH_COUNT_BITS | n``
-    of an ``array('Q')`` of n < BATCH_LIMIT handles (``array.buffer_info()``)."""
+    """A class key's single-object native calls, the key bound in (the batch calls take the key: ``check_array``)."""
 
     allocate: Callable[[], int]
     release: Callable[[int], int]
-    allocate_many: Callable[[int], int]
-    check_many: Callable[[int], int]
-    release_many: Callable[[int], int]
 
 
 def entry_points(key: int) -> EntryPoints:
@@ -40,18 +38,24 @@ def entry_points(key: int) -> EntryPoints:
     Python passes no key; later keys bind it with functools.partial.
     """
     if key < lib.SLITTER_KEY_ENTRY_POINTS:
-        return EntryPoints(*(getattr(lib, f"slitter_{op}_k{key}")
-                             for op in ("allocate", "release", "allocate_many", "check_many", "release_many")))
-    return EntryPoints(*(partial(call, key) for call in (
-        lib.slitter_allocate_key, lib.slitter_release_as, lib.slitter_allocate_batch,
-        lib.slitter_check_batch, lib.slitter_release_batch)))
+        return EntryPoints(getattr(lib, f"slitter_allocate_k{key}"), getattr(lib, f"slitter_release_k{key}"))
+    return EntryPoints(partial(lib.slitter_allocate_key, key), partial(lib.slitter_release_as, key))
 
+
+def _address(name: str) -> int:
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+
+
+# The batch calls take an array('Q') through slitter._batch (native/batch_ext.c),
+# which packs it and calls these entry points; None when it did not call them.
+_batch.bind(array, _address("slitter_allocate_batch"), _address("slitter_check_batch"),
+            _address("slitter_release_batch"))
+allocate_into: Callable[[int, array], int | None] = _batch.allocate
+check_array: Callable[[int, array], int | None] = _batch.check
+release_array: Callable[[int, array], int | None] = _batch.release
 
 #: Batches the batch entry points take: fewer handles than this (see slitter_fast.h).
 BATCH_LIMIT = 1 << lib.SLITTER_BATCH_COUNT_BITS
-BATCH_COUNT_BITS = lib.SLITTER_BATCH_COUNT_BITS
-#: Array addresses the packed argument can carry (user addresses are below 2**47 on x86-64).
-BATCH_ADDRESS_LIMIT = 1 << (64 - BATCH_COUNT_BITS)
 _KIND_BITS = lib.SLITTER_BATCH_KIND_BITS
 
 

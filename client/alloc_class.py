@@ -20,26 +20,25 @@ _FOREIGN_KIND = _fastpath.lib.SLITTER_ERR_FOREIGN_ADDRESS
 _ZEROS = array("Q", [0])
 _OK = _fastpath.OK
 _NEED_SLOW = _fastpath.NEED_SLOW
-_BATCH_LIMIT = _fastpath.BATCH_LIMIT
-_COUNT_BITS = _fastpath.BATCH_COUNT_BITS
-_ADDRESS_LIMIT = _fastpath.BATCH_ADDRESS_LIMIT
+# The batch calls: an array('Q') straight to the fast path (native/batch_ext.c);
+# None when they did not take it (not an array('Q'), empty, too long).
+_allocate_into = _fastpath.allocate_into
+_check_array = _fastpath.check_array
+_release_array = _fastpath.release_array
 
 
 class Class:
     """A registered allocation class.  Get one from ``Heap.register_class``."""
 
-    __slots__ = ("_allocate", "_allocate_batch", "_check_batch", "_heap", "_key", "_release", "_release_batch",
-                 "id", "name", "policy", "size", "stride", "zero_init")
+    __slots__ = ("_allocate", "_heap", "_key", "_release", "id", "name", "policy", "size", "stride", "zero_init")
 
     def __init__(self, heap: Heap, class_id: int, name: str, size: int, stride: int, zero_init: bool,
                  policy: str) -> None:
         self._heap = heap
         # One small int stands for (this heap, this class) in the native calls.
         self._key = heap._class_key(class_id, name)
-        # The class's own native entry points: allocate() with no argument, release(handle),
-        # and the batch calls with the batch packed in one int (one argument costs cffi least).
-        (self._allocate, self._release, self._allocate_batch, self._check_batch,
-         self._release_batch) = _fastpath.entry_points(self._key)
+        # The class's own native entry points: allocate() with no argument, release(handle).
+        self._allocate, self._release = _fastpath.entry_points(self._key)
         self.id = class_id
         self.name = name
         self.size = size
@@ -88,18 +87,14 @@ class Class:
             and are in the exception's ``handles`` attribute.
         """
         out = _ZEROS * n
-        got = 0
-        if 0 < n < _BATCH_LIMIT:
-            address = out.buffer_info()[0]
-            if address < _ADDRESS_LIMIT:
-                got = self._allocate_batch(address << _COUNT_BITS | n)
-                if got == n:
-                    return out
-        elif n <= 0:
+        if n <= 0:
             if n < 0 or type(n) is not int:
                 raise ValueError(f"class '{self.name}': allocate_many(n) needs an int n >= 0, not {n!r}")
             return out
-        self._heap._allocate_many_slow(self, out, got)
+        got = _allocate_into(self._key, out)
+        if got == n:
+            return out
+        self._heap._allocate_many_slow(self, out, got or 0)
         return out
 
     def release_many(self, handles: Iterable[int]) -> None:
@@ -114,20 +109,16 @@ class Class:
         says how many) and the rest are not.  An ``array('Q')`` of handles,
         as ``allocate_many`` returns, is released without a copy.
         """
-        if type(handles) is array and handles.typecode == "Q":
-            address, n = handles.buffer_info()
-            if 0 < n < _BATCH_LIMIT and address < _ADDRESS_LIMIT:
-                # All or none, if the batch fits the thread's magazines.
-                result = self._release_batch(address << _COUNT_BITS | n)
-                if result == _OK:
-                    return
-                if result != _NEED_SLOW:
-                    self._heap._whole_batch_released(self, handles, result)
-                    return
-                # Unbound, or more than the magazines' room: the chunked path, without trying again.
-                self._heap._release_many(self, handles, whole_tried=True)
-                return
-        self._heap._release_many(self, handles)
+        # All or none, if the batch fits the thread's magazines.
+        result = _release_array(self._key, handles)
+        if result == _OK:
+            return
+        if result is None:  # not an array('Q'), or empty, or too long: the general path
+            self._heap._release_many(self, handles)
+        elif result != _NEED_SLOW:
+            self._heap._whole_batch_released(self, handles, result)
+        else:  # unbound, or more than the magazines' room: the chunked path, without trying again
+            self._heap._release_many(self, handles, whole_tried=True)
 
     def check(self, handles: Iterable[int]) -> array:
         """Check that every handle is a live object of this class, in one native call.
@@ -154,11 +145,8 @@ class Class:
         return [arena[h:h + size] for h in batch]
 
     def _checked(self, handles: Iterable[int], verb: str) -> array:
-        if type(handles) is array and handles.typecode == "Q":
-            address, n = handles.buffer_info()
-            if 0 < n < _BATCH_LIMIT and address < _ADDRESS_LIMIT and \
-                    self._check_batch(address << _COUNT_BITS | n) == _OK:
-                return handles
+        if _check_array(self._key, handles) == _OK:
+            return handles
         # Unbound, guard pages to protect, a refusal to raise, or not an array('Q').
         return self._heap._check_live(self, handles, verb)
 

@@ -375,11 +375,10 @@ class Heap:
         n = len(batch)
         if n == 0:
             return
-        address = batch.buffer_info()[0]
-        if n < _fastpath.BATCH_LIMIT and address < _fastpath.BATCH_ADDRESS_LIMIT and not whole_tried:
+        if not whole_tried:
             # A batch that fits the thread's magazines goes in one call, all or none.
-            result = cls._release_batch(address << _fastpath.BATCH_COUNT_BITS | n)
-            if result != _fastpath.NEED_SLOW:
+            result = _fastpath.release_array(cls._key, batch)
+            if result is not None and result != _fastpath.NEED_SLOW:
                 self._whole_batch_released(cls, batch, result)
                 return
         # Unbound, or more than the magazines' room: check the whole batch, then release in chunks.

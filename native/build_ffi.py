@@ -46,15 +46,9 @@ def key_entry_points() -> tuple[str, str]:
                           (HERE / "slitter_fast.h").read_text(), flags=re.MULTILINE)[1])
     decls, defs = [], []
     for k in range(1, count):  # key 0 is never made
-        decls.append(f"uint64_t slitter_allocate_k{k}(void);\nint slitter_release_k{k}(uint64_t handle);\n"
-                     f"uint32_t slitter_allocate_many_k{k}(uint64_t batch);\n"
-                     f"int64_t slitter_check_many_k{k}(uint64_t batch);\n"
-                     f"int64_t slitter_release_many_k{k}(uint64_t batch);\n")
+        decls.append(f"uint64_t slitter_allocate_k{k}(void);\nint slitter_release_k{k}(uint64_t handle);\n")
         defs.append(f"uint64_t slitter_allocate_k{k}(void) {{ return slitter_allocate_key({k}); }}\n"
-                    f"int slitter_release_k{k}(uint64_t handle) {{ return slitter_release_as({k}, handle); }}\n"
-                    f"uint32_t slitter_allocate_many_k{k}(uint64_t b) {{ return slitter_allocate_batch({k}, b); }}\n"
-                    f"int64_t slitter_check_many_k{k}(uint64_t b) {{ return slitter_check_batch({k}, b); }}\n"
-                    f"int64_t slitter_release_many_k{k}(uint64_t b) {{ return slitter_release_batch({k}, b); }}\n")
+                    f"int slitter_release_k{k}(uint64_t handle) {{ return slitter_release_as({k}, handle); }}\n")
     return "".join(decls), "".join(defs)
 
 

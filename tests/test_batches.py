@@ -230,3 +230,27 @@ def test_reclaimed_objects_are_handed_out_in_rising_order(daemon, heap):
     cls = heap.register_class("reclaimed", size=1024)
     assert heap.stats()["classes"]["reclaimed"]["free"] > 64  # the other client's cache, back in the depot
     assert rising_by_stride(cls.allocate_many(64), cls.stride)
+
+
+def test_only_an_exact_array_of_uint64_goes_to_the_native_batch_call(heap):
+    """slitter._batch takes array('Q') itself; anything else gets None and the general path, with every check."""
+    from slitter import _batch
+
+    class Handles(array):
+        pass
+
+    cls = heap.register_class("adapter", size=64)
+    handles = cls.allocate_many(8)
+    assert _fastpath.check_array(cls._key, handles) == _fastpath.OK
+    for other in (list(handles), Handles("Q", handles), array("L", handles), memoryview(handles), array("Q")):
+        assert _fastpath.check_array(cls._key, other) is None, type(other)
+    checked = cls.check(memoryview(handles))  # a view of someone's memory: checked as a copy of its own
+    assert type(checked) is array and list(checked) == list(handles)
+    cls.release_many(Handles("Q", handles))  # the general path releases it
+    assert heap.stats()["classes"]["adapter"]["live"] == 0
+    with pytest.raises(slitter.DoubleFree):  # and refuses as the native call does
+        cls.check(Handles("Q", handles))
+    with pytest.raises(TypeError):
+        _batch.check(cls._key)
+    with pytest.raises(OverflowError):
+        _batch.check(1 << 40, handles)
