@@ -376,8 +376,9 @@ class Heap:
         if n == 0:
             return
         if not whole_tried:
-            # A batch that fits the thread's magazines goes in one call, all or none.
-            result = _fastpath.release_array(cls._key, batch)
+            # A batch that fits the thread's magazines goes in one call, all or none
+            # (slitter._batch takes an exact array('Q'), not a subclass).
+            result = _fastpath.release_array(cls._key, batch if type(batch) is array else array("Q", batch))
             if result is not None and result != _fastpath.NEED_SLOW:
                 self._whole_batch_released(cls, batch, result)
                 return
@@ -386,7 +387,11 @@ class Heap:
         bad = ffi.new("uint32_t *")
         result = self._check_batch(cls, batch, buf, bad)
         if result < 0:  # the check counts nothing: the refusal is counted here
-            self._refused(cls, batch[bad[0]], -1 - result, counted=False)
+            try:
+                self._refused(cls, batch[bad[0]], -1 - result, counted=False)
+            except errors.ReleaseError as exc:
+                exc.released = 0
+                raise
             return
         done = 0
         while done < n:

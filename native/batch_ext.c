@@ -33,19 +33,29 @@ static slitter__allocate_fn allocate_batch;
 static slitter__batch_fn check_batch;
 static slitter__batch_fn release_batch;
 
+/* Once per process, by slitter._fastpath: a second bind could only point the calls elsewhere. */
 static PyObject *batch_bind(PyObject *self, PyObject *args)
 {
-    PyObject *type;
+    PyObject *type, *addresses[3];
     unsigned long long allocate, check, release;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!KKK:bind", &PyType_Type, &type, &allocate, &check, &release))
+    if (!PyArg_ParseTuple(args, "O!OOO:bind", &PyType_Type, &type, &addresses[0], &addresses[1], &addresses[2]))
+        return NULL;
+    if (array_type != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "slitter._batch is bound already");
+        return NULL;
+    }
+    allocate = PyLong_AsUnsignedLongLong(addresses[0]);
+    check = PyLong_AsUnsignedLongLong(addresses[1]);
+    release = PyLong_AsUnsignedLongLong(addresses[2]);
+    if (PyErr_Occurred())
         return NULL;
     if (allocate == 0 || check == 0 || release == 0) {
         PyErr_SetString(PyExc_ValueError, "bind: NULL entry point");
         return NULL;
     }
     Py_INCREF(type);
-    Py_XSETREF(array_type, (PyTypeObject *)type);
+    array_type = (PyTypeObject *)type;
     allocate_batch = (slitter__allocate_fn)(uintptr_t)allocate;
     check_batch = (slitter__batch_fn)(uintptr_t)check;
     release_batch = (slitter__batch_fn)(uintptr_t)release;
@@ -74,10 +84,8 @@ static int batch_args(PyObject *const *args, Py_ssize_t nargs, const char *name,
     *key = (uint32_t)k;
     if (!Py_IS_TYPE(args[1], array_type))
         return 0;
-    if (PyObject_GetBuffer(args[1], view, PyBUF_FORMAT | PyBUF_ND | (writable ? PyBUF_WRITABLE : 0)) < 0) {
-        PyErr_Clear();
-        return 0;
-    }
+    if (PyObject_GetBuffer(args[1], view, PyBUF_FORMAT | PyBUF_ND | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;   /* an array always exports a buffer: this is an error of its own (memory) */
     Py_ssize_t n = view->len / 8;
     uintptr_t address = (uintptr_t)view->buf;
     if (view->itemsize != 8 || view->format == NULL || strcmp(view->format, "Q") != 0 || n <= 0 ||

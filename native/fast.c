@@ -863,10 +863,10 @@ int slitter_release_whole_key(uint32_t key, const uint64_t *handles, uint32_t n,
 }
 
 /*
- * Batches in one integer, for the per-key entry points: cffi passes a single
- * argument through METH_O, but two or more through a tuple, about 85 ns a
- * call here, and a cffi pointer to a Python array (ffi.from_buffer) costs
- * 170 ns more.  Python packs array.buffer_info() instead.
+ * Batches in one integer, `address << 16 | n`: slitter._batch packs an
+ * array('Q') so (native/batch_ext.c).  One integer was first for cffi,
+ * which passes two or more arguments through a tuple (about 85 ns a call)
+ * and a pointer to a Python array only through ffi.from_buffer (170 ns).
  */
 static inline const uint64_t *slitter__batch(uint64_t batch, uint32_t *n)
 {

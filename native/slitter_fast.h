@@ -164,13 +164,13 @@ int slitter_release_many_key(uint32_t key, const uint64_t *handles, uint32_t n, 
 int slitter_release_whole_key(uint32_t key, const uint64_t *handles, uint32_t n, uint32_t *done);
 
 /**
- * The batch calls of the per-key entry points, with the batch in one
- * integer: `address << SLITTER_BATCH_COUNT_BITS | n`, where `address` is
- * that of a uint64_t[n] (Python: `array('Q').buffer_info()`) and
- * n < 2**SLITTER_BATCH_COUNT_BITS.  User addresses are below 2**47 on
- * x86-64 unless a program maps above that on purpose; the packed value of
- * one of 2**48 or more fits no uint64_t, cffi raises OverflowError before
- * C runs, and the client takes its general path.
+ * The batch calls with the batch in one integer:
+ * `address << SLITTER_BATCH_COUNT_BITS | n`, where `address` is that of a
+ * uint64_t[n] and 0 < n < 2**SLITTER_BATCH_COUNT_BITS.  slitter._batch
+ * (native/batch_ext.c) packs it from an array('Q') and calls these through
+ * pointers; an array it cannot pack (empty, too long, or at an address of
+ * 2**48 or more, which user space on x86-64 does not have unless a program
+ * maps there on purpose) takes the client's general path.
  *
  * slitter_allocate_batch(): slitter_allocate_many_key().
  * slitter_check_batch(): slitter_check_many_key(), and SLITTER_NEED_SLOW as
@@ -180,13 +180,9 @@ int slitter_release_whole_key(uint32_t key, const uint64_t *handles, uint32_t n,
  * A refusal of handle i with SLITTER_ERR_* kind k returns
  * SLITTER_BATCH_REFUSED(i, k), which is negative (-1 for handle 0 of
  * another class); other results are as the calls', never negative.
- * The array must not change during the call: slitter._native keeps the
- * GIL in its calls (native/build_ffi.py), so no Python thread can.
- *
- * Keys below SLITTER_KEY_ENTRY_POINTS get their own, one argument each:
- * `uint32_t slitter_allocate_many_k<key>(uint64_t batch)`,
- * `int64_t slitter_check_many_k<key>(uint64_t batch)` and
- * `int64_t slitter_release_many_k<key>(uint64_t batch)`.
+ * The array must not change during the call: slitter._batch keeps the
+ * GIL and holds a buffer export of the array (which forbids resizing it)
+ * until the call returns.
  */
 #define SLITTER_BATCH_COUNT_BITS 16
 #define SLITTER_BATCH_KIND_BITS 8

@@ -100,13 +100,17 @@ def test_a_batch_bigger_than_the_magazines_is_checked_whole(heap):
     assert heap.stats()["classes"]["big"]["live"] == 0
 
 
-@pytest.mark.parametrize("container", [list, array])
+class Handles(array):
+    """A subclass of array: slitter._batch does not take it, the general path does."""
+
+
+@pytest.mark.parametrize("container", [list, array, Handles])
 def test_arrays_and_lists_get_the_same_checks(heap, container):
-    """An array('Q') goes straight to the native call; a list is converted first."""
+    """An array('Q') goes straight to the native call; a list or a subclass takes the general path."""
     cls = heap.register_class("both", size=32)
     handles = cls.allocate_many(40)
     cls.release(handles[17])
-    batch = container("Q", handles) if container is array else container(handles)
+    batch = container(handles) if container is list else container("Q", handles)
     with pytest.raises(slitter.DoubleFree) as info:
         cls.release_many(batch)
     assert info.value.handle == handles[17] and info.value.released == 0
@@ -166,13 +170,16 @@ def test_the_first_bad_handle_in_the_batch_is_named(heap, first, second, error):
     cls.release_many(array("Q", [h for h in handles if h != released]))
 
 
-def test_a_batch_past_one_native_call(heap):
+@pytest.mark.parametrize("extra", [-1, 0, 1, 10])
+def test_a_batch_past_one_native_call(heap, extra):
     """Batches of BATCH_LIMIT handles or more do not fit one packed call: they take the general path."""
     cls = heap.register_class("huge", size=16)
-    n = _fastpath.BATCH_LIMIT + 10
+    n = _fastpath.BATCH_LIMIT + extra
     handles = cls.allocate_many(n)
     assert len(handles) == n and len(set(handles)) == n
     assert cls.check(handles) is handles
+    with pytest.raises(slitter.InteriorPointer):  # the last handle is checked too
+        cls.check(array("Q", [*handles[:-1], handles[-1] + 1]))
     cls.release_many(handles)
     assert heap.stats()["classes"]["huge"]["live"] == 0
 
@@ -236,14 +243,16 @@ def test_only_an_exact_array_of_uint64_goes_to_the_native_batch_call(heap):
     """slitter._batch takes array('Q') itself; anything else gets None and the general path, with every check."""
     from slitter import _batch
 
-    class Handles(array):
-        pass
-
     cls = heap.register_class("adapter", size=64)
     handles = cls.allocate_many(8)
     assert _fastpath.check_array(cls._key, handles) == _fastpath.OK
-    for other in (list(handles), Handles("Q", handles), array("L", handles), memoryview(handles), array("Q")):
-        assert _fastpath.check_array(cls._key, other) is None, type(other)
+    empty, other_typecode = array("Q"), array("L", handles)
+    for other in (list(handles), Handles("Q", handles), other_typecode, memoryview(handles), empty):
+        for call in (_fastpath.check_array, _fastpath.release_array, _fastpath.allocate_into):
+            assert call(cls._key, other) is None, (call, type(other))
+    for arr in (handles, empty, other_typecode):  # taken or not, the array is not left exported
+        arr.append(0)
+        arr.pop()
     checked = cls.check(memoryview(handles))  # a view of someone's memory: checked as a copy of its own
     assert type(checked) is array and list(checked) == list(handles)
     cls.release_many(Handles("Q", handles))  # the general path releases it
@@ -254,3 +263,5 @@ def test_only_an_exact_array_of_uint64_goes_to_the_native_batch_call(heap):
         _batch.check(cls._key)
     with pytest.raises(OverflowError):
         _batch.check(1 << 40, handles)
+    with pytest.raises(RuntimeError):  # bound once, by slitter._fastpath
+        _batch.bind(array, 1, 1, 1)
