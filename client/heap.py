@@ -370,7 +370,7 @@ class Heap:
         """release_many's general path; ``whole_tried``: the batch call on all of it said NEED_SLOW."""
         batch, not_u64 = self._u64_batch(handles)
         if not_u64 is not None:  # none of the batch is released
-            self._refused(cls, not_u64, lib.SLITTER_ERR_FOREIGN_ADDRESS, counted=False)
+            self._refused(cls, not_u64, lib.SLITTER_ERR_FOREIGN_ADDRESS, counted=False, released=0)
             return
         n = len(batch)
         if n == 0:
@@ -387,21 +387,13 @@ class Heap:
         bad = ffi.new("uint32_t *")
         result = self._check_batch(cls, batch, buf, bad)
         if result < 0:  # the check counts nothing: the refusal is counted here
-            try:
-                self._refused(cls, batch[bad[0]], -1 - result, counted=False)
-            except errors.ReleaseError as exc:
-                exc.released = 0
-                raise
+            self._refused(cls, batch[bad[0]], -1 - result, counted=False, released=0)
             return
         done = 0
         while done < n:
             result = lib.slitter_release_many_key(cls._key, buf + done, n - done, bad)
             if result < 0:
-                try:
-                    self._refused(cls, batch[done + bad[0]], -1 - result)
-                except errors.ReleaseError as exc:
-                    exc.released = done
-                    raise
+                self._refused(cls, batch[done + bad[0]], -1 - result, released=done)
                 return
             done += bad[0]
             if result == _fastpath.NEED_FLUSH or (result == _fastpath.NEED_SLOW and done < n):
@@ -413,11 +405,7 @@ class Heap:
             self._flush(cls, self._bind(cls))
         elif result < 0:  # counted in C; none of the batch was released
             index, kind = _fastpath.batch_refusal(result)
-            try:
-                self._refused(cls, batch[index], kind)
-            except errors.ReleaseError as exc:
-                exc.released = 0
-                raise
+            self._refused(cls, batch[index], kind, released=0)
 
     def _release_slow(self, cls: Class, handle: int, result: int) -> None:
         for _ in range(8):
@@ -458,14 +446,18 @@ class Heap:
             owner = self._class_name(owner_id) if owner_id else None
         return _fastpath.release_error(kind, handle, cls.name, owner, verb)
 
-    def _refused(self, cls: Class, handle: object, kind: int, *, counted: bool = True) -> None:
+    def _refused(self, cls: Class, handle: object, kind: int, *, counted: bool = True,
+                 released: int | None = None) -> None:
         """A release was refused: report it, then apply the error policy.
 
         ``counted`` is False when the native code did not count it (the
         handle did not fit its argument, or a batch check found it), so the
-        refusal is counted here.
+        refusal is counted here.  ``released``: for a batch, how many of its
+        handles were released before the refused one (the error's attribute).
         """
         err = self._release_error(cls, handle, kind)
+        if released is not None:
+            err.released = released
         in_range = isinstance(handle, int) and 0 <= handle <= U64
         if not counted:
             self._bind(cls)

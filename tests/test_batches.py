@@ -38,7 +38,7 @@ def test_a_bad_handle_releases_none_of_the_batch(heap, make_bad, error):
     bad = make_bad(handles, other)
     with pytest.raises(error) as info:
         cls.release_many([*handles[:50], bad, *handles[50:]])
-    assert info.value.handle == bad
+    assert info.value.handle == bad and info.value.released == 0
     assert heap.stats()["classes"]["b"]["live"] == 100  # none released
     cls.release_many(handles)  # all still live, all releasable
 
@@ -93,8 +93,9 @@ def test_a_batch_bigger_than_the_magazines_is_checked_whole(heap):
     assert stats["live"] == 3 * cap - info.value.released
     bad = handles[-1] + 4  # an interior pointer at the end: the up-front check refuses it, none released
     rest = handles[info.value.released:]
-    with pytest.raises(slitter.InteriorPointer):
+    with pytest.raises(slitter.InteriorPointer) as info:
         cls.release_many([*rest, bad])
+    assert info.value.released == 0
     assert heap.stats()["classes"]["big"]["live"] == len(rest)
     cls.release_many(rest)
     assert heap.stats()["classes"]["big"]["live"] == 0

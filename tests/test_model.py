@@ -1,7 +1,8 @@
 """A stateful model test: several client processes against one slitterd, checked after every step.
 
 Hypothesis drives real client processes (allocate, release, every kind of
-bad release, view, write, SIGKILL a client, SIGKILL and restart the daemon)
+bad release, allocate_many, release_many and check of good and bad
+batches, view, write, SIGKILL a client, SIGKILL and restart the daemon)
 and compares what slitter does and reports with a simple model: the live
 objects (handle -> class and the serial of its content) and the freed ones.
 After every step the daemon's figures must agree with the model and every
@@ -140,9 +141,10 @@ class SlitterModel(RuleBasedStateMachine):
                 self.allocate(k // 2, sorted(SIZES)[k % 2], n)
 
     @rule(i=st.integers(0, NCLIENTS - 1), cls=st.sampled_from(sorted(SIZES)),
-          n=st.one_of(st.just(1), st.integers(1, 300)))
-    def allocate(self, i, cls, n):
-        status, handles = self.clients[i].call("allocate", cls, n, self.serial)
+          n=st.one_of(st.just(1), st.integers(1, 300)), batch=st.booleans())
+    def allocate(self, i, cls, n, batch=False):
+        """n objects, one allocate() each or one allocate_many(n)."""
+        status, handles = self.clients[i].call("allocate_many" if batch else "allocate", cls, n, self.serial)
         assert status == "ok", f"allocate {n} of '{cls}' in client {i}: {handles}"
         assert len(handles) == n and len(set(handles)) == n, "one object handed out twice in one batch"
         for k, h in enumerate(handles):
@@ -166,6 +168,45 @@ class SlitterModel(RuleBasedStateMachine):
             del self.live[h]
             self.freed[h] = cls
             self.releases[cls] += 1
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, NCLIENTS - 1), data=st.data(), op=st.sampled_from(["release_many", "check"]))
+    def batch_of_one_class(self, i, data, op):
+        """release_many or check of live objects of one class, from any client; with one bad
+        handle anywhere in it, that handle's error, and none of the batch released."""
+        cls = data.draw(st.sampled_from(sorted({c for c, _ in self.live.values()})), label="class")
+        pool = sorted(h for h, (c, _) in self.live.items() if c == cls)
+        k = data.draw(st.integers(1, min(len(pool), 600)), label="count")
+        chosen = data.draw(st.lists(st.sampled_from(pool), min_size=k, max_size=k, unique=True), label="handles")
+        kinds = ["foreign_address", "interior_pointer"]
+        if any(c == cls for c in self.freed.values()):
+            kinds.append("double_free")
+        kind = data.draw(st.one_of(st.none(), st.sampled_from(kinds)), label="bad kind")  # None: all good
+        batch = list(chosen)
+        if kind is not None:
+            if kind == "foreign_address":
+                bad, expect = data.draw(st.sampled_from(FOREIGN), label="foreign"), "ForeignAddress"
+            elif kind == "interior_pointer":
+                bad, expect = chosen[0] + data.draw(st.integers(1, SIZES[cls] - 1), label="delta"), "InteriorPointer"
+            else:
+                bad = data.draw(st.sampled_from(sorted(h for h, c in self.freed.items() if c == cls)), label="freed")
+                expect = "DoubleFree"
+            batch.insert(data.draw(st.integers(0, k), label="at"), bad)
+        status, result = self.clients[i].call(op, cls, batch)
+        assert status == "ok", result
+        if kind is None:
+            assert result == "ok", f"{op} of {k} live objects of '{cls}' in client {i}: {result}"
+            if op == "release_many":
+                for h in chosen:
+                    del self.live[h]
+                    self.freed[h] = cls
+                self.releases[cls] += k
+            return
+        name, handle, released = result if result != "ok" else (None, None, None)
+        assert (name, handle) == (expect, bad), f"{op} with a bad {kind} handle {bad:#x} in client {i}: {result}"
+        if op == "release_many":
+            assert released == 0, f"{op}: {released} released before the refusal"
+            self.errors[cls][kind] += 1  # check() reports and counts nothing
 
     @rule(i=st.integers(0, NCLIENTS - 1), data=st.data())
     def bad_release(self, i, data):

@@ -192,15 +192,21 @@ def model_client(address, conn):
             conn.send(("ok", None))
             break
         try:
-            if op == "allocate":  # (class, n, first serial): n handles, each stamped
+            if op in ("allocate", "allocate_many"):  # (class, n, first serial): n handles, each stamped
                 name, n, serial = args
                 cls = classes[name]
-                handles = []
-                for i in range(n):
-                    h = cls.allocate()
+                handles = list(cls.allocate_many(n)) if op == "allocate_many" else [cls.allocate() for _ in range(n)]
+                for i, h in enumerate(handles):
                     heap.view(h)[:] = model_stamp(h, serial + i, cls.size)
-                    handles.append(h)
                 result = handles
+            elif op in ("release_many", "check"):  # (class, handles): "ok", or (error, its handle, released)
+                name, handles = args
+                batch = array("Q", handles) if all(0 <= h < 1 << 64 for h in handles) else handles
+                try:
+                    getattr(classes[name], op)(batch)
+                    result = "ok"
+                except slitter.ReleaseError as exc:
+                    result = (type(exc).__name__, exc.handle, getattr(exc, "released", None))
             elif op == "release":  # ([(class, handle), ...]): each result on its own
                 result = []
                 for name, h in args[0]:
