@@ -567,13 +567,9 @@ class Run:
         if quiet and reply is None:  # a success, unanswered as asked
             self.replies["quiet ok"] += 1
             return None
-        if quiet and reply.get("ok") is not False:
-            count, first = self.problems.get("success answered despite reply=False", (0, None))
-            self.problems["success answered despite reply=False"] = (count + 1, first or (f"{reply!r:.300}", kind,
-                                                                                         frames))
-            self.replies["problem"] += 1
-            return reply
         try:
+            if quiet and (not isinstance(reply, dict) or reply.get("ok") is not False):
+                raise Problem("success answered despite reply=False", f"{reply!r:.300}")
             outcome, req = judge(frames, reply)
         except Problem as problem:
             count, first = self.problems.get(problem.key, (0, None))

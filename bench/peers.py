@@ -170,7 +170,6 @@ SIZES = {
     "default": (3,    1.0,       1.0,     5,           0.6,      (1, 2, 4)),
     "quick":   (1,    0.3,       0.3,     1,           0.3,      (1, 4)),
 }
-# Streaming takes more repetitions: its ratios moved by up to 0.11 between runs of three.
 
 TARGETS = {
     "objects": {"SharedMemory": 300.0, "RawArray": 50.0, "SharedMemoryManager": 1000.0},
@@ -703,6 +702,11 @@ def _published_batches(items, heads, producers: int):
         tails[p] += BATCH
 
 
+def handle_slot(slots: int, producer: int, head: int) -> int:
+    """Offset of the BATCH handles of ``producer``'s batch at ``head``: WINDOW slots per producer from ``slots``."""
+    return slots + (producer * WINDOW + head // BATCH % WINDOW) * BATCH * 8
+
+
 # slitter
 
 def handle_ring_layout(producers: int) -> tuple[int, int]:
@@ -720,7 +724,7 @@ class _HandleRing:
         self.slots = ring + handle_ring_layout(producers)[0]
 
     def slot(self, producer: int, head: int) -> int:
-        return self.slots + (producer * WINDOW + head // BATCH % WINDOW) * BATCH * 8
+        return handle_slot(self.slots, producer, head)
 
     def close(self) -> None:
         self.heads.release()
@@ -883,10 +887,6 @@ def ring_layout(producers: int, size: int) -> tuple[int, int, int]:
     return base, handles, handles + producers * WINDOW * BATCH * 8
 
 
-def _handle_slot(handles: int, producer: int, head: int) -> int:
-    return handles + (producer * WINDOW + head // BATCH % WINDOW) * BATCH * 8
-
-
 def stream_ring_producer(name: str, producers: int, size: int, producer: int, items, space, duration: float,
                          with_handles: bool):
     """A ring producer; ``with_handles``: it also publishes each record's offset, as slitter's producer does."""
@@ -906,7 +906,7 @@ def stream_ring_producer(name: str, producers: int, size: int, producer: int, it
         for j in range(BATCH):
             _stream_write(data, base + j * size, size, tmpl, seq + j, producer)
         if with_handles:
-            slot = _handle_slot(handles, producer, head)
+            slot = handle_slot(handles, producer, head)
             data[slot:slot + BATCH * 8] = memoryview(offsets[head // BATCH % WINDOW]).cast("B")
         heads[me] = head + BATCH  # publish: one aligned 8-byte store
         items.release()
@@ -937,7 +937,7 @@ def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: li
         for p, tail in _published_batches(items, heads, producers):
             start = base + p * RING_SLOTS * size + (tail % RING_SLOTS) * size
             if with_handles:
-                slot = _handle_slot(handle_slots, p, tail)
+                slot = handle_slot(handle_slots, p, tail)
                 offsets = array("Q")
                 offsets.frombytes(data[slot:slot + BATCH * 8])
                 for off in offsets:

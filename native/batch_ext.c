@@ -97,31 +97,24 @@ static int batch_args(PyObject *const *args, Py_ssize_t nargs, const char *name,
     return 1;
 }
 
-static PyObject *batch_allocate(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    uint32_t key;
-    uint64_t batch;
-    Py_buffer view;
-    (void)self;
-    int taken = batch_args(args, nargs, "allocate", 1, &key, &view, &batch);
-    if (taken <= 0)
-        return taken < 0 ? NULL : Py_NewRef(Py_None);
-    uint32_t got = allocate_batch(key, batch);
-    PyBuffer_Release(&view);
-    return PyLong_FromUnsignedLong(got);
-}
-
+/* `fn` NULL: allocate, into a writable array; else check or release. */
 static PyObject *batch_call(slitter__batch_fn fn, const char *name, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t key;
     uint64_t batch;
     Py_buffer view;
-    int taken = batch_args(args, nargs, name, 0, &key, &view, &batch);
+    int taken = batch_args(args, nargs, name, fn == NULL, &key, &view, &batch);
     if (taken <= 0)
         return taken < 0 ? NULL : Py_NewRef(Py_None);
-    int64_t result = fn(key, batch);
+    int64_t result = fn == NULL ? (int64_t)allocate_batch(key, batch) : fn(key, batch);
     PyBuffer_Release(&view);
     return PyLong_FromLongLong(result);
+}
+
+static PyObject *batch_allocate(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    return batch_call(NULL, "allocate", args, nargs);
 }
 
 static PyObject *batch_check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)

@@ -369,6 +369,13 @@ static inline uint32_t slitter__move_tagged(struct slitter_thread_class *tc, con
     return moved;
 }
 
+/* A slot's count, written by a client: trusted up to the size of its array. */
+static inline uint32_t slitter__slot_count(const struct slitter_shelf_slot *s)
+{
+    uint32_t count = __atomic_load_n(&s->count, __ATOMIC_RELAXED);
+    return count < SLITTER_MAG_CAP ? count : SLITTER_MAG_CAP;
+}
+
 /*
  * Make slot `s` ours if its state is `from`: a plain load first, so that a
  * scan past other clients' slots writes nothing, then one lock cmpxchg
@@ -402,9 +409,7 @@ static SLITTER_NOINLINE int slitter__take_from_shelf(struct slitter_client *c, s
         if (!slitter__claim(s, full, busy))
             continue;
         /* The slot is ours until we store its state again. */
-        uint32_t count = s->count;
-        if (count > SLITTER_MAG_CAP)
-            count = SLITTER_MAG_CAP;      /* written by a client: trusted up to the array */
+        uint32_t count = slitter__slot_count(s);
         uint32_t take = count < tc->capacity ? count : tc->capacity;
         const struct slitter__cursor k = slitter__cursor(c, class_id);
         uint32_t got = slitter__move_tagged(tc, &k, s->handles + (count - take), take,
@@ -435,16 +440,12 @@ static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, stru
         return 0;
     const uint32_t full = SLITTER_SHELF_STATE(SLITTER_SHELF_FULL, class_id);
     const uint32_t busy = SLITTER_SHELF_STATE(SLITTER_SHELF_BUSY, c->cache_tag - SLITTER_TAG_BASE);
-    uint32_t of_class = 0, first_empty = SLITTER_SHELF_SLOTS;
-    for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++) {
-        uint32_t state = __atomic_load_n(&shelf->slots[i].state, __ATOMIC_RELAXED);
-        of_class += state == full;
-        if (state == SLITTER_SHELF_EMPTY && first_empty == SLITTER_SHELF_SLOTS)
-            first_empty = i;
-    }
+    uint32_t of_class = 0;
+    for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++)
+        of_class += __atomic_load_n(&shelf->slots[i].state, __ATOMIC_RELAXED) == full;
     if (of_class >= SLITTER_SHELF_PER_CLASS)
         return 0;
-    for (uint32_t i = first_empty; i < SLITTER_SHELF_SLOTS; i++) {
+    for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++) {   /* slitter__claim skips a non-empty slot with a load */
         struct slitter_shelf_slot *s = &shelf->slots[i];
         if (!slitter__claim(s, SLITTER_SHELF_EMPTY, busy))
             continue;
@@ -1047,13 +1048,20 @@ uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_
     return live;
 }
 
+/* The objects of a run a scan looks at: those carved (trusted up to the run's size). */
+static inline uint32_t slitter__scanned(const struct slitter_run *run)
+{
+    return run->carved < run->nobjects ? run->carved : run->nobjects;
+}
+
 uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *tags,
                              uint64_t *out)
 {
     const struct slitter_class *cls = &v->classes[run->class_id];
     uint64_t base = (uint64_t)run->first_span << SLITTER_SPAN_SHIFT;
     uint32_t n = 0;
-    for (uint32_t i = 0; i < run->carved && i < run->nobjects; i++) {
+    /* Highest address first, as slitter_carve: the depot hands them out rising. */
+    for (uint32_t i = slitter__scanned(run); i-- > 0;) {
         uint64_t obj = run->obj_base + i;
         uint8_t state = __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE);
         if (state >= SLITTER_TAG_BASE && tags[state]) {
@@ -1070,7 +1078,7 @@ uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitte
     const struct slitter_class *cls = &v->classes[run->class_id];
     uint64_t base = (uint64_t)run->first_span << SLITTER_SPAN_SHIFT;
     uint32_t n = 0;
-    for (uint32_t i = 0; i < run->carved && i < run->nobjects; i++) {
+    for (uint32_t i = slitter__scanned(run); i-- > 0;) {   /* highest first, as slitter_reclaim_run */
         uint64_t obj = run->obj_base + i;
         if (v->depot_bits[obj >> 6] & (1ULL << (obj & 63)))
             out[n++] = base + (uint64_t)i * cls->stride;
@@ -1085,10 +1093,8 @@ void slitter_shelf_counts(const struct slitter_shelf *shelf, uint64_t *out)
         const struct slitter_shelf_slot *s = &shelf->slots[i];
         uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
         uint32_t class_id = state >> 8;
-        if ((state & 0xff) == SLITTER_SHELF_FULL && class_id < SLITTER_MAX_CLASSES) {
-            uint32_t count = __atomic_load_n(&s->count, __ATOMIC_RELAXED);
-            out[class_id] += count < SLITTER_MAG_CAP ? count : SLITTER_MAG_CAP;
-        }
+        if ((state & 0xff) == SLITTER_SHELF_FULL && class_id < SLITTER_MAX_CLASSES)
+            out[class_id] += slitter__slot_count(s);
     }
 }
 
@@ -1107,9 +1113,7 @@ uint32_t slitter_shelf_drain(const struct slitter_view *v, struct slitter_shelf 
     if (index >= SLITTER_SHELF_SLOTS || class_id == 0 || class_id >= SLITTER_MAX_CLASSES)
         return 0;
     const struct slitter_shelf_slot *s = &shelf->slots[index];
-    uint32_t count = s->count;
-    if (count > SLITTER_MAG_CAP)
-        count = SLITTER_MAG_CAP;          /* written by a client */
+    uint32_t count = slitter__slot_count(s);
     const uint8_t slot_tag = (uint8_t)SLITTER_SHELF_TAG(index);
     const struct slitter__cursor k = slitter__view_cursor(v, class_id);
     uint32_t n = 0;

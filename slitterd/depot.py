@@ -89,17 +89,6 @@ class Depot:
         self.carved += count
         return out
 
-    def give_scanned(self, handles: array) -> None:
-        """Take back what a scan of the live map found, in rising address order.
-
-        ``handles`` is reversed in place first (callers pass a fresh slice): a
-        magazine pops from its end, so they are handed out in rising order
-        again, as a fresh run is (``slitter_carve``), which the hardware
-        prefetcher follows.
-        """
-        handles.reverse()
-        self.give(handles)
-
     def give(self, handles: array) -> None:
         """Take back audited or reclaimed objects (already FREE, depot bits set)."""
         end = self.nfree + len(handles)

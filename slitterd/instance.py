@@ -292,7 +292,7 @@ class Instance:
             out = array("Q", bytes(8 * run.carved))
             n = lib.slitter_reclaim_run(self.arena.view, run, table, ffi.from_buffer("uint64_t[]", out))
             if n:
-                self.depots[run.class_id].give_scanned(out[:n])
+                self.depots[run.class_id].give(out[:n])
                 reclaimed += n
         return reclaimed
 
@@ -399,7 +399,7 @@ class Instance:
             live[run.class_id] += lib.slitter_recover_run(self.arena.view, run, adopted_tags)
             out = array("Q", bytes(8 * run.carved))
             n = lib.slitter_collect_depot(self.arena.view, run, ffi.from_buffer("uint64_t[]", out))
-            self.depots[run.class_id].give_scanned(out[:n])
+            self.depots[run.class_id].give(out[:n])
             free += n
         return live, free
 

@@ -58,7 +58,6 @@ def test_a_stream_between_processes_sends_no_refill_and_no_flush(heap, daemon):
     try:
         for round_ in range(12 * batches_per_magazine):
             if round_ == 4 * batches_per_magazine:  # warmed up: the first refill and its spare are spent
-                refills, waited = transport.sent["refill"], transport.round_trips
                 figures = heap.stats()["classes"]["shelf-stream"]
                 puts, takes = figures["shelf_puts"], figures["shelf_takes"]
                 refills, waited = transport.sent["refill"], transport.round_trips  # stats() waits too
