@@ -96,7 +96,7 @@ def refill(inst: Instance, req: Request) -> Reply:
 
 def flush(inst: Instance, req: Request) -> Reply:
     accepted, refused = inst.flush(*_slot(inst, req), outgoing=req.args["outgoing"])
-    return {"accepted": accepted, "refused": [[h, kind] for h, kind in refused]}
+    return {"accepted": accepted, "refused": refused}  # (handle, kind) pairs: msgpack packs tuples as arrays
 
 
 def stats(inst: Instance, req: Request) -> Reply:
@@ -112,10 +112,10 @@ def report(inst: Instance, req: Request) -> Reply:
     # same id: the refusal it reports goes into the log once.
     if req.id != 0 and client.last_report[0] == req.id:
         return {"seq": client.last_report[1]}
-    entry = inst.audit.record(client.pid, inst.class_name(class_id), req.args["handle"],
-                              ERROR_KINDS[req.args["kind"]], "release")
-    client.last_report = (req.id, entry.seq)
-    return {"seq": entry.seq}
+    seq = inst.audit.record(client.pid, inst.class_name(class_id), req.args["handle"],
+                            ERROR_KINDS[req.args["kind"]], "release")
+    client.last_report = (req.id, seq)
+    return {"seq": seq}
 
 
 def audit(inst: Instance, req: Request) -> Reply:

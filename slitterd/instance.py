@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass
 
 from slitter import errors
@@ -235,12 +236,13 @@ class Instance:
         nacc = lib.slitter_audit_flush(self.arena.view, class_id, tag(client), ffi.from_buffer("uint64_t[]", handles),
                                        n, accepted, refused, kinds, nrefused)
         self.depots[class_id].give(copy_handles(accepted, nacc))
-        bad = []
-        for i in range(nrefused[0]):
-            kind = kinds[i]
-            self.arena.totals[class_id].audit_errors[kind] += 1
-            bad.append((refused[i], ERROR_KINDS[kind]))
-            self.audit.record(client.pid, self.class_name(class_id), refused[i], ERROR_KINDS[kind], source)
+        nbad = nrefused[0]
+        bad_kinds = ffi.unpack(kinds, nbad)  # bytes: one kind index per refused handle
+        totals = self.arena.totals[class_id]
+        for kind, count in Counter(bad_kinds).items():
+            totals.audit_errors[kind] += count
+        bad = list(zip(ffi.unpack(refused, nbad), map(ERROR_KINDS.__getitem__, bad_kinds)))
+        self.audit.record_many(client.pid, self.class_name(class_id), bad, source)
         return nacc, bad
 
     # -- clients ---------------------------------------------------------
@@ -269,6 +271,7 @@ class Instance:
         # counts the client twice; recover() reconciles against the live map.
         self._retire_client(client.pid, client.name, totals)
         self.racks.release_rack(client)
+        self.audit.forget(client.pid)
         log.info("client %d (pid %d, %s) %s; %d cached objects reclaimed", client.id, client.pid,
                  client.name or "-", why, reclaimed)
         return reclaimed

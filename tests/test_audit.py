@@ -102,6 +102,90 @@ def test_audit_log_is_bounded_with_exact_counters():
     assert [e[4] for e in small.since(0, 10)] == [2, 3, 4] and small.dropped == 2 and small.seq == 5
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _audit_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit:")]
+
+
+def test_a_big_batch_of_findings_is_one_log_line(caplog):
+    from slitterd.audit import LOG_EACH, AuditLog
+
+    audit = AuditLog(clock=_Clock())
+    findings = [(0x1000 + i, "double_free" if i % 3 else "foreign_address") for i in range(300)]
+    with caplog.at_level("WARNING", logger="slitterd"):
+        audit.record_many(42, "order", findings, "flush")
+        audit.record_many(42, "order", findings[:LOG_EACH], "flush")  # a small batch: a line each
+    lines = _audit_lines(caplog)
+    assert len(lines) == 1 + LOG_EACH
+    assert lines[0].startswith("audit: 300 handles refused in class 'order' by pid 42 (flush)")
+    assert "200 double_free, 100 foreign_address" in lines[0] and "first 0x1000, 0x1001" in lines[0]
+    assert lines[1] == "audit: foreign_address of handle 0x1000 in class 'order' by pid 42 (flush)"
+    assert len(audit.since(0, 1000)) == 300 + LOG_EACH  # every finding is an entry
+
+    small = AuditLog(capacity=100, clock=_Clock())
+    small.record(1, "x", 1, "corrupt", "release")
+    small.record_many(1, "x", findings, "flush")  # bigger than the log: only its newest 100 are kept
+    kept = small.since(0, 1000)
+    assert small.seq == 301 and small.dropped == 201 and len(kept) == 100
+    assert [e[0] for e in kept] == list(range(202, 302)) and [e[4] for e in kept] == [h for h, _ in findings[-100:]]
+    small.record(2, "y", 7, "double_free", "release")  # pushes out the oldest kept finding of the batch
+    assert small.dropped == 202 and small.since(0, 1)[0][0] == 203
+    assert [e[0] for e in small.since(299, 10)] == [300, 301, 302] and small.since(299, 10)[-1][3:] == [
+        "y", 7, "double_free", "release"]
+    assert [e[0] for e in small.since(250, 3)] == [251, 252, 253] and small.since(302, 10) == []
+
+
+def test_each_client_gets_a_bounded_number_of_log_lines(caplog):
+    from slitterd.audit import LINES_PER_SECOND, AuditLog
+
+    clock = _Clock()
+    audit = AuditLog(clock=clock)
+    with caplog.at_level("WARNING", logger="slitterd"):
+        for i in range(LINES_PER_SECOND + 30):
+            audit.record(7, "c", i, "double_free", "release")
+        audit.record(8, "c", 1, "interior_pointer", "release")  # another client has its own budget
+        assert len(_audit_lines(caplog)) == LINES_PER_SECOND + 1
+        clock.now += 1.0  # the next window: what was kept quiet is logged first
+        audit.record(7, "c", 99, "class_mismatch", "release")
+        lines = _audit_lines(caplog)[LINES_PER_SECOND + 1:]
+        assert lines[0].startswith("audit: 30 more findings by pid 7 not logged") and "30 double_free" in lines[0]
+        assert lines[1] == "audit: class_mismatch of handle 0x63 in class 'c' by pid 7 (release)"
+        for i in range(LINES_PER_SECOND + 5):  # over budget again, then the client leaves
+            audit.record(7, "c", i, "double_free", "release")
+        audit.forget(7)
+        assert _audit_lines(caplog)[-1].startswith("audit: 6 more findings by pid 7 not logged")
+        audit.forget(7)  # nothing left to say
+        assert _audit_lines(caplog)[-1].startswith("audit: 6 more findings")
+    assert audit.seq == 2 * LINES_PER_SECOND + 30 + 5 + 2  # every one of them is an entry
+
+
+def test_a_garbage_magazine_is_one_log_line_in_the_daemon(manual_daemon):
+    """A client that fills its release magazine with garbage costs the daemon one log line, not one a handle."""
+    d = manual_daemon("--ephemeral").start()
+    with slitter.connect(d.address) as heap:
+        cls = heap.register_class("garbage", size=64)
+        cls.release(cls.allocate())
+        slot = lib.slitter_bind(heap._client, cls.id)
+        tc = ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
+        n = 500  # the release array holds SLITTER_MAG_CAP handles, whatever the class's capacity
+        assert n <= lib.SLITTER_MAG_CAP
+        for i in range(n):
+            tc.release[i] = 0x10 + 8 * i  # below the arena: every one a foreign address
+        tc.release_count = n
+        heap._flush(cls, slot)
+        assert heap.audit()["counters"]["garbage"]["foreign_address"] == n
+    lines = [line for line in d.log.read_text().splitlines() if "audit:" in line]
+    assert len(lines) == 1, lines
+    assert f"audit: {n} handles refused in class 'garbage'" in lines[0] and f"{n} foreign_address" in lines[0]
+
+
 def test_slitterctl_audit_and_follow(daemon, heap):
     cls = heap.register_class("shown", size=64)
     with pytest.raises(slitter.ForeignAddress):
