@@ -1092,10 +1092,16 @@ void slitter_shelf_counts(const struct slitter_shelf *shelf, uint64_t *out)
     for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++) {
         const struct slitter_shelf_slot *s = &shelf->slots[i];
         uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
-        uint32_t class_id = state >> 8;
-        if ((state & 0xff) == SLITTER_SHELF_FULL && class_id < SLITTER_MAX_CLASSES)
+        uint32_t class_id = SLITTER_SHELF_WHO(state);
+        if (SLITTER_SHELF_KIND(state) == SLITTER_SHELF_FULL && class_id < SLITTER_MAX_CLASSES)
             out[class_id] += slitter__slot_count(s);
     }
+}
+
+void slitter_shelf_states(const struct slitter_shelf *shelf, uint32_t *out)
+{
+    for (uint32_t i = 0; i < SLITTER_SHELF_SLOTS; i++)
+        out[i] = __atomic_load_n(&shelf->slots[i].state, __ATOMIC_ACQUIRE);
 }
 
 int slitter_shelf_seize(struct slitter_shelf *shelf, uint32_t index, uint32_t seen)

@@ -307,7 +307,11 @@ struct slitter_rack {
 #define SLITTER_SHELF_EMPTY     0u
 #define SLITTER_SHELF_FULL      1u
 #define SLITTER_SHELF_BUSY      2u
-#define SLITTER_SHELF_STATE(kind, who) ((uint32_t)(kind) | ((uint32_t)(who) << 8))
+#define SLITTER_SHELF_KIND_MASK 0xffu  /* a state is kind | who << SLITTER_SHELF_WHO_SHIFT */
+#define SLITTER_SHELF_WHO_SHIFT 8
+#define SLITTER_SHELF_STATE(kind, who) ((uint32_t)(kind) | ((uint32_t)(who) << SLITTER_SHELF_WHO_SHIFT))
+#define SLITTER_SHELF_KIND(state) ((state) & SLITTER_SHELF_KIND_MASK)
+#define SLITTER_SHELF_WHO(state) ((state) >> SLITTER_SHELF_WHO_SHIFT)
 #define SLITTER_SHELF_DAEMON    255    /* BUSY | 255 << 8: the daemon holds the slot (no rack has that index) */
 
 struct slitter_shelf_slot {

@@ -260,6 +260,13 @@ uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitte
 void slitter_shelf_counts(const struct slitter_shelf *shelf, uint64_t *out);
 
 /**
+ * Daemon: the state of every slot of the shelf (`out`: SLITTER_SHELF_SLOTS
+ * words), in one call: one cffi attribute read a slot would cost the
+ * daemon's tick microseconds.
+ */
+void slitter_shelf_states(const struct slitter_shelf *shelf, uint32_t *out);
+
+/**
  * Daemon: take slot `index` of the shelf if its state is still `seen`
  * (compare-and-swap to BUSY | SLITTER_SHELF_DAEMON << 8).  Returns 1 when
  * the daemon now holds it, 0 when a client changed it first.

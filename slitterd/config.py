@@ -29,6 +29,7 @@ from slitter.protocol import CLASS_NAME_PRINTABLE, MAX_CLASS_NAME, MAX_OBJECT_SI
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_METRICS_HOST = "127.0.0.1"
+SHELF_IDLE_SECONDS = 5.0  # option shelf_idle, and the Shelf of an Instance made without a configuration
 
 
 class ConfigError(ValueError):
@@ -300,7 +301,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("error_policy", parse_policy, "raise",
            "policy on a refused release for classes registered without one: raise, log or abort", metavar="POLICY"),
     Option("log_level", parse_log_level, "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL", metavar="LEVEL"),
-    Option("shelf_idle", parse_seconds, 5.0,
+    Option("shelf_idle", parse_seconds, SHELF_IDLE_SECONDS,
            "seconds a class's full magazines may wait on the shelf with none taken before they go back to "
            "the depot (0.5 s while the shelf is nearly full)", metavar="SECONDS"),
     Option("classes", parse_classes, (),

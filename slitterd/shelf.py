@@ -11,11 +11,13 @@ doc/design.md, departure (d), says why and what keeps it safe.
 from __future__ import annotations
 
 import logging
+from array import array
 
 from slitter._native import ffi, lib
 
 from slitterd.arena import Arena
-from slitterd.depot import Depot, copy_handles
+from slitterd.config import SHELF_IDLE_SECONDS
+from slitterd.depot import Depot
 from slitterd.rack import COUNTER_LIMIT, MAX_CLASSES
 
 log = logging.getLogger("slitterd")
@@ -25,9 +27,28 @@ log = logging.getLogger("slitterd")
 # ticks of an idle daemon (200 ms each), so that a class taken from every
 # tick or two is not mistaken for an idle one.
 PRESSED_SECONDS = 0.5
-# The sweep looks this often at most: reading the slots through cffi costs a
-# few microseconds, and a busy daemon ticks every 20 ms.
-SWEEP_SECONDS = 0.1
+
+
+def shelf_state(kind: int, who: int) -> int:
+    """A slot's state word: EMPTY, FULL with a class id, or BUSY with a rack index (native/layout.h)."""
+    return kind | who << lib.SLITTER_SHELF_WHO_SHIFT
+
+
+def kind_of(state: int) -> int:
+    """EMPTY, FULL or BUSY (or garbage) of a state word."""
+    return state & lib.SLITTER_SHELF_KIND_MASK
+
+
+def who_of(state: int) -> int:
+    """The class id of a FULL state, the rack index (or SLITTER_SHELF_DAEMON) of a BUSY one."""
+    return state >> lib.SLITTER_SHELF_WHO_SHIFT
+
+
+def slot_states(shared) -> list[int]:
+    """Every slot's state word, read in one C call (``shared``: the struct slitter_shelf)."""
+    out = array("I", bytes(4 * lib.SLITTER_SHELF_SLOTS))
+    lib.slitter_shelf_states(shared, ffi.from_buffer("uint32_t[]", out))
+    return out.tolist()
 
 
 class Shelf:
@@ -40,10 +61,9 @@ class Shelf:
         #: The full slots of a class nobody has taken a magazine of for this long
         #: go back to its depot (``sweep``), so that they neither fill the shelf
         #: for other classes nor hide free objects from refills (option shelf_idle).
-        self.idle_seconds = 5.0
+        self.idle_seconds = SHELF_IDLE_SECONDS
         #: Per class with full slots: its takes counter, and when it last moved.
         self._takes: dict[int, tuple[int, float]] = {}
-        self._swept_at = float("-inf")
 
     @staticmethod
     def tags(indexes: list[int]) -> list[int]:
@@ -65,10 +85,9 @@ class Shelf:
         out of a slot's tag, so until ``release`` the tag says exactly which
         objects the slot has.
         """
-        busy = lib.SLITTER_SHELF_BUSY | rack_index << 8
+        busy = shelf_state(lib.SLITTER_SHELF_BUSY, rack_index)
         held = []
-        for index in range(lib.SLITTER_SHELF_SLOTS):
-            state = self.shared.slots[index].state
+        for index, state in enumerate(slot_states(self.shared)):
             if state == busy or (everything and lib.slitter_shelf_seize(self.shared, index, state)):
                 held.append(index)
         return held
@@ -91,15 +110,12 @@ class Shelf:
         claims it first keeps it), drained handle by handle under the slot's
         tag, and freed.  Returns the objects taken back.
         """
-        if now - self._swept_at < SWEEP_SECONDS:
-            return 0
-        self._swept_at = now
         shelf = self.shared
-        states = [shelf.slots[index].state for index in range(lib.SLITTER_SHELF_SLOTS)]
-        slots_of: dict[int, int] = {}
+        states = slot_states(shelf)
+        slots_of: dict[int, int] = {}  # full slots, by class
         for state in states:
-            if state & 0xFF == lib.SLITTER_SHELF_FULL and state >> 8 in self.depots:
-                slots_of[state >> 8] = slots_of.get(state >> 8, 0) + 1
+            if kind_of(state) == lib.SLITTER_SHELF_FULL and who_of(state) in self.depots:
+                slots_of[who_of(state)] = slots_of.get(who_of(state), 0) + 1
         # A class that leaves the shelf and shows up again starts a new clock.
         self._takes = {cid: seen for cid, seen in self._takes.items() if cid in slots_of}
         idle_since = []
@@ -110,26 +126,29 @@ class Shelf:
                 self._takes[class_id] = (takes, now)
             else:
                 idle_since.append((since, class_id))
-        idle_since.sort()  # the longest idle first
-        drain = {cid for since, cid in idle_since if now - since >= self.idle_seconds}
+        # The longest idle first: those idle for idle_seconds all go, and
+        # after them, while the shelf is pressed, those idle for PRESSED_SECONDS.
+        idle_since.sort()
         empty, wanted = states.count(lib.SLITTER_SHELF_EMPTY), lib.SLITTER_SHELF_SLOTS // 4
-        empty += sum(slots_of[cid] for cid in drain)
+        drain = set()
         for since, class_id in idle_since:
-            if empty >= wanted or now - since < PRESSED_SECONDS:
-                break
-            if class_id not in drain:
+            idle = now - since
+            if idle >= self.idle_seconds or (idle >= PRESSED_SECONDS and empty < wanted):
                 drain.add(class_id)
                 empty += slots_of[class_id]
+        if not drain:
+            return 0
         moved = 0
-        out = ffi.new("uint64_t[]", lib.SLITTER_MAG_CAP) if drain else None
+        out = array("Q", bytes(8 * lib.SLITTER_MAG_CAP))
+        buf = ffi.from_buffer("uint64_t[]", out)
         for index, state in enumerate(states):
-            class_id = state >> 8
-            if state & 0xFF != lib.SLITTER_SHELF_FULL or class_id not in drain:
+            class_id = who_of(state)
+            if kind_of(state) != lib.SLITTER_SHELF_FULL or class_id not in drain:
                 continue
             if not lib.slitter_shelf_seize(shelf, index, state):
                 continue  # a client took it first
-            n = lib.slitter_shelf_drain(self.arena.view, shelf, index, class_id, out)
-            self.depots[class_id].give(copy_handles(out, n))
+            n = lib.slitter_shelf_drain(self.arena.view, shelf, index, class_id, buf)
+            self.depots[class_id].give(out[:n])
             lib.slitter_shelf_release(shelf, index)
             moved += n
         if moved:
@@ -154,9 +173,8 @@ class Shelf:
         the depots; ``release`` empties it afterwards.
         """
         held = []
-        for index in range(lib.SLITTER_SHELF_SLOTS):
-            state = self.shared.slots[index].state
-            kind, who = state & 0xFF, state >> 8
+        for index, state in enumerate(slot_states(self.shared)):
+            kind, who = kind_of(state), who_of(state)
             held_by_rack = kind == lib.SLITTER_SHELF_BUSY and who < self.arena.geometry.max_racks
             live_holder = held_by_rack and adopted_tags[lib.SLITTER_TAG_BASE + who]
             keep = any_adopted and (state == lib.SLITTER_SHELF_EMPTY or live_holder

@@ -15,22 +15,14 @@ import random
 import time
 
 import pytest
-from conftest import start_spawned, wait_reclaimed
+from conftest import collect_spawned, start_spawned, wait_reclaimed
 
 import slitter
 import workers
-from slitter._native import ffi, lib
+from slitter._native import lib
+from slitterd.shelf import kind_of, shelf_state
 
 SIZE = 4096  # 256 handles a magazine: a stream of a few magazines stays small
-
-
-def _shelf(heap):
-    return ffi.cast("struct slitter_shelf *", heap._shelf.ptr)
-
-
-def _slots(heap, state: int) -> list[int]:
-    shelf = _shelf(heap)
-    return [i for i in range(lib.SLITTER_SHELF_SLOTS) if shelf.slots[i].state == state]
 
 
 def _capacity(heap, cls) -> int:
@@ -44,7 +36,7 @@ def _balanced(figures: dict) -> bool:
 def _shelve_one(heap, cls) -> int:
     """One magazine of ``cls`` on the shelf; returns its slot."""
     workers.shelve_one(heap, cls)
-    (index,) = _slots(heap, lib.SLITTER_SHELF_FULL | cls.id << 8)
+    (index,) = workers.slots_in_state(heap, shelf_state(lib.SLITTER_SHELF_FULL, cls.id))
     return index
 
 
@@ -68,7 +60,7 @@ def test_a_stream_between_processes_sends_no_refill_and_no_flush(heap, daemon):
             here.send_bytes(handles.tobytes())
             assert here.poll(60) and here.recv_bytes() == b"ok"
         here.send_bytes(b"")
-        (result,) = [queue.get(timeout=60)]
+        (result,) = collect_spawned(procs, queue, timeout=60, join_timeout=30)
     finally:
         for p in procs:
             p.join(30)
@@ -86,7 +78,7 @@ def test_a_forged_slot_entry_is_refused_never_handed_out(daemon):
     with slitter.connect(daemon.address) as putter, slitter.connect(daemon.address) as taker:
         cls = putter.register_class("shelf-forged", size=SIZE)
         index = _shelve_one(putter, cls)
-        slot = _shelf(putter).slots[index]
+        slot = workers.shelf_of(putter).slots[index]
         live = cls.allocate()  # ours, live
         count = slot.count
         # Taken from the top: a live object, an interior pointer, and a duplicate of another entry.
@@ -99,7 +91,7 @@ def test_a_forged_slot_entry_is_refused_never_handed_out(daemon):
         assert live not in got and live + 16 not in got
         assert len(set(got)) == len(got)
         assert taker.stats()["classes"]["shelf-forged"]["errors"]["corrupt"] == 3
-        assert _slots(putter, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
+        assert workers.slots_in_state(putter, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
         cls.release(live)  # still live, still ours: released once
         with pytest.raises(slitter.DoubleFree):
             cls.release(live)
@@ -114,11 +106,10 @@ def test_a_forged_slot_entry_is_refused_never_handed_out(daemon):
 def test_a_client_dying_with_a_slot_in_hand_gives_its_objects_back(heap, daemon):
     cls = heap.register_class("shelf-held", size=SIZE)
     procs, queue = start_spawned(workers.shelf_holder_dies, [(daemon.address, SIZE)])
-    index, count = queue.get(timeout=60)
-    procs[0].join(30)
+    ((index, count),) = collect_spawned(procs, queue, timeout=60, join_timeout=30)
     assert procs[0].exitcode == -9
     wait_reclaimed(heap, procs[0].pid, time.monotonic())
-    assert _shelf(heap).slots[index].state == lib.SLITTER_SHELF_EMPTY
+    assert workers.shelf_of(heap).slots[index].state == lib.SLITTER_SHELF_EMPTY
     figures = heap.stats()["classes"]["shelf-held"]
     assert figures["shelved"] == figures["cached"] == figures["live"] == 0, figures
     assert figures["free"] == figures["carved"] >= 2 * count, figures
@@ -131,14 +122,14 @@ def test_a_full_slot_is_counted_cached_and_goes_back_when_the_last_client_leaves
     with slitter.connect(daemon.address) as heap:
         cls = heap.register_class("shelf-last", size=SIZE)
         index = _shelve_one(heap, cls)
-        count = _shelf(heap).slots[index].count
+        count = workers.shelf_of(heap).slots[index].count
         figures = heap.stats()["classes"]["shelf-last"]
         assert figures["shelved"] == count == _capacity(heap, cls)
         assert figures["cached"] >= count and _balanced(figures), figures
     with slitter.connect(daemon.address) as after:
         figures = after.stats()["classes"]["shelf-last"]
         assert figures["shelved"] == figures["cached"] == 0 and figures["free"] == figures["carved"], figures
-        assert _slots(after, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
+        assert workers.slots_in_state(after, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
 
 
 def test_full_slots_nobody_takes_go_back_to_the_depot():
@@ -146,14 +137,14 @@ def test_full_slots_nobody_takes_go_back_to_the_depot():
             slitter.connect(address) as heap:
         cls = heap.register_class("shelf-idle", size=SIZE)
         index = _shelve_one(heap, cls)
-        count = _shelf(heap).slots[index].count
+        count = workers.shelf_of(heap).slots[index].count
         before = heap.stats()["classes"]["shelf-idle"]
         assert before["shelved"] == count and before["free"] == 0, before
         deadline = time.monotonic() + 20  # swept after 0.2-0.4 s of no take (--shelf-idle)
         while (after := heap.stats()["classes"]["shelf-idle"])["shelved"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert after["shelved"] == 0 and after["free"] == count and _balanced(after), after
-        assert _shelf(heap).slots[index].state == lib.SLITTER_SHELF_EMPTY
+        assert workers.shelf_of(heap).slots[index].state == lib.SLITTER_SHELF_EMPTY
         assert after["shelf_takes"] == before["shelf_takes"]  # the daemon's sweep is not a client's take
         got = cls.allocate_many(3 * count)  # ours, then the depot's (the swept ones among them), each once
         assert len(set(got)) == len(got)
@@ -190,7 +181,7 @@ def test_a_nearly_full_shelf_gives_back_the_magazines_nobody_takes():
             time.sleep(0.05)
         stats = heap.stats()["classes"]
         assert stats[first]["shelved"] == 0 and stats[first]["free"] >= per_class * cap, stats[first]
-        assert len(_slots(heap, lib.SLITTER_SHELF_EMPTY)) >= lib.SLITTER_SHELF_SLOTS // 4
+        assert len(workers.slots_in_state(heap, lib.SLITTER_SHELF_EMPTY)) >= lib.SLITTER_SHELF_SLOTS // 4
         assert all(_balanced(figures) for figures in stats.values()), stats
         time.sleep(1.0)  # a quarter empty again: the others wait for their hour
         stats = heap.stats()["classes"]
@@ -202,14 +193,14 @@ def test_a_restarted_daemon_keeps_the_shelf_for_an_adopted_client(manual_daemon)
     with slitter.connect(d.address) as heap:
         cls = heap.register_class("shelf-restart", size=SIZE)
         index = _shelve_one(heap, cls)
-        count = _shelf(heap).slots[index].count
+        count = workers.shelf_of(heap).slots[index].count
         d.kill()
         d.start()  # adopts our rack: we still run
         figures = heap.stats()["classes"]["shelf-restart"]
         assert figures["shelved"] == count and _balanced(figures), figures
-        taken = _shelf(heap).takes[cls.id]
+        taken = workers.shelf_of(heap).takes[cls.id]
         got = cls.allocate_many(2 * count)  # our allocation magazine, then the shelf's
-        assert _shelf(heap).takes[cls.id] == taken + 1
+        assert workers.shelf_of(heap).takes[cls.id] == taken + 1
         assert len(set(got)) == len(got)
         cls.release_many(got)
 
@@ -228,7 +219,7 @@ def test_a_restarted_daemon_that_adopts_nobody_empties_the_shelf(manual_daemon):
             assert figures["carved"] >= 2 * count
             assert figures["shelved"] == figures["cached"] == figures["live"] == 0, figures
             assert figures["free"] == figures["carved"], figures
-            assert _slots(heap, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
+            assert workers.slots_in_state(heap, lib.SLITTER_SHELF_EMPTY) == list(range(lib.SLITTER_SHELF_SLOTS))
     finally:
         for p in procs:
             p.kill()
@@ -247,13 +238,14 @@ def test_garbage_on_the_shelf_never_hands_out_a_live_or_cached_object_twice(daem
             victim.view(h)[:8] = h.to_bytes(8, "little")
         mine = set(theirs.allocate_many(cap))  # the attacker's own live objects
         candidates = [*live, *mine, live[0] + 16, 0, 1 << 47, rng.randrange(1 << 64)]
-        shelf = _shelf(attacker)
+        shelf = workers.shelf_of(attacker)
         for round_ in range(30):
             for i in range(lib.SLITTER_SHELF_SLOTS):
                 slot = shelf.slots[i]
-                slot.state = rng.choice((lib.SLITTER_SHELF_EMPTY, lib.SLITTER_SHELF_FULL | cls.id << 8,
-                                         lib.SLITTER_SHELF_FULL | rng.randrange(1 << 24) << 8,
-                                         lib.SLITTER_SHELF_BUSY | rng.randrange(256) << 8, rng.randrange(1 << 32)))
+                slot.state = rng.choice((lib.SLITTER_SHELF_EMPTY, shelf_state(lib.SLITTER_SHELF_FULL, cls.id),
+                                         shelf_state(lib.SLITTER_SHELF_FULL, rng.randrange(1 << 24)),
+                                         shelf_state(lib.SLITTER_SHELF_BUSY, rng.randrange(256)),
+                                         rng.randrange(1 << 32)))
                 slot.count = rng.choice((0, 1, 5, cap, lib.SLITTER_MAG_CAP, (1 << 32) - 1))
                 for j in rng.sample(range(lib.SLITTER_MAG_CAP), 64):
                     slot.handles[j] = rng.choice(candidates)
@@ -298,7 +290,7 @@ def instance():
 
 
 def _busy(who: int) -> int:
-    return lib.SLITTER_SHELF_BUSY | who << 8
+    return shelf_state(lib.SLITTER_SHELF_BUSY, who)
 
 
 def test_a_reclaim_scans_only_slots_the_daemon_or_the_dead_client_holds(instance, monkeypatch):
@@ -306,7 +298,7 @@ def test_a_reclaim_scans_only_slots_the_daemon_or_the_dead_client_holds(instance
     dead = instance.racks.attach(os.getpid(), "dead", None)
     alive = instance.racks.attach(os.getpid(), "alive", None)
     shelf.slots[3].state = _busy(dead.rack_index)         # it died mid-put
-    shelf.slots[5].state = lib.SLITTER_SHELF_FULL | 1 << 8  # someone's full magazine
+    shelf.slots[5].state = shelf_state(lib.SLITTER_SHELF_FULL, 1)  # someone's full magazine
     seen = []
     scan = instance._reclaim_tags
 
@@ -319,7 +311,7 @@ def test_a_reclaim_scans_only_slots_the_daemon_or_the_dead_client_holds(instance
     instance.reclaim(dead, "died")
     assert seen[-1] == {3: _busy(dead.rack_index)}  # still BUSY during the scan: nobody can claim it
     assert shelf.slots[3].state == lib.SLITTER_SHELF_EMPTY
-    assert shelf.slots[5].state == lib.SLITTER_SHELF_FULL | 1 << 8  # another client's: left alone
+    assert shelf.slots[5].state == shelf_state(lib.SLITTER_SHELF_FULL, 1)  # another client's: left alone
     instance.reclaim(alive, "detached")  # the last client: the whole shelf, each slot held by the daemon
     assert seen[-1] == {i: _busy(lib.SLITTER_SHELF_DAEMON) for i in range(lib.SLITTER_SHELF_SLOTS)}
     assert all(shelf.slots[i].state == lib.SLITTER_SHELF_EMPTY for i in range(lib.SLITTER_SHELF_SLOTS))
@@ -332,7 +324,8 @@ def test_recovery_scans_only_slots_the_daemon_or_a_dead_client_holds(instance, m
     shelf = instance.arena.shelf
     if adopt:
         adopted = instance.racks.attach(os.getpid(), "runs on", None)  # our pid lives: the next daemon adopts it
-    states = {0: lib.SLITTER_SHELF_EMPTY, 1: lib.SLITTER_SHELF_FULL | 1 << 8, 2: lib.SLITTER_SHELF_FULL | 99 << 8,
+    states = {0: lib.SLITTER_SHELF_EMPTY, 1: shelf_state(lib.SLITTER_SHELF_FULL, 1),
+              2: shelf_state(lib.SLITTER_SHELF_FULL, 99),
               3: _busy(adopted.rack_index if adopt else 5), 4: _busy(7), 5: _busy(lib.SLITTER_SHELF_DAEMON),
               6: 0xDEADBEEF}
     for i, state in states.items():
@@ -349,7 +342,7 @@ def test_recovery_scans_only_slots_the_daemon_or_a_dead_client_holds(instance, m
     successor.recover()
     # At the scan, every slot either keeps its tag or is held, so no client can claim it mid-scan.
     for i, (kept, state) in decided[0].items():
-        assert kept or state & 0xFF == lib.SLITTER_SHELF_BUSY, (i, kept, hex(state))
+        assert kept or kind_of(state) == lib.SLITTER_SHELF_BUSY, (i, kept, hex(state))
     if adopt:
         assert {i for i, (kept, _) in decided[0].items() if kept} == {0, 1, 3}
         assert decided[0][4][1] == _busy(7)  # a dead holder's slot, as it was

@@ -388,10 +388,24 @@ def shelf_consumer(address, size, conn, queue):
             handles = array("Q")
             handles.frombytes(raw)
             cls.check(handles)
-            bad += sum(bytes(heap.view(h)) != stamp(h, size) for h in handles)
+            bad += verify(heap, [(cls, h) for h in handles])
             cls.release_many(handles)
             conn.send_bytes(b"ok")
         queue.put({"bad": bad, "flushes": heap._transport.sent["flush"], "refills": heap._transport.sent["refill"]})
+
+
+def shelf_of(heap):
+    """The client's mapping of the shelf, as a struct slitter_shelf."""
+    from slitter._native import ffi
+
+    return ffi.cast("struct slitter_shelf *", heap._shelf.ptr)
+
+
+def slots_in_state(heap, state: int) -> list[int]:
+    """The indexes of the shelf slots whose state word is ``state``."""
+    from slitterd.shelf import slot_states
+
+    return [i for i, seen in enumerate(slot_states(shelf_of(heap))) if seen == state]
 
 
 def shelve_one(heap, cls) -> int:
@@ -409,16 +423,16 @@ def shelf_holder_dies(address, size, queue):
     import os
     import signal
 
-    from slitter._native import ffi, lib
+    from slitter._native import lib
+    from slitterd.shelf import shelf_state
 
     heap = slitter.connect(address, name="holder")
     cls = heap.register_class("shelf-held", size=size)
     shelve_one(heap, cls)
-    shelf = ffi.cast("struct slitter_shelf *", heap._shelf.ptr)
-    full = lib.SLITTER_SHELF_FULL | cls.id << 8
-    index = next(i for i in range(lib.SLITTER_SHELF_SLOTS) if shelf.slots[i].state == full)
+    shelf = shelf_of(heap)
+    (index,) = slots_in_state(heap, shelf_state(lib.SLITTER_SHELF_FULL, cls.id))
     rack_index = heap._client.cache_tag - lib.SLITTER_TAG_BASE
-    shelf.slots[index].state = lib.SLITTER_SHELF_BUSY | rack_index << 8
+    shelf.slots[index].state = shelf_state(lib.SLITTER_SHELF_BUSY, rack_index)
     queue.put((index, shelf.slots[index].count))
     queue.close()
     queue.join_thread()  # the item is in the pipe before we die
