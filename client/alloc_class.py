@@ -142,6 +142,8 @@ class Class:
         """
         batch = self._checked(handles, "viewed as")
         arena, size = self._heap._arena, self.size
+        if arena is None:  # closed by another thread since the check
+            raise self._heap._closed_error()
         return [arena[h:h + size] for h in batch]
 
     def _checked(self, handles: Iterable[int], verb: str) -> array:

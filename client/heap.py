@@ -10,10 +10,12 @@ ever cached twice.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from array import array
 from collections.abc import Iterable
@@ -35,6 +37,30 @@ _NOT_A_U48 = -1 - lib.SLITTER_ERR_FOREIGN_ADDRESS
 _ORPHANS: list[object] = []  # a forked child's inherited transports: never touched, never freed
 
 
+def _in_use(method):
+    """A slow-path method: it runs only on an open heap, and ``close`` waits for it before unmapping.
+
+    The slow path reads the mappings (guard pages, class names, the view
+    the checks use) and the transport; a thread still in it when another
+    closes the heap would touch them after they are gone.
+    """
+    @functools.wraps(method)
+    def guarded(self: Heap, *args: Any, **kwargs: Any) -> Any:
+        with self._idle:
+            if self._closed:
+                raise self._closed_error()
+            self._users += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            with self._idle:
+                self._users -= 1
+                if self._users == 0:
+                    self._idle.notify_all()
+
+    return guarded
+
+
 class Heap:
     """A connection to slitterd.  Use ``slitter.connect()``; close it, or use ``with``."""
 
@@ -50,6 +76,8 @@ class Heap:
         self._client = ffi.new("struct slitter_client *")
         self._view = ffi.addressof(self._client[0], "view")
         self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)  # notified when the last slow path under way is done
+        self._users = 0  # threads in a slow path (_in_use)
         self._data: Mapping | None = None
         self._tables = self._live_map = self._rack = self._shelf = None
         self._guards: GuardApplier | None = None
@@ -133,11 +161,16 @@ class Heap:
             self._rack.close()
         _ORPHANS.append(self._transport)
         self._transport = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the parent's threads, and whatever they held, are not here
+        self._idle = threading.Condition(self._lock)
+        self._users = 0
+
+    def _closed_error(self) -> errors.SlitterError:
+        return errors.SlitterError(f"the heap of {self.address} is closed")
 
     def _ensure_attached(self) -> None:
         if self._closed:
-            raise errors.SlitterError(f"the heap of {self.address} is closed")
+            raise self._closed_error()
         if self._transport is None:
             with self._lock:
                 if self._transport is None:
@@ -153,12 +186,30 @@ class Heap:
     def close(self) -> None:
         """Detach: the daemon takes back every cached object.  Idempotent.
 
-        Views already taken stay valid until they are dropped.
+        Other threads may still be using the heap: from the moment ``close``
+        starts, their calls raise SlitterError ("closed"), and it detaches
+        only once none of them is inside the heap any more (a slow path
+        waiting for the daemon is waited for).  Views already taken stay
+        valid until they are dropped.
         """
-        if self._closed:
-            return
-        self._closed = True
-        _OPEN_HEAPS.discard(self)
+        with self._idle:
+            if self._closed:
+                return
+            self._closed = True  # no slow path starts from now on (_in_use)
+            _OPEN_HEAPS.discard(self)
+            # Nor does any fast path: every thread's next native call finds
+            # epoch 0 and leaves for the slow path, which raises.  This comes
+            # before the detach, whose reclaim frees what the rack caches: a
+            # thread allocating from its magazine meanwhile would hold an
+            # object the depot also has.  Native calls hold the GIL, so none
+            # is running now, except inside a hook (below).
+            lib.slitter_client_close(self._client)
+            while self._users:
+                self._idle.wait()
+        # A thread inside a fast-path hook runs Python; when the hook returns,
+        # its native frame still uses the rack.  Hooks never block.
+        while self._client.in_hook:
+            time.sleep(0.0005)
         transport, self._transport = self._transport, None
         if transport is not None:
             try:
@@ -168,7 +219,6 @@ class Heap:
                 if getattr(exc, "code", None) is not ErrorCode.UNKNOWN_CLIENT:
                     log.warning("detach from %s failed: %s", self.address, exc)
             transport.close()
-        lib.slitter_client_close(self._client)
         for mapping in (self._rack, self._shelf, self._live_map, self._tables):
             if mapping is not None:
                 mapping.close()
@@ -192,6 +242,7 @@ class Heap:
             self._class_keys[class_id] = key
         return key
 
+    @_in_use
     def register_class(self, name: str, size: int, *, zero_init: bool = False, policy: str | None = None,
                        cap: int | None = None) -> Class:
         """The class ``name`` of ``size``-byte objects, created on first registration.
@@ -215,6 +266,7 @@ class Heap:
         return cls
 
     @property
+    @_in_use
     def arena(self) -> memoryview:
         """The whole data segment, writable: the object of handle ``h`` is ``arena[h:h + size]``.
 
@@ -226,7 +278,7 @@ class Heap:
         """
         self._ensure_attached()
         if self._arena is None:
-            raise errors.SlitterError(f"the heap of {self.address} is closed")
+            raise self._closed_error()
         self._apply_guards()
         return self._arena
 
@@ -245,9 +297,10 @@ class Heap:
             return arena[handle:handle + size]
         return self._view_slow(handle, size)
 
+    @_in_use
     def _view_slow(self, handle: int, size: int) -> memoryview:
         if self._arena is None or self._closed:
-            raise errors.SlitterError(f"the heap of {self.address} is closed")
+            raise self._closed_error()
         if size == lib.SLITTER_VIEW_DETACHED:  # a forked child: get its own rack first
             self._ensure_attached()
             return self.view(handle)
@@ -258,12 +311,14 @@ class Heap:
         owner = self._class_name(class_id) if class_id else None
         raise _fastpath.release_error(kind, handle, owner, owner, "viewed in")
 
+    @_in_use
     def stats(self) -> dict[str, Any]:
         """{"instance": {...}, "classes": {name: {...}}, "clients": [...]} from the daemon."""
         self._ensure_attached()
         reply = self._call(Op.STATS)
         return {k: reply[k] for k in ("instance", "classes", "clients")}
 
+    @_in_use
     def audit(self, since: int = 0, limit: int = 1000) -> dict[str, Any]:
         """The daemon's audit log after sequence ``since``: entries, next, counters, dropped.
 
@@ -288,6 +343,7 @@ class Heap:
     def _class_name(self, class_id: int) -> str:
         return ffi.string(self._classes_table[class_id].name).decode()
 
+    @_in_use
     def _bind(self, cls: Class) -> int:
         self._ensure_attached()
         self._apply_guards()
@@ -301,6 +357,7 @@ class Heap:
                                       class_name=cls.name)
         return slot
 
+    @_in_use
     def _allocate_slow(self, cls: Class) -> int:
         for _ in range(8):
             slot = self._bind(cls)
@@ -314,6 +371,7 @@ class Heap:
                 return handle
         raise errors.SlitterError(f"class '{cls.name}': refills brought no usable object", class_name=cls.name)
 
+    @_in_use
     def _allocate_many_slow(self, cls: Class, out: array, got: int) -> None:
         buf = ffi.from_buffer("uint64_t[]", out)
         n = len(out)
@@ -351,6 +409,7 @@ class Heap:
             result = lib.slitter_check_many_key(cls._key, buf, len(batch), bad)
         return result
 
+    @_in_use
     def _check_live(self, cls: Class, handles: Iterable[int], verb: str) -> array:
         """The handles as array('Q') if every one is a live object of ``cls``; else raise for the first bad one."""
         self._ensure_attached()  # closed: raise; a forked child: its own rack first
@@ -366,6 +425,7 @@ class Heap:
                 raise self._release_error(cls, batch[bad[0]], -1 - result, verb)
         return batch
 
+    @_in_use
     def _release_many(self, cls: Class, handles: Iterable[int], *, whole_tried: bool = False) -> None:
         """release_many's general path; ``whole_tried``: the batch call on all of it said NEED_SLOW."""
         batch, not_u64 = self._u64_batch(handles)
@@ -399,6 +459,7 @@ class Heap:
             if result == _fastpath.NEED_FLUSH or (result == _fastpath.NEED_SLOW and done < n):
                 self._flush(cls, self._bind(cls))
 
+    @_in_use
     def _whole_batch_released(self, cls: Class, batch: array, result: int) -> None:
         """After a release_many call on the whole batch: flush if it asks, or report its refusal."""
         if result == _fastpath.NEED_FLUSH:
@@ -407,6 +468,7 @@ class Heap:
             index, kind = _fastpath.batch_refusal(result)
             self._refused(cls, batch[index], kind, released=0)
 
+    @_in_use
     def _release_slow(self, cls: Class, handle: int, result: int) -> None:
         for _ in range(8):
             if result < 0:
@@ -432,6 +494,7 @@ class Heap:
             transport.send_nowait(op, client=self._client_id, token=self._token, thread=thread,
                                   class_id=class_id, **self._ahead_flags, **flag)
 
+    @_in_use
     def _flush(self, cls: Class, slot: int) -> None:
         reply = self._call(Op.FLUSH, thread=slot, class_id=cls.id)
         for handle, kind in reply["refused"]:
@@ -446,6 +509,7 @@ class Heap:
             owner = self._class_name(owner_id) if owner_id else None
         return _fastpath.release_error(kind, handle, cls.name, owner, verb)
 
+    @_in_use
     def _refused(self, cls: Class, handle: object, kind: int, *, counted: bool = True,
                  released: int | None = None) -> None:
         """A release was refused: report it, then apply the error policy.

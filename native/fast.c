@@ -490,7 +490,9 @@ static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, st
     memcpy(tc->alloc, tc->spare, n * sizeof(uint64_t));
     tc->alloc_count = n;
     __atomic_store_n(&tc->spare_count, 0, __ATOMIC_RELEASE);
+    c->in_hook++;
     slitter_spare_taken(c, (uint32_t)(slot - c->rack->threads), class_id);
+    c->in_hook--;
     return 1;
 }
 
@@ -558,7 +560,9 @@ static SLITTER_NOINLINE int slitter__send_release_out(struct slitter_client *c, 
     memcpy(tc->outgoing, tc->release, n * sizeof(uint64_t));
     tc->release_count = 0;
     __atomic_store_n(&tc->outgoing_count, n, __ATOMIC_RELEASE);
+    c->in_hook++;
     slitter_outgoing_ready(c, (uint32_t)(slot - c->rack->threads), class_id);
+    c->in_hook--;
     return SLITTER_OK;
 }
 

@@ -37,6 +37,11 @@ struct slitter_client {
     uint64_t guards_applied;   /* runs whose guard page this process has protected */
     uint8_t cache_tag;         /* SLITTER_TAG(rack index): the live byte of our cached objects */
     struct slitter_shelf *shelf;   /* NULL: magazines go through the daemon only (last: the hot fields keep their offsets) */
+    /* Threads inside slitter_spare_taken or slitter_outgoing_ready, which run
+     * Python and may let other threads run: their native frame still uses
+     * the rack when the hook returns, so Heap.close() unmaps nothing until
+     * this is 0.  Changed and read with the GIL held. */
+    uint32_t in_hook;
 };
 
 /**

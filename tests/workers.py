@@ -447,3 +447,147 @@ def shelf_and_wait(address, size, queue):
     cls = heap.register_class("shelf-restart", size=size)
     queue.put(shelve_one(heap, cls))
     time.sleep(600)
+
+
+def close_during_hook(address, queue):
+    """Close the heap while another thread is inside the fast path's prefetch hook; report what each saw.
+
+    Runs in its own process: were the rack unmapped under the hooked thread,
+    the process would die of SIGSEGV rather than take the test run with it.
+    """
+    import threading
+
+    from slitter._native import lib
+    from slitter.protocol import Op
+
+    heap = slitter.connect(address, name="closer")
+    cls = heap.register_class("close-hook", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    inside, go = threading.Event(), threading.Event()
+
+    def hook_blocks(op, thread, class_id, **flag):  # the prefetch hook, held open
+        if op is Op.REFILL:
+            inside.set()
+            go.wait(60)
+
+    heap._send_ahead = hook_blocks
+    seen = {}
+
+    def allocate_on():
+        # The first allocate refills the allocation magazine and the spare; the
+        # one after cap more takes the spare, and its hook blocks.
+        held = [cls.allocate() for _ in range(cap + 1)]
+        seen["held"] = len(held)
+        try:
+            cls.allocate()
+            seen["after"] = "allocated"
+        except slitter.SlitterError as exc:
+            seen["after"] = str(exc)
+
+    worker = threading.Thread(target=allocate_on)
+    worker.start()
+    assert inside.wait(60), "the prefetch hook never ran"
+    closer = threading.Thread(target=heap.close)
+    closer.start()
+    closer.join(0.5)
+    seen["close_waited"] = closer.is_alive()  # it must: the hooked thread's native frame uses the rack
+    seen["epoch"] = int(heap._client.epoch)  # yet the fast path is stopped already
+    go.set()
+    worker.join(60)
+    closer.join(60)
+    with slitter.connect(address) as other:
+        seen["figures"] = other.stats()["classes"]["close-hook"]
+    queue.put(seen)
+
+
+def close_under_load(address, rounds, queue):
+    """Open a heap, let three threads hammer it, close it at a random moment; ``rounds`` times.
+
+    Reports how each thread ended: the closed heap's SlitterError, or anything else.
+    """
+    import collections
+    import random
+    import threading
+    import time
+
+    ends = collections.Counter()
+    for round_ in range(rounds):
+        heap = slitter.connect(address, name="closed-under-load")
+        classes = [heap.register_class("load-64", size=64), heap.register_class("load-4k", size=4096)]
+
+        def work(seed):
+            rng = random.Random(seed)
+            held = []
+            try:
+                while True:
+                    cls = classes[seed % 2]
+                    op = rng.random()
+                    if op < 0.3:
+                        h = cls.allocate()
+                        heap.view(h)[:8] = b"slitter!"
+                        held.append(h)
+                    elif op < 0.5 and held:
+                        cls.release(held.pop())
+                    elif op < 0.7:
+                        held.extend(cls.allocate_many(rng.randrange(1, 300)))
+                    elif held:
+                        k = rng.randrange(len(held) + 1)
+                        batch, held[:k] = held[:k], []
+                        cls.check(batch)
+                        cls.release_many(batch if rng.random() < 0.5 else array("Q", batch))
+            except slitter.SlitterError as exc:
+                ends["closed" if str(exc).endswith("is closed") else f"SlitterError: {exc}"] += 1
+            except Exception as exc:  # noqa: BLE001 - what the test must never see
+                ends[f"{type(exc).__name__}: {exc}"] += 1
+
+        threads = [threading.Thread(target=work, args=(round_ * 3 + i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(random.Random(round_).uniform(0, 0.03))
+        heap.close()
+        for t in threads:
+            t.join(60)
+    queue.put(dict(ends))
+
+
+def close_during_slow_path(address, queue):
+    """Close the heap while another thread's refill waits for the daemon; report what each saw."""
+    import threading
+
+    from slitter.protocol import Op
+
+    heap = slitter.connect(address, name="closer")
+    cls = heap.register_class("close-slow", size=64)
+    inside, go = threading.Event(), threading.Event()
+    transport = heap._transport
+    call = transport.call
+
+    def slow_daemon(op, **args):  # a refill that takes its time
+        if op is Op.REFILL:
+            inside.set()
+            go.wait(60)
+        return call(op, **args)
+
+    transport.call = slow_daemon
+    seen = {}
+
+    def allocate():
+        try:
+            cls.allocate()  # unbound: the slow path refills
+            seen["after"] = "allocated"
+        except slitter.SlitterError as exc:
+            seen["after"] = str(exc)
+
+    worker = threading.Thread(target=allocate)
+    worker.start()
+    assert inside.wait(60), "the refill never started"
+    closer = threading.Thread(target=heap.close)
+    closer.start()
+    closer.join(0.5)
+    seen["close_waited"] = closer.is_alive()  # it must: the slow path reads the mappings after its refill
+    go.set()
+    worker.join(60)
+    closer.join(60)
+    with slitter.connect(address) as other:
+        seen["figures"] = other.stats()["classes"]["close-slow"]
+    queue.put(seen)
