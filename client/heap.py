@@ -18,6 +18,7 @@ import threading
 import time
 import weakref
 from array import array
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,21 +43,26 @@ def _in_use(method):
 
     The slow path reads the mappings (guard pages, class names, the view
     the checks use) and the transport; a thread still in it when another
-    closes the heap would touch them after they are gone.
+    closes the heap would touch them after they are gone.  A thread is
+    entered in ``_inside`` (deque append and remove are atomic) before it
+    looks at ``_closed``, and ``close`` sets ``_closed`` before it waits
+    for ``_inside`` to empty, so one of the two always sees the other.  A
+    close that had to wait for this very thread (``_close_pending``) is
+    finished when the thread leaves its outermost slow-path call.
     """
     @functools.wraps(method)
     def guarded(self: Heap, *args: Any, **kwargs: Any) -> Any:
-        with self._idle:
+        me = threading.get_ident()
+        inside = self._inside
+        inside.append(me)
+        try:
             if self._closed:
                 raise self._closed_error()
-            self._users += 1
-        try:
             return method(self, *args, **kwargs)
         finally:
-            with self._idle:
-                self._users -= 1
-                if self._users == 0:
-                    self._idle.notify_all()
+            inside.remove(me)
+            if self._close_pending and me not in inside:
+                self._finish_pending_close()
 
     return guarded
 
@@ -76,8 +82,8 @@ class Heap:
         self._client = ffi.new("struct slitter_client *")
         self._view = ffi.addressof(self._client[0], "view")
         self._lock = threading.RLock()
-        self._idle = threading.Condition(self._lock)  # notified when the last slow path under way is done
-        self._users = 0  # threads in a slow path (_in_use)
+        self._inside: deque[int] = deque()  # the thread of each slow-path call under way (_in_use)
+        self._close_pending = False  # close() was called from inside this heap on its own thread
         self._data: Mapping | None = None
         self._tables = self._live_map = self._rack = self._shelf = None
         self._guards: GuardApplier | None = None
@@ -162,8 +168,8 @@ class Heap:
         _ORPHANS.append(self._transport)
         self._transport = None
         self._lock = threading.RLock()  # the parent's threads, and whatever they held, are not here
-        self._idle = threading.Condition(self._lock)
-        self._users = 0
+        self._inside = deque()
+        self._close_pending = False
 
     def _closed_error(self) -> errors.SlitterError:
         return errors.SlitterError(f"the heap of {self.address} is closed")
@@ -189,27 +195,46 @@ class Heap:
         Other threads may still be using the heap: from the moment ``close``
         starts, their calls raise SlitterError ("closed"), and it detaches
         only once none of them is inside the heap any more (a slow path
-        waiting for the daemon is waited for).  Views already taken stay
-        valid until they are dropped.
+        waiting for the daemon is waited for).  Called from inside one of
+        the heap's own calls on the same thread (a signal handler, say), it
+        cannot wait for that call: the heap is closed at once, and it
+        detaches when that call has left the heap (at the end of a slow
+        path, else at the next call on the heap, else at the process's
+        exit).  Views already taken stay valid until they are dropped.
         """
-        with self._idle:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True  # no slow path starts from now on (_in_use)
-            _OPEN_HEAPS.discard(self)
-            # Nor does any fast path: every thread's next native call finds
-            # epoch 0 and leaves for the slow path, which raises.  This comes
-            # before the detach, whose reclaim frees what the rack caches: a
-            # thread allocating from its magazine meanwhile would hold an
-            # object the depot also has.  Native calls hold the GIL, so none
-            # is running now, except inside a hook (below).
-            lib.slitter_client_close(self._client)
-            while self._users:
-                self._idle.wait()
-        # A thread inside a fast-path hook runs Python; when the hook returns,
-        # its native frame still uses the rack.  Hooks never block.
-        while self._client.in_hook:
+        # Nor does any fast path: every thread's next native call finds epoch
+        # 0 and leaves for the slow path, which raises.  This comes before the
+        # detach, whose reclaim frees what the rack caches: a thread allocating
+        # from its magazine meanwhile would hold an object the depot also has.
+        # Native calls hold the GIL, so none is running now, except inside a
+        # hook: that one runs Python, and when it returns its native frame
+        # uses the rack again.
+        lib.slitter_client_close(self._client)
+        if threading.get_ident() in self._inside or lib.slitter_hooked_here(self._client):
+            self._close_pending = True
+            return
+        self._detach_and_unmap()
+
+    def _finish_pending_close(self) -> None:
+        """The close this thread could not finish from inside the heap: finish it, now that it has left."""
+        with self._lock:
+            if not self._close_pending or lib.slitter_hooked_here(self._client):
+                return
+            self._close_pending = False
+        self._detach_and_unmap()
+
+    def _detach_and_unmap(self) -> None:
+        """Once no thread is inside the heap: detach, close the socket, unmap.
+
+        Hooks never block; a slow path under way may wait for the daemon.
+        """
+        while self._inside or self._client.in_hook:
             time.sleep(0.0005)
+        _OPEN_HEAPS.discard(self)
         transport, self._transport = self._transport, None
         if transport is not None:
             try:
@@ -266,7 +291,6 @@ class Heap:
         return cls
 
     @property
-    @_in_use
     def arena(self) -> memoryview:
         """The whole data segment, writable: the object of handle ``h`` is ``arena[h:h + size]``.
 
@@ -276,6 +300,14 @@ class Heap:
         (one native call per batch) or ``view`` has checked.  It stays
         mapped while any view of it is alive, after ``close`` too.
         """
+        arena = self._arena
+        if arena is not None and lib.slitter_arena_ready(self._client):
+            return arena
+        return self._arena_slow()
+
+    @_in_use
+    def _arena_slow(self) -> memoryview:
+        """``arena`` when the heap is closed, forked or has guard pages to protect first."""
         self._ensure_attached()
         if self._arena is None:
             raise self._closed_error()
@@ -331,7 +363,8 @@ class Heap:
     @property
     def messages_sent(self) -> int:
         """Requests this heap has sent since it (re)attached; for tests and bench/."""
-        return self._transport.messages if self._transport is not None else 0
+        transport = self._transport
+        return transport.messages if transport is not None else 0
 
     # -- slow path -------------------------------------------------------
 
@@ -348,6 +381,8 @@ class Heap:
         self._ensure_attached()
         self._apply_guards()
         slot = lib.slitter_bind(self._client, cls.id)
+        if slot < 0 and self._closed:  # closed by another thread since _ensure_attached
+            raise self._closed_error()
         if slot == -1:
             raise errors.LimitExceeded(
                 f"class '{cls.name}': all {lib.SLITTER_MAX_THREADS} thread slots of this client are in use",
@@ -440,7 +475,7 @@ class Heap:
             # (slitter._batch takes an exact array('Q'), not a subclass).
             result = _fastpath.release_array(cls._key, batch if type(batch) is array else array("Q", batch))
             if result is not None and result != _fastpath.NEED_SLOW:
-                self._whole_batch_released(cls, batch, result)
+                self._batch_released(cls, batch, result)
                 return
         # Unbound, or more than the magazines' room: check the whole batch, then release in chunks.
         buf = ffi.from_buffer("uint64_t[]", batch)
@@ -459,14 +494,15 @@ class Heap:
             if result == _fastpath.NEED_FLUSH or (result == _fastpath.NEED_SLOW and done < n):
                 self._flush(cls, self._bind(cls))
 
-    @_in_use
-    def _whole_batch_released(self, cls: Class, batch: array, result: int) -> None:
+    def _batch_released(self, cls: Class, batch: array, result: int) -> None:
         """After a release_many call on the whole batch: flush if it asks, or report its refusal."""
         if result == _fastpath.NEED_FLUSH:
             self._flush(cls, self._bind(cls))
         elif result < 0:  # counted in C; none of the batch was released
             index, kind = _fastpath.batch_refusal(result)
             self._refused(cls, batch[index], kind, released=0)
+
+    _whole_batch_released = _in_use(_batch_released)  # from Class.release_many, outside any slow path
 
     @_in_use
     def _release_slow(self, cls: Class, handle: int, result: int) -> None:

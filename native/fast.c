@@ -27,9 +27,10 @@ struct slitter__tls {
     struct slitter_client *client;
     uint64_t epoch;
     struct slitter_thread_slot *slot;
+    const struct slitter_client *hooked;   /* the client whose Python hook this thread is in (slitter__call_hook) */
 };
 /* initial-exec: a %fs-relative load, not a __tls_get_addr call per access
- * (the module is dlopen'ed, but 24 bytes fit glibc's static TLS surplus). */
+ * (the module is dlopen'ed, but 32 bytes fit glibc's static TLS surplus). */
 static __thread struct slitter__tls tls __attribute__((tls_model("initial-exec")));
 
 /*
@@ -154,8 +155,10 @@ void slitter_client_forked(struct slitter_client *c)
     c->rack = NULL;
     c->shelf = NULL;  /* the parent may hold a slot: a child never touches the shelf before re-attaching */
     c->has_key = 0;   /* the key is this process's too; leak it rather than race */
+    c->in_hook = 0;   /* the threads that were in a hook are the parent's */
     tls.client = NULL;
     tls.slot = NULL;
+    tls.hooked = NULL;
 }
 
 int slitter_bind(struct slitter_client *c, uint32_t class_id)
@@ -465,6 +468,28 @@ static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, stru
 }
 
 /*
+ * Rare (once per magazine): call a Python hook (slitter_spare_taken,
+ * slitter_outgoing_ready).  The hook runs Python, which lets other threads
+ * run, Heap.close() among them; this native frame uses the rack again when
+ * the hook returns.  So close() waits while in_hook is non-zero, and asks
+ * slitter_hooked_here() whether it was itself called from inside the hook
+ * on this thread (a signal handler): then it cannot wait.  After a close
+ * (epoch 0, rack NULL) no hook is called: nobody would act on it.
+ */
+static void slitter__call_hook(struct slitter_client *c, struct slitter_thread_slot *slot, uint32_t class_id,
+                               void (*hook)(struct slitter_client *, uint32_t, uint32_t))
+{
+    if (c->epoch == 0)
+        return;
+    const struct slitter_client *outer = tls.hooked;
+    c->in_hook++;
+    tls.hooked = c;
+    hook(c, (uint32_t)(slot - c->rack->threads), class_id);
+    tls.hooked = outer;
+    c->in_hook--;
+}
+
+/*
  * Rare (once per magazine): the allocation magazine is empty.  Take the
  * release magazine's objects, else a full magazine off the shelf, else the
  * prefetched spare (and ask Python to prefetch the next one, without
@@ -490,9 +515,7 @@ static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, st
     memcpy(tc->alloc, tc->spare, n * sizeof(uint64_t));
     tc->alloc_count = n;
     __atomic_store_n(&tc->spare_count, 0, __ATOMIC_RELEASE);
-    c->in_hook++;
-    slitter_spare_taken(c, (uint32_t)(slot - c->rack->threads), class_id);
-    c->in_hook--;
+    slitter__call_hook(c, slot, class_id, slitter_spare_taken);
     return 1;
 }
 
@@ -560,9 +583,7 @@ static SLITTER_NOINLINE int slitter__send_release_out(struct slitter_client *c, 
     memcpy(tc->outgoing, tc->release, n * sizeof(uint64_t));
     tc->release_count = 0;
     __atomic_store_n(&tc->outgoing_count, n, __ATOMIC_RELEASE);
-    c->in_hook++;
-    slitter_outgoing_ready(c, (uint32_t)(slot - c->rack->threads), class_id);
-    c->in_hook--;
+    slitter__call_hook(c, slot, class_id, slitter_outgoing_ready);
     return SLITTER_OK;
 }
 
@@ -974,6 +995,16 @@ int64_t slitter_object_size_key(uint64_t packed)
     uint32_t class_id;
     int64_t obj = slitter__locate(&c->view, handle, &class_id);
     return obj < 0 ? obj : (int64_t)c->view.classes[class_id].size;
+}
+
+int slitter_hooked_here(const struct slitter_client *c)
+{
+    return tls.hooked == c;
+}
+
+int slitter_arena_ready(const struct slitter_client *c)
+{
+    return c->epoch != 0 && __atomic_load_n(&c->view.header->nruns, __ATOMIC_ACQUIRE) == c->guards_applied;
 }
 
 int slitter_count_error(struct slitter_client *c, uint32_t class_id, int kind)

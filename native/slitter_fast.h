@@ -206,6 +206,16 @@ int64_t slitter_release_batch(uint32_t key, uint64_t batch);
  */
 int64_t slitter_object_size_key(uint64_t packed);
 
+/** 1 when the calling thread is inside one of `c`'s Python hooks (Heap.close() cannot wait for itself). */
+int slitter_hooked_here(const struct slitter_client *c);
+
+/**
+ * 1 when `c` is open and this process has protected the guard page of
+ * every run carved so far: Heap.arena may be handed out without the slow
+ * path.  Native, so it cannot interleave with Heap.close().
+ */
+int slitter_arena_ready(const struct slitter_client *c);
+
 /**
  * Count a refusal that never reached slitter_release() (a handle that is
  * not even a u64) against the calling thread's counters.  The thread must

@@ -29,12 +29,13 @@ LINES_PER_SECOND = 20  # per client pid
 SHOWN_HANDLES = 4  # handles quoted in a summary line
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Batch:
-    """The findings of one request or one audited magazine, numbered from ``first``.
+    """The findings of one request or one audited magazine, ``findings[i]`` numbered ``first + i``.
 
     One object a batch, not one a finding: a garbage magazine of 4096
-    handles costs the daemon one allocation here, not 4096.
+    handles costs the daemon one allocation here, not 4096.  The first
+    ``dropped`` findings were pushed out by newer ones.
     """
 
     first: int
@@ -43,6 +44,11 @@ class _Batch:
     class_name: str
     source: str
     findings: Sequence[tuple[int, str]]  # (handle, kind)
+    dropped: int = 0
+
+    @property
+    def kept(self) -> int:
+        return len(self.findings) - self.dropped
 
 
 @dataclass
@@ -106,12 +112,11 @@ class AuditLog:
         while self._kept > self.capacity:
             oldest = self._batches[0]
             excess = self._kept - self.capacity
-            if excess >= len(oldest.findings):
+            if excess >= oldest.kept:
                 self._batches.popleft()
-                self._kept -= len(oldest.findings)
+                self._kept -= oldest.kept
             else:
-                self._batches[0] = _Batch(oldest.first + excess, oldest.time, oldest.pid, oldest.class_name,
-                                          oldest.source, oldest.findings[excess:])
+                oldest.dropped += excess
                 self._kept -= excess
 
     def since(self, seq: int, limit: int) -> list[list]:
@@ -123,7 +128,7 @@ class AuditLog:
         for b in self._batches:
             if len(out) >= limit:
                 break
-            skip = max(0, seq + 1 - b.first)
+            skip = max(b.dropped, seq + 1 - b.first)
             for i, (handle, kind) in enumerate(b.findings[skip:skip + limit - len(out)], b.first + skip):
                 out.append([i, b.time, b.pid, b.class_name, handle, kind, b.source])
         return out

@@ -237,7 +237,7 @@ class Instance:
                                        n, accepted, refused, kinds, nrefused)
         self.depots[class_id].give(copy_handles(accepted, nacc))
         nbad = nrefused[0]
-        bad_kinds = ffi.unpack(kinds, nbad)  # bytes: one kind index per refused handle
+        bad_kinds = ffi.unpack(kinds, nbad)  # a list: one kind index per refused handle
         totals = self.arena.totals[class_id]
         for kind, count in Counter(bad_kinds).items():
             totals.audit_errors[kind] += count
@@ -271,7 +271,8 @@ class Instance:
         # counts the client twice; recover() reconciles against the live map.
         self._retire_client(client.pid, client.name, totals)
         self.racks.release_rack(client)
-        self.audit.forget(client.pid)
+        if all(other.pid != client.pid for other in self.racks.clients.values()):
+            self.audit.forget(client.pid)  # its log-line budget: per process
         log.info("client %d (pid %d, %s) %s; %d cached objects reclaimed", client.id, client.pid,
                  client.name or "-", why, reclaimed)
         return reclaimed

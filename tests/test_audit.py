@@ -186,6 +186,25 @@ def test_a_garbage_magazine_is_one_log_line_in_the_daemon(manual_daemon):
     assert f"audit: {n} handles refused in class 'garbage'" in lines[0] and f"{n} foreign_address" in lines[0]
 
 
+def test_a_client_over_its_line_budget_gets_a_summary_when_it_leaves(manual_daemon):
+    """Refusals past the line budget are counted, and the count is logged when the client detaches."""
+    from slitterd.audit import LINES_PER_SECOND
+
+    d = manual_daemon("--ephemeral").start()
+    n = LINES_PER_SECOND * 5
+    with slitter.connect(d.address, policy="log") as heap:
+        cls = heap.register_class("noisy", size=64)
+        for i in range(n):
+            cls.release(16 * (i + 1))  # below the arena: each one reported on its own
+        assert heap.audit()["counters"]["noisy"]["foreign_address"] == n
+    lines = [line.split("audit: ", 1)[1] for line in d.log.read_text().splitlines() if "audit: " in line]
+    one_each = [line for line in lines if line.startswith("foreign_address of handle")]
+    quiet = [int(line.split()[0]) for line in lines if "more findings by pid" in line]
+    assert quiet, "the findings kept quiet were never summarised"
+    assert "more findings by pid" in lines[-1]  # logged when the client left
+    assert len(one_each) + sum(quiet) == n  # every finding is on a line or in a count, once
+
+
 def test_slitterctl_audit_and_follow(daemon, heap):
     cls = heap.register_class("shown", size=64)
     with pytest.raises(slitter.ForeignAddress):

@@ -90,3 +90,51 @@ def test_every_call_on_a_closed_heap_raises_the_closed_error(daemon):
         with pytest.raises(slitter.SlitterError, match="is closed"):
             call()
     heap.close()  # idempotent
+
+
+def test_close_from_a_signal_handler_during_the_same_threads_refill(daemon):
+    """close() cannot wait for its own thread: it returns, the refill ends with 'closed', then the heap detaches."""
+    procs, (seen,) = run_spawned(workers.close_from_signal_handler_in_slow_path, [(daemon.address,)], timeout=60)
+    assert procs[0].exitcode == 0
+    assert seen["closed_in_handler"], "close() did not return inside the handler"
+    assert seen["after"].endswith("is closed"), seen["after"]
+    assert not seen["attached"], "the heap never detached"
+    figures = seen["classes"]["close-signal"]
+    assert _balanced(figures) and figures["cached"] == 0 and figures["live"] == 0, figures
+
+
+def test_close_from_inside_a_hook_detaches_at_the_next_call(daemon):
+    procs, (seen,) = run_spawned(workers.close_from_inside_a_hook, [(daemon.address,)], timeout=60)
+    assert procs[0].exitcode == 0
+    assert seen["closed"] and seen["pending"], seen
+    assert seen["before_next_call"], "detached while the hooked native frame still used the rack"
+    assert seen["after"].endswith("is closed"), seen["after"]
+    assert not seen["attached"], "the next call did not finish the close"
+    figures = seen["classes"]["close-in-hook"]
+    assert _balanced(figures) and figures["cached"] == 0 and figures["live"] == seen["held"], figures
+
+
+def test_a_child_forked_while_a_thread_is_in_a_hook_can_close(daemon):
+    procs, (seen,) = run_spawned(workers.fork_while_a_thread_is_in_a_hook, [(daemon.address,)], timeout=90)
+    assert procs[0].exitcode == 0
+    assert seen["child_status"] == 0, "the child's close() hung (it waited for the parent's hooked thread)"
+
+
+def test_a_bind_that_loses_the_race_with_close_says_closed(daemon):
+    import threading
+
+    heap = slitter.connect(daemon.address)
+    cls = heap.register_class("close-bind", size=64)
+    ensure = heap._ensure_attached
+    closer = threading.Thread(target=heap.close)
+
+    def closed_meanwhile():
+        ensure()
+        closer.start()  # another thread closes between the check and the native bind
+        workers._await_epoch_zero(heap)
+
+    heap._ensure_attached = closed_meanwhile
+    with pytest.raises(slitter.SlitterError, match="is closed"):
+        heap._bind(cls)
+    closer.join(30)
+    assert not closer.is_alive()

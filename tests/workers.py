@@ -449,6 +449,16 @@ def shelf_and_wait(address, size, queue):
     time.sleep(600)
 
 
+def _await_epoch_zero(heap, seconds: float = 30) -> int:
+    """Wait (at most ``seconds``) for a closing heap to stop its fast path; its native epoch."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while heap._client.epoch != 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return int(heap._client.epoch)
+
+
 def close_during_hook(address, queue):
     """Close the heap while another thread is inside the fast path's prefetch hook; report what each saw.
 
@@ -489,9 +499,9 @@ def close_during_hook(address, queue):
     assert inside.wait(60), "the prefetch hook never ran"
     closer = threading.Thread(target=heap.close)
     closer.start()
+    seen["epoch"] = _await_epoch_zero(heap)  # the fast path is stopped at once
     closer.join(0.5)
-    seen["close_waited"] = closer.is_alive()  # it must: the hooked thread's native frame uses the rack
-    seen["epoch"] = int(heap._client.epoch)  # yet the fast path is stopped already
+    seen["close_waited"] = closer.is_alive()  # but it waits: the hooked thread's native frame uses the rack
     go.set()
     worker.join(60)
     closer.join(60)
@@ -583,6 +593,7 @@ def close_during_slow_path(address, queue):
     assert inside.wait(60), "the refill never started"
     closer = threading.Thread(target=heap.close)
     closer.start()
+    _await_epoch_zero(heap)
     closer.join(0.5)
     seen["close_waited"] = closer.is_alive()  # it must: the slow path reads the mappings after its refill
     go.set()
@@ -591,3 +602,120 @@ def close_during_slow_path(address, queue):
     with slitter.connect(address) as other:
         seen["figures"] = other.stats()["classes"]["close-slow"]
     queue.put(seen)
+
+
+def _client_gone(address, name) -> dict:
+    """The daemon's view once the client ``name`` has detached: {"attached": bool, "classes": {...}}."""
+    with slitter.connect(address) as other:
+        stats = other.stats()
+    return {"attached": any(c["name"] == name for c in stats["clients"]), "classes": stats["classes"]}
+
+
+def close_from_signal_handler_in_slow_path(address, queue):
+    """A SIGUSR1 handler closes the heap while the same thread's refill is under way.
+
+    close() cannot wait for its own thread: it must return, the refill's
+    slow path must end with the closed error, and the heap detach then.
+    """
+    import os
+    import signal
+
+    from slitter.protocol import Op
+
+    heap = slitter.connect(address, name="signalled")
+    cls = heap.register_class("close-signal", size=64)
+    transport = heap._transport
+    call = transport.call
+    seen = {"closed_in_handler": False}
+
+    def handler(signum, frame):
+        heap.close()
+        seen["closed_in_handler"] = True
+
+    def refill_interrupted(op, **args):
+        if op is Op.REFILL:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs before the next bytecode
+        return call(op, **args)
+
+    signal.signal(signal.SIGUSR1, handler)
+    transport.call = refill_interrupted
+    try:
+        cls.allocate()
+        seen["after"] = "allocated"
+    except slitter.SlitterError as exc:
+        seen["after"] = str(exc)
+    seen.update(_client_gone(address, "signalled"))
+    queue.put(seen)
+
+
+def close_from_inside_a_hook(address, queue):
+    """close() runs inside the prefetch hook, on the hooked thread; the next call on the heap detaches it."""
+    from slitter.protocol import Op
+
+    heap = slitter.connect(address, name="hooked")
+    cls = heap.register_class("close-in-hook", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    send_ahead = heap._send_ahead
+
+    def close_in_hook(op, thread, class_id, **flag):
+        if op is Op.REFILL:
+            heap.close()  # as a signal handler could
+        return send_ahead(op, thread, class_id, **flag)
+
+    heap._send_ahead = close_in_hook
+    held = [cls.allocate() for _ in range(cap + 1)]  # the last one takes the spare: the hook closes
+    seen = {"held": len(held), "closed": heap._closed, "pending": heap._close_pending}
+    seen["before_next_call"] = _client_gone(address, "hooked")["attached"]
+    try:
+        cls.allocate()
+        seen["after"] = "allocated"
+    except slitter.SlitterError as exc:
+        seen["after"] = str(exc)
+    seen.update(_client_gone(address, "hooked"))
+    queue.put(seen)
+
+
+def fork_while_a_thread_is_in_a_hook(address, queue):
+    """Fork while another thread is inside the prefetch hook; the child's close() must return."""
+    import os
+    import threading
+    import time
+
+    from slitter.protocol import Op
+
+    heap = slitter.connect(address, name="forker")
+    cls = heap.register_class("close-fork", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    inside, go = threading.Event(), threading.Event()
+
+    def hook_blocks(op, thread, class_id, **flag):
+        if op is Op.REFILL:
+            inside.set()
+            go.wait(60)
+
+    heap._send_ahead = hook_blocks
+    worker = threading.Thread(target=lambda: [cls.allocate() for _ in range(cap + 1)])
+    worker.start()
+    assert inside.wait(60), "the prefetch hook never ran"
+    pid = os.fork()
+    if pid == 0:  # the child: the hooked thread is the parent's
+        code = 1
+        try:
+            heap.close()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        status = None
+    go.set()
+    worker.join(60)
+    heap.close()
+    queue.put({"child_status": status})
