@@ -459,6 +459,78 @@ def _await_epoch_zero(heap, seconds: float = 30) -> int:
     return int(heap._client.epoch)
 
 
+def _allocate_outcome(cls) -> str:
+    """"allocated", or the message of the SlitterError one more allocate raised."""
+    try:
+        cls.allocate()
+        return "allocated"
+    except slitter.SlitterError as exc:
+        return str(exc)
+
+
+def _on_refill(owner, attr: str, action) -> None:
+    """Wrap ``owner.attr`` (``transport.call`` or ``heap._send_ahead``): ``action()`` runs before each REFILL."""
+    from slitter.protocol import Op
+
+    original = getattr(owner, attr)
+
+    def wrapped(op, *args, **kwargs):
+        if op is Op.REFILL:
+            action()
+        return original(op, *args, **kwargs)
+
+    setattr(owner, attr, wrapped)
+
+
+def _held_at_refill(owner, attr: str):
+    """``_on_refill`` with an action that sets ``inside`` and waits for ``go``; returns (inside, go)."""
+    import threading
+
+    inside, go = threading.Event(), threading.Event()
+
+    def hold():
+        inside.set()
+        go.wait(60)
+
+    _on_refill(owner, attr, hold)
+    return inside, go
+
+
+def _hold_prefetch_hook(heap):
+    """Make the heap's prefetch hook (a REFILL sent ahead) block; returns (inside, go) events.
+
+    The first allocate of a class refills the allocation magazine and the
+    spare; the allocation after capacity more takes the spare, calls the
+    hook, sets ``inside`` and waits for ``go``.
+    """
+    return _held_at_refill(heap, "_send_ahead")
+
+
+def _close_while_held(heap, inside, go, worker) -> dict:
+    """Start ``worker``; once ``inside`` is set, close the heap from another thread and see whether it waits.
+
+    Returns {"epoch": the native epoch once close began, "close_waited": still closing 0.5 s on}.
+    """
+    import threading
+
+    worker.start()
+    assert inside.wait(60), "the worker never got inside"
+    closer = threading.Thread(target=heap.close)
+    closer.start()
+    seen = {"epoch": _await_epoch_zero(heap)}  # the fast path is stopped at once
+    closer.join(0.5)
+    seen["close_waited"] = closer.is_alive()  # but close waits for the thread inside
+    go.set()
+    worker.join(60)
+    closer.join(60)
+    return seen
+
+
+def _class_figures(address, name) -> dict:
+    with slitter.connect(address) as other:
+        return other.stats()["classes"][name]
+
+
 def close_during_hook(address, queue):
     """Close the heap while another thread is inside the fast path's prefetch hook; report what each saw.
 
@@ -467,46 +539,18 @@ def close_during_hook(address, queue):
     """
     import threading
 
-    from slitter._native import lib
-    from slitter.protocol import Op
-
     heap = slitter.connect(address, name="closer")
     cls = heap.register_class("close-hook", size=64)
     cap = heap._classes_table[cls.id].mag_capacity
-    inside, go = threading.Event(), threading.Event()
-
-    def hook_blocks(op, thread, class_id, **flag):  # the prefetch hook, held open
-        if op is Op.REFILL:
-            inside.set()
-            go.wait(60)
-
-    heap._send_ahead = hook_blocks
+    inside, go = _hold_prefetch_hook(heap)
     seen = {}
 
     def allocate_on():
-        # The first allocate refills the allocation magazine and the spare; the
-        # one after cap more takes the spare, and its hook blocks.
-        held = [cls.allocate() for _ in range(cap + 1)]
-        seen["held"] = len(held)
-        try:
-            cls.allocate()
-            seen["after"] = "allocated"
-        except slitter.SlitterError as exc:
-            seen["after"] = str(exc)
+        seen["held"] = len([cls.allocate() for _ in range(cap + 1)])  # the last one's hook blocks
+        seen["after"] = _allocate_outcome(cls)
 
-    worker = threading.Thread(target=allocate_on)
-    worker.start()
-    assert inside.wait(60), "the prefetch hook never ran"
-    closer = threading.Thread(target=heap.close)
-    closer.start()
-    seen["epoch"] = _await_epoch_zero(heap)  # the fast path is stopped at once
-    closer.join(0.5)
-    seen["close_waited"] = closer.is_alive()  # but it waits: the hooked thread's native frame uses the rack
-    go.set()
-    worker.join(60)
-    closer.join(60)
-    with slitter.connect(address) as other:
-        seen["figures"] = other.stats()["classes"]["close-hook"]
+    seen.update(_close_while_held(heap, inside, go, threading.Thread(target=allocate_on)))
+    seen["figures"] = _class_figures(address, "close-hook")
     queue.put(seen)
 
 
@@ -564,43 +608,16 @@ def close_during_slow_path(address, queue):
     """Close the heap while another thread's refill waits for the daemon; report what each saw."""
     import threading
 
-    from slitter.protocol import Op
-
     heap = slitter.connect(address, name="closer")
     cls = heap.register_class("close-slow", size=64)
-    inside, go = threading.Event(), threading.Event()
-    transport = heap._transport
-    call = transport.call
-
-    def slow_daemon(op, **args):  # a refill that takes its time
-        if op is Op.REFILL:
-            inside.set()
-            go.wait(60)
-        return call(op, **args)
-
-    transport.call = slow_daemon
+    inside, go = _held_at_refill(heap._transport, "call")  # a refill that takes its time
     seen = {}
 
     def allocate():
-        try:
-            cls.allocate()  # unbound: the slow path refills
-            seen["after"] = "allocated"
-        except slitter.SlitterError as exc:
-            seen["after"] = str(exc)
+        seen["after"] = _allocate_outcome(cls)  # unbound: the slow path refills
 
-    worker = threading.Thread(target=allocate)
-    worker.start()
-    assert inside.wait(60), "the refill never started"
-    closer = threading.Thread(target=heap.close)
-    closer.start()
-    _await_epoch_zero(heap)
-    closer.join(0.5)
-    seen["close_waited"] = closer.is_alive()  # it must: the slow path reads the mappings after its refill
-    go.set()
-    worker.join(60)
-    closer.join(60)
-    with slitter.connect(address) as other:
-        seen["figures"] = other.stats()["classes"]["close-slow"]
+    seen.update(_close_while_held(heap, inside, go, threading.Thread(target=allocate)))
+    seen["figures"] = _class_figures(address, "close-slow")
     queue.put(seen)
 
 
@@ -620,57 +637,32 @@ def close_from_signal_handler_in_slow_path(address, queue):
     import os
     import signal
 
-    from slitter.protocol import Op
-
     heap = slitter.connect(address, name="signalled")
     cls = heap.register_class("close-signal", size=64)
-    transport = heap._transport
-    call = transport.call
     seen = {"closed_in_handler": False}
 
     def handler(signum, frame):
         heap.close()
         seen["closed_in_handler"] = True
 
-    def refill_interrupted(op, **args):
-        if op is Op.REFILL:
-            os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs before the next bytecode
-        return call(op, **args)
-
     signal.signal(signal.SIGUSR1, handler)
-    transport.call = refill_interrupted
-    try:
-        cls.allocate()
-        seen["after"] = "allocated"
-    except slitter.SlitterError as exc:
-        seen["after"] = str(exc)
+    # The handler runs before the next bytecode, in the refill's slow path.
+    _on_refill(heap._transport, "call", lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    seen["after"] = _allocate_outcome(cls)
     seen.update(_client_gone(address, "signalled"))
     queue.put(seen)
 
 
 def close_from_inside_a_hook(address, queue):
     """close() runs inside the prefetch hook, on the hooked thread; the next call on the heap detaches it."""
-    from slitter.protocol import Op
-
     heap = slitter.connect(address, name="hooked")
     cls = heap.register_class("close-in-hook", size=64)
     cap = heap._classes_table[cls.id].mag_capacity
-    send_ahead = heap._send_ahead
-
-    def close_in_hook(op, thread, class_id, **flag):
-        if op is Op.REFILL:
-            heap.close()  # as a signal handler could
-        return send_ahead(op, thread, class_id, **flag)
-
-    heap._send_ahead = close_in_hook
+    _on_refill(heap, "_send_ahead", heap.close)  # as a signal handler could
     held = [cls.allocate() for _ in range(cap + 1)]  # the last one takes the spare: the hook closes
     seen = {"held": len(held), "closed": heap._closed, "pending": heap._close_pending}
     seen["before_next_call"] = _client_gone(address, "hooked")["attached"]
-    try:
-        cls.allocate()
-        seen["after"] = "allocated"
-    except slitter.SlitterError as exc:
-        seen["after"] = str(exc)
+    seen["after"] = _allocate_outcome(cls)
     seen.update(_client_gone(address, "hooked"))
     queue.put(seen)
 
@@ -681,19 +673,10 @@ def fork_while_a_thread_is_in_a_hook(address, queue):
     import threading
     import time
 
-    from slitter.protocol import Op
-
     heap = slitter.connect(address, name="forker")
     cls = heap.register_class("close-fork", size=64)
     cap = heap._classes_table[cls.id].mag_capacity
-    inside, go = threading.Event(), threading.Event()
-
-    def hook_blocks(op, thread, class_id, **flag):
-        if op is Op.REFILL:
-            inside.set()
-            go.wait(60)
-
-    heap._send_ahead = hook_blocks
+    inside, go = _hold_prefetch_hook(heap)
     worker = threading.Thread(target=lambda: [cls.allocate() for _ in range(cap + 1)])
     worker.start()
     assert inside.wait(60), "the prefetch hook never ran"
