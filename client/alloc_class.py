@@ -85,6 +85,9 @@ class Class:
         Raises:
             OutOfMemory: as ``allocate``; the objects allocated before it stay live
             and are in the exception's ``handles`` attribute.
+            SlitterError: the heap was closed, by another thread meanwhile too;
+            the objects allocated before it are in ``handles`` as well (live, and
+            releasable through another heap: a handle is valid in every process).
         """
         out = _ZEROS * n
         if n <= 0:

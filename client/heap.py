@@ -38,6 +38,14 @@ _NOT_A_U48 = -1 - lib.SLITTER_ERR_FOREIGN_ADDRESS
 _ORPHANS: list[object] = []  # a forked child's inherited transports: never touched, never freed
 
 
+def _filled(out: array, start: int) -> int:
+    """How many of ``out`` are handles: they fill it in order from 0, and no handle is 0."""
+    try:
+        return out.index(0, start)
+    except ValueError:
+        return len(out)
+
+
 def _in_use(method):
     """A slow-path method: it runs only on an open heap, and ``close`` waits for it before unmapping.
 
@@ -406,8 +414,18 @@ class Heap:
                 return handle
         raise errors.SlitterError(f"class '{cls.name}': refills brought no usable object", class_name=cls.name)
 
-    @_in_use
     def _allocate_many_slow(self, cls: Class, out: array, got: int) -> None:
+        """Fill ``out[got:]``.  Whatever it raises carries the objects allocated so far in ``handles``:
+        they are live, and only the caller knows them (OutOfMemory, or a close by another thread)."""
+        try:
+            self._allocate_many_refilling(cls, out, got)
+        except errors.SlitterError as exc:
+            if not hasattr(exc, "handles"):
+                exc.handles = out[:_filled(out, got)]
+            raise
+
+    @_in_use
+    def _allocate_many_refilling(self, cls: Class, out: array, got: int) -> None:
         buf = ffi.from_buffer("uint64_t[]", out)
         n = len(out)
         while got < n:
@@ -416,7 +434,7 @@ class Heap:
             if more == 0:
                 try:
                     self._call(Op.REFILL, thread=slot, class_id=cls.id, spare=False)
-                except errors.OutOfMemory as exc:
+                except errors.SlitterError as exc:
                     exc.handles = out[:got]
                     raise
                 self._apply_guards()

@@ -138,3 +138,31 @@ def test_a_bind_that_loses_the_race_with_close_says_closed(daemon):
         heap._bind(cls)
     closer.join(30)
     assert not closer.is_alive()
+
+
+def test_allocate_many_cut_short_by_close_hands_over_what_it_allocated(daemon):
+    """The objects allocate_many got before another thread closed the heap are live: the error carries them."""
+    import threading
+
+    heap = slitter.connect(daemon.address)
+    cls = heap.register_class("close-many", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    closer = threading.Thread(target=heap.close)
+
+    def close_meanwhile():  # the refill after the first magazine: another thread closes the heap
+        closer.start()
+        workers._await_epoch_zero(heap)
+
+    cls.release(cls.allocate())  # bound, with a magazine and a spare: allocate_many needs one more refill
+    workers._on_refill(heap._transport, "call", close_meanwhile)
+    with pytest.raises(slitter.SlitterError, match="is closed") as caught:
+        cls.allocate_many(4 * cap)
+    closer.join(30)
+    got = caught.value.handles
+    assert len(got) >= cap and 0 not in got and len(set(got)) == len(got)
+    with slitter.connect(daemon.address) as other:
+        figures = other.stats()["classes"]["close-many"]
+        assert figures["live"] == len(got) and _balanced(figures), figures  # exactly those are live
+        other_cls = other.register_class("close-many", size=64)
+        other_cls.release_many(got)  # a handle is valid in every heap: they can still go back
+        assert other.stats()["classes"]["close-many"]["live"] == 0
