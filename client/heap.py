@@ -187,6 +187,8 @@ class Heap:
             raise self._closed_error()
         if self._transport is None:
             with self._lock:
+                if self._closed:  # closed by another thread while this one waited for the lock
+                    raise self._closed_error()
                 if self._transport is None:
                     self._attach()
 
@@ -211,9 +213,13 @@ class Heap:
         exit).  Views already taken stay valid until they are dropped.
         """
         with self._lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True  # no slow path starts from now on (_in_use)
+        if not first:
+            # A close deferred from inside the heap (below) is finished by any later one from outside it.
+            if threading.get_ident() not in self._inside:
+                self._finish_pending_close()
+            return
         # Nor does any fast path: every thread's next native call finds epoch
         # 0 and leaves for the slow path, which raises.  This comes before the
         # detach, whose reclaim frees what the rack caches: a thread allocating
@@ -242,6 +248,7 @@ class Heap:
         """
         while self._inside or self._client.in_hook:
             time.sleep(0.0005)
+        lib.slitter_client_close(self._client)  # again: nothing may have reopened it meanwhile
         _OPEN_HEAPS.discard(self)
         transport, self._transport = self._transport, None
         if transport is not None:
@@ -509,31 +516,57 @@ class Heap:
                 self._refused(cls, batch[done + bad[0]], -1 - result, released=done)
                 return
             done += bad[0]
-            if result == _fastpath.NEED_FLUSH or (result == _fastpath.NEED_SLOW and done < n):
-                self._flush(cls, self._bind(cls))
+            try:
+                if result == _fastpath.NEED_FLUSH:
+                    self._flush_after_release(cls)
+                elif result == _fastpath.NEED_SLOW and done < n:
+                    self._flush(cls, self._bind(cls))
+            except errors.SlitterError as exc:  # closed by another thread, say: say how many went back
+                if getattr(exc, "released", None) is None:
+                    exc.released = done
+                raise
 
     def _batch_released(self, cls: Class, batch: array, result: int) -> None:
         """After a release_many call on the whole batch: flush if it asks, or report its refusal."""
         if result == _fastpath.NEED_FLUSH:
-            self._flush(cls, self._bind(cls))
+            self._flush_after_release(cls)
         elif result < 0:  # counted in C; none of the batch was released
             index, kind = _fastpath.batch_refusal(result)
             self._refused(cls, batch[index], kind, released=0)
 
-    _whole_batch_released = _in_use(_batch_released)  # from Class.release_many, outside any slow path
+    _whole_batch_released = _batch_released  # from Class.release_many: each step it takes is _in_use
+
+    def _flush_after_release(self, cls: Class) -> None:
+        """A release went through and its magazine asks for a flush.
+
+        On a heap closed meanwhile, by another thread too, there is none to
+        make: the release stands, and the detach takes the rack back.
+        Raising "closed" would tell the caller it had not happened.
+        """
+        try:
+            self._flush(cls, self._bind(cls))
+        except errors.SlitterError:
+            if not self._closed:
+                raise
+
+    def _release_slow(self, cls: Class, handle: int, result: int) -> None:
+        if result == _fastpath.NEED_FLUSH:  # released: only the flush is left
+            self._flush_after_release(cls)
+        else:
+            self._release_retrying(cls, handle, result)
 
     @_in_use
-    def _release_slow(self, cls: Class, handle: int, result: int) -> None:
+    def _release_retrying(self, cls: Class, handle: int, result: int) -> None:
         for _ in range(8):
             if result < 0:
                 self._refused(cls, handle, -1 - result)
                 return
             if result == _fastpath.OK:
                 return
-            slot = self._bind(cls)
             if result == _fastpath.NEED_FLUSH:
-                self._flush(cls, slot)
+                self._flush_after_release(cls)
                 return
+            slot = self._bind(cls)
             # NEED_SLOW: unbound until now, or the release magazine is full.
             result = _fastpath.release(self._client, cls.id, handle)
             if result == _fastpath.NEED_SLOW:

@@ -103,13 +103,15 @@ def test_close_from_a_signal_handler_during_the_same_threads_refill(daemon):
     assert _balanced(figures) and figures["cached"] == 0 and figures["live"] == 0, figures
 
 
-def test_close_from_inside_a_hook_detaches_at_the_next_call(daemon):
-    procs, (seen,) = run_spawned(workers.close_from_inside_a_hook, [(daemon.address,)], timeout=60)
+@pytest.mark.parametrize("finish", ["call", "close"])
+def test_close_from_inside_a_hook_detaches_at_the_next_call_or_close(daemon, finish):
+    procs, (seen,) = run_spawned(workers.close_from_inside_a_hook, [(daemon.address, finish)], timeout=60)
     assert procs[0].exitcode == 0
     assert seen["closed"] and seen["pending"], seen
     assert seen["before_next_call"], "detached while the hooked native frame still used the rack"
-    assert seen["after"].endswith("is closed"), seen["after"]
-    assert not seen["attached"], "the next call did not finish the close"
+    if finish == "call":
+        assert seen["after"].endswith("is closed"), seen["after"]
+    assert not seen["attached"], f"the next {finish} did not finish the close"
     figures = seen["classes"]["close-in-hook"]
     assert _balanced(figures) and figures["cached"] == 0 and figures["live"] == seen["held"], figures
 
@@ -154,6 +156,7 @@ def test_allocate_many_cut_short_by_close_hands_over_what_it_allocated(daemon):
         workers._await_epoch_zero(heap)
 
     cls.release(cls.allocate())  # bound, with a magazine and a spare: allocate_many needs one more refill
+    heap._send_ahead = lambda *args, **kwargs: None  # and no prefetch fills the spare again meanwhile
     workers._on_refill(heap._transport, "call", close_meanwhile)
     with pytest.raises(slitter.SlitterError, match="is closed") as caught:
         cls.allocate_many(4 * cap)
@@ -166,3 +169,49 @@ def test_allocate_many_cut_short_by_close_hands_over_what_it_allocated(daemon):
         other_cls = other.register_class("close-many", size=64)
         other_cls.release_many(got)  # a handle is valid in every heap: they can still go back
         assert other.stats()["classes"]["close-many"]["live"] == 0
+
+
+def test_a_release_that_went_through_is_not_reported_failed_on_a_heap_closed_meanwhile(daemon):
+    """NEED_FLUSH means the native call released the objects: a close before the flush must not raise."""
+    from slitter import _fastpath
+
+    heap = slitter.connect(daemon.address)
+    cls = heap.register_class("close-flush", size=64)
+    h, batch = cls.allocate(), cls.allocate_many(3)
+    heap.close()  # as another thread could, between the native release and its flush
+    heap._release_slow(cls, h, _fastpath.NEED_FLUSH)
+    heap._whole_batch_released(cls, batch, _fastpath.NEED_FLUSH)
+    with pytest.raises(slitter.SlitterError, match="is closed"):
+        heap._release_slow(cls, h, _fastpath.NEED_SLOW)  # not released yet: that one must say so
+
+
+def test_a_chunked_release_many_cut_short_by_close_says_how_many_went_back(daemon):
+    import threading
+
+    heap = slitter.connect(daemon.address)
+    try:
+        cls = heap.register_class("close-chunks", size=64)
+        cap = heap._classes_table[cls.id].mag_capacity
+        handles = list(cls.allocate_many(12 * cap))  # a list: the general path, in chunks
+        heap._send_ahead = lambda *args, **kwargs: None  # no flush ahead: past the shelf, each chunk waits for one
+        closer = threading.Thread(target=heap.close)
+        call = heap._transport.call
+
+        def close_meanwhile(op, **args):
+            if op is Op.FLUSH and not heap._closed:
+                closer.start()
+                workers._await_epoch_zero(heap)
+            return call(op, **args)
+
+        heap._transport.call = close_meanwhile
+        with pytest.raises(slitter.SlitterError, match="is closed") as caught:
+            cls.release_many(handles)
+        closer.join(30)
+    finally:
+        heap.close()
+    released = caught.value.released
+    assert 0 < released < len(handles)
+    with slitter.connect(daemon.address) as other:
+        figures = other.stats()["classes"]["close-chunks"]
+        assert figures["live"] == len(handles) - released and _balanced(figures), (released, figures)
+        other.register_class("close-chunks", size=64).release_many(handles[released:])  # exactly the rest

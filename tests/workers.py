@@ -653,8 +653,11 @@ def close_from_signal_handler_in_slow_path(address, queue):
     queue.put(seen)
 
 
-def close_from_inside_a_hook(address, queue):
-    """close() runs inside the prefetch hook, on the hooked thread; the next call on the heap detaches it."""
+def close_from_inside_a_hook(address, finish, queue):
+    """close() runs inside the prefetch hook, on the hooked thread; then ``finish``: "call" the heap, or "close" it.
+
+    Either must finish the close that had to wait for the hooked native frame.
+    """
     heap = slitter.connect(address, name="hooked")
     cls = heap.register_class("close-in-hook", size=64)
     cap = heap._classes_table[cls.id].mag_capacity
@@ -662,7 +665,10 @@ def close_from_inside_a_hook(address, queue):
     held = [cls.allocate() for _ in range(cap + 1)]  # the last one takes the spare: the hook closes
     seen = {"held": len(held), "closed": heap._closed, "pending": heap._close_pending}
     seen["before_next_call"] = _client_gone(address, "hooked")["attached"]
-    seen["after"] = _allocate_outcome(cls)
+    if finish == "call":
+        seen["after"] = _allocate_outcome(cls)
+    else:
+        heap.close()  # as leaving a `with` block does
     seen.update(_client_gone(address, "hooked"))
     queue.put(seen)
 
