@@ -119,7 +119,7 @@ class Class:
         if result is None:  # not an array('Q'), or empty, or too long: the general path
             self._heap._release_many(self, handles)
         elif result != _NEED_SLOW:
-            self._heap._whole_batch_released(self, handles, result)
+            self._heap._batch_released(self, handles, result)
         else:  # unbound, or more than the magazines' room: the chunked path, without trying again
             self._heap._release_many(self, handles, whole_tried=True)
 

@@ -439,11 +439,7 @@ class Heap:
             slot = self._bind(cls)
             more = lib.slitter_allocate_many_key(cls._key, buf + got, n - got)
             if more == 0:
-                try:
-                    self._call(Op.REFILL, thread=slot, class_id=cls.id, spare=False)
-                except errors.SlitterError as exc:
-                    exc.handles = out[:got]
-                    raise
+                self._call(Op.REFILL, thread=slot, class_id=cls.id, spare=False)  # raising: see _allocate_many_slow
                 self._apply_guards()
             got += more
 
@@ -527,14 +523,15 @@ class Heap:
                 raise
 
     def _batch_released(self, cls: Class, batch: array, result: int) -> None:
-        """After a release_many call on the whole batch: flush if it asks, or report its refusal."""
+        """After a release_many call on the whole batch: flush if it asks, or report its refusal.
+
+        Not _in_use itself (Class.release_many calls it after the native call): each step it takes is.
+        """
         if result == _fastpath.NEED_FLUSH:
             self._flush_after_release(cls)
         elif result < 0:  # counted in C; none of the batch was released
             index, kind = _fastpath.batch_refusal(result)
             self._refused(cls, batch[index], kind, released=0)
-
-    _whole_batch_released = _batch_released  # from Class.release_many: each step it takes is _in_use
 
     def _flush_after_release(self, cls: Class) -> None:
         """A release went through and its magazine asks for a flush.

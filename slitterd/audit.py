@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger("slitterd")
@@ -57,8 +57,7 @@ class _Budget:
 
     window: float
     lines: int = 0
-    quiet: int = 0
-    quiet_kinds: Counter = field(default_factory=Counter)
+    quiet: Counter = field(default_factory=Counter)  # findings not logged, by kind
 
 
 class AuditLog:
@@ -98,12 +97,12 @@ class AuditLog:
         self._trim()
         if n <= LOG_EACH:
             for handle, kind in findings:
-                self._line(pid, 1, [kind], "audit: %s of handle %#x in class '%s' by pid %d (%s)",
+                self._line(pid, Counter((kind,)), "audit: %s of handle %#x in class '%s' by pid %d (%s)",
                            kind, handle, class_name, pid, source)
         else:
             kinds = Counter(kind for _, kind in findings)
             shown = ", ".join(f"{handle:#x}" for handle, _ in findings[:SHOWN_HANDLES])
-            self._line(pid, n, kinds, "audit: %d handles refused in class '%s' by pid %d (%s): %s; first %s",
+            self._line(pid, kinds, "audit: %d handles refused in class '%s' by pid %d (%s): %s; first %s",
                        n, class_name, pid, source, _kinds_text(kinds), shown)
         return self.seq
 
@@ -139,8 +138,8 @@ class AuditLog:
         if budget is not None and budget.quiet:
             _log_quiet(pid, budget)
 
-    def _line(self, pid: int, findings: int, kinds: Iterable[str] | Counter, fmt: str, *args) -> None:
-        """Log one line for ``findings`` findings, within the client's budget; else count them."""
+    def _line(self, pid: int, kinds: Counter, fmt: str, *args) -> None:
+        """Log one line for findings of ``kinds`` (a count each), within the client's budget; else count them."""
         now = self._clock()
         budget = self._budgets.get(pid)
         if budget is None:
@@ -148,14 +147,13 @@ class AuditLog:
         elif now - budget.window >= 1.0:
             if budget.quiet:
                 _log_quiet(pid, budget)
-            budget.window, budget.lines, budget.quiet = now, 0, 0
-            budget.quiet_kinds.clear()
+            budget.window, budget.lines = now, 0
+            budget.quiet.clear()
         if budget.lines < LINES_PER_SECOND:
             budget.lines += 1
             log.warning(fmt, *args)
         else:
-            budget.quiet += findings
-            budget.quiet_kinds.update(kinds)
+            budget.quiet.update(kinds)
 
 
 def _kinds_text(kinds: Counter) -> str:
@@ -164,4 +162,5 @@ def _kinds_text(kinds: Counter) -> str:
 
 def _log_quiet(pid: int, budget: _Budget) -> None:
     log.warning("audit: %d more findings by pid %d not logged (over %d lines a second): %s; "
-                "the counters and `slitterctl audit` keep them", budget.quiet, pid, LINES_PER_SECOND, _kinds_text(budget.quiet_kinds))
+                "the counters and `slitterctl audit` keep them", budget.quiet.total(), pid, LINES_PER_SECOND,
+                _kinds_text(budget.quiet))

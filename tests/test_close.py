@@ -180,7 +180,7 @@ def test_a_release_that_went_through_is_not_reported_failed_on_a_heap_closed_mea
     h, batch = cls.allocate(), cls.allocate_many(3)
     heap.close()  # as another thread could, between the native release and its flush
     heap._release_slow(cls, h, _fastpath.NEED_FLUSH)
-    heap._whole_batch_released(cls, batch, _fastpath.NEED_FLUSH)
+    heap._batch_released(cls, batch, _fastpath.NEED_FLUSH)
     with pytest.raises(slitter.SlitterError, match="is closed"):
         heap._release_slow(cls, h, _fastpath.NEED_SLOW)  # not released yet: that one must say so
 
