@@ -46,7 +46,7 @@ def who_of(state: int) -> int:
 
 def slot_states(shared) -> list[int]:
     """Every slot's state word, read in one C call (``shared``: the struct slitter_shelf)."""
-    out = array("I", bytes(4 * lib.SLITTER_SHELF_SLOTS))
+    out = array("I", [0]) * lib.SLITTER_SHELF_SLOTS
     lib.slitter_shelf_states(shared, ffi.from_buffer("uint32_t[]", out))
     return out.tolist()
 

@@ -17,10 +17,6 @@ from slitter._native import lib
 from slitter.protocol import Op
 
 
-def _balanced(figures: dict) -> bool:
-    return figures["carved"] == figures["live"] + figures["cached"] + figures["free"]
-
-
 def test_the_fast_path_is_stopped_before_the_daemon_reclaims_the_rack(daemon):
     heap = slitter.connect(daemon.address)
     cls = heap.register_class("close-order", size=64)
@@ -40,7 +36,7 @@ def test_the_fast_path_is_stopped_before_the_daemon_reclaims_the_rack(daemon):
     assert at_detach == [0], "the fast path still handed out objects while the daemon reclaimed them"
     with slitter.connect(daemon.address) as other:
         figures = other.stats()["classes"]["close-order"]
-    assert figures["live"] == 0 and _balanced(figures), figures
+    assert figures["live"] == 0 and workers.balanced(figures), figures
 
 
 def test_close_waits_for_a_thread_inside_a_fast_path_hook(daemon):
@@ -51,7 +47,7 @@ def test_close_waits_for_a_thread_inside_a_fast_path_hook(daemon):
     # The allocation under way when close began (the last of "held") completed; the next call was refused.
     assert seen["after"].endswith("is closed"), seen["after"]
     figures = seen["figures"]
-    assert _balanced(figures) and figures["live"] == seen["held"], figures
+    assert workers.balanced(figures) and figures["live"] == seen["held"], figures
 
 
 def test_close_waits_for_a_slow_path_under_way(daemon):
@@ -60,7 +56,7 @@ def test_close_waits_for_a_slow_path_under_way(daemon):
     assert seen["close_waited"], "close unmapped the heap while a thread's refill was under way"
     assert seen["after"].endswith("is closed"), seen["after"]  # the refill came back to a closed heap
     figures = seen["figures"]
-    assert _balanced(figures) and figures["live"] == 0 and figures["cached"] == 0, figures
+    assert workers.balanced(figures) and figures["live"] == 0 and figures["cached"] == 0, figures
 
 
 def test_closing_under_busy_threads_gives_each_the_closed_error_and_corrupts_nothing(daemon):
@@ -71,7 +67,7 @@ def test_closing_under_busy_threads_gives_each_the_closed_error_and_corrupts_not
     with slitter.connect(daemon.address) as heap:
         for name in ("load-64", "load-4k"):
             figures = heap.stats()["classes"][name]
-            assert _balanced(figures), (name, figures)
+            assert workers.balanced(figures), (name, figures)
             assert figures["cached"] == 0, (name, figures)  # every rack went back
 
 
@@ -100,7 +96,7 @@ def test_close_from_a_signal_handler_during_the_same_threads_refill(daemon):
     assert seen["after"].endswith("is closed"), seen["after"]
     assert not seen["attached"], "the heap never detached"
     figures = seen["classes"]["close-signal"]
-    assert _balanced(figures) and figures["cached"] == 0 and figures["live"] == 0, figures
+    assert workers.balanced(figures) and figures["cached"] == 0 and figures["live"] == 0, figures
 
 
 @pytest.mark.parametrize("finish", ["call", "close"])
@@ -113,7 +109,7 @@ def test_close_from_inside_a_hook_detaches_at_the_next_call_or_close(daemon, fin
         assert seen["after"].endswith("is closed"), seen["after"]
     assert not seen["attached"], f"the next {finish} did not finish the close"
     figures = seen["classes"]["close-in-hook"]
-    assert _balanced(figures) and figures["cached"] == 0 and figures["live"] == seen["held"], figures
+    assert workers.balanced(figures) and figures["cached"] == 0 and figures["live"] == seen["held"], figures
 
 
 def test_a_child_forked_while_a_thread_is_in_a_hook_can_close(daemon):
@@ -165,7 +161,7 @@ def test_allocate_many_cut_short_by_close_hands_over_what_it_allocated(daemon):
     assert len(got) >= cap and 0 not in got and len(set(got)) == len(got)
     with slitter.connect(daemon.address) as other:
         figures = other.stats()["classes"]["close-many"]
-        assert figures["live"] == len(got) and _balanced(figures), figures  # exactly those are live
+        assert figures["live"] == len(got) and workers.balanced(figures), figures  # exactly those are live
         other_cls = other.register_class("close-many", size=64)
         other_cls.release_many(got)  # a handle is valid in every heap: they can still go back
         assert other.stats()["classes"]["close-many"]["live"] == 0
@@ -213,5 +209,5 @@ def test_a_chunked_release_many_cut_short_by_close_says_how_many_went_back(daemo
     assert 0 < released < len(handles)
     with slitter.connect(daemon.address) as other:
         figures = other.stats()["classes"]["close-chunks"]
-        assert figures["live"] == len(handles) - released and _balanced(figures), (released, figures)
+        assert figures["live"] == len(handles) - released and workers.balanced(figures), (released, figures)
         other.register_class("close-chunks", size=64).release_many(handles[released:])  # exactly the rest

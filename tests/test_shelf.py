@@ -29,10 +29,6 @@ def _capacity(heap, cls) -> int:
     return heap._classes_table[cls.id].mag_capacity
 
 
-def _balanced(figures: dict) -> bool:
-    return figures["carved"] == figures["live"] + figures["cached"] + figures["free"]
-
-
 def _shelve_one(heap, cls) -> int:
     """One magazine of ``cls`` on the shelf; returns its slot."""
     workers.shelve_one(heap, cls)
@@ -71,7 +67,7 @@ def test_a_stream_between_processes_sends_no_refill_and_no_flush(heap, daemon):
     figures = heap.stats()["classes"]["shelf-stream"]
     assert figures["shelf_puts"] - puts >= 8 and figures["shelf_takes"] - takes >= 8, figures
     assert figures["live"] == 0 and sum(figures["errors"].values()) == 0, figures
-    assert _balanced(figures), figures
+    assert workers.balanced(figures), figures
 
 
 def test_a_forged_slot_entry_is_refused_never_handed_out(daemon):
@@ -125,7 +121,7 @@ def test_a_full_slot_is_counted_cached_and_goes_back_when_the_last_client_leaves
         count = workers.shelf_of(heap).slots[index].count
         figures = heap.stats()["classes"]["shelf-last"]
         assert figures["shelved"] == count == _capacity(heap, cls)
-        assert figures["cached"] >= count and _balanced(figures), figures
+        assert figures["cached"] >= count and workers.balanced(figures), figures
     with slitter.connect(daemon.address) as after:
         figures = after.stats()["classes"]["shelf-last"]
         assert figures["shelved"] == figures["cached"] == 0 and figures["free"] == figures["carved"], figures
@@ -143,7 +139,7 @@ def test_full_slots_nobody_takes_go_back_to_the_depot():
         deadline = time.monotonic() + 20  # swept after 0.2-0.4 s of no take (--shelf-idle)
         while (after := heap.stats()["classes"]["shelf-idle"])["shelved"] and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert after["shelved"] == 0 and after["free"] == count and _balanced(after), after
+        assert after["shelved"] == 0 and after["free"] == count and workers.balanced(after), after
         assert workers.shelf_of(heap).slots[index].state == lib.SLITTER_SHELF_EMPTY
         assert after["shelf_takes"] == before["shelf_takes"]  # the daemon's sweep is not a client's take
         got = cls.allocate_many(3 * count)  # ours, then the depot's (the swept ones among them), each once
@@ -182,7 +178,7 @@ def test_a_nearly_full_shelf_gives_back_the_magazines_nobody_takes():
         stats = heap.stats()["classes"]
         assert stats[first]["shelved"] == 0 and stats[first]["free"] >= per_class * cap, stats[first]
         assert len(workers.slots_in_state(heap, lib.SLITTER_SHELF_EMPTY)) >= lib.SLITTER_SHELF_SLOTS // 4
-        assert all(_balanced(figures) for figures in stats.values()), stats
+        assert all(workers.balanced(figures) for figures in stats.values()), stats
         time.sleep(1.0)  # a quarter empty again: the others wait for their hour
         stats = heap.stats()["classes"]
         assert [stats[c.name]["shelved"] for c in classes[1:]] == [per_class * cap] * 6, stats
@@ -197,7 +193,7 @@ def test_a_restarted_daemon_keeps_the_shelf_for_an_adopted_client(manual_daemon)
         d.kill()
         d.start()  # adopts our rack: we still run
         figures = heap.stats()["classes"]["shelf-restart"]
-        assert figures["shelved"] == count and _balanced(figures), figures
+        assert figures["shelved"] == count and workers.balanced(figures), figures
         taken = workers.shelf_of(heap).takes[cls.id]
         got = cls.allocate_many(2 * count)  # our allocation magazine, then the shelf's
         assert workers.shelf_of(heap).takes[cls.id] == taken + 1

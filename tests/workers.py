@@ -107,6 +107,11 @@ def counted_mix(address, seed, queue):
     queue.put((mine, held, sent))
 
 
+def balanced(figures: dict) -> bool:
+    """A class's figures add up: every carved object is live, cached or free."""
+    return figures["carved"] == figures["live"] + figures["cached"] + figures["free"]
+
+
 def stamp(handle: int, size: int) -> bytes:
     """The content a load worker writes into an object: derived from its handle."""
     return (handle.to_bytes(8, "little") * (size // 8 + 1))[:size]
@@ -496,16 +501,6 @@ def _held_at_refill(owner, attr: str):
     return inside, go
 
 
-def _hold_prefetch_hook(heap):
-    """Make the heap's prefetch hook (a REFILL sent ahead) block; returns (inside, go) events.
-
-    The first allocate of a class refills the allocation magazine and the
-    spare; the allocation after capacity more takes the spare, calls the
-    hook, sets ``inside`` and waits for ``go``.
-    """
-    return _held_at_refill(heap, "_send_ahead")
-
-
 def _close_while_held(heap, inside, go, worker) -> dict:
     """Start ``worker``; once ``inside`` is set, close the heap from another thread and see whether it waits.
 
@@ -526,11 +521,6 @@ def _close_while_held(heap, inside, go, worker) -> dict:
     return seen
 
 
-def _class_figures(address, name) -> dict:
-    with slitter.connect(address) as other:
-        return other.stats()["classes"][name]
-
-
 def close_during_hook(address, queue):
     """Close the heap while another thread is inside the fast path's prefetch hook; report what each saw.
 
@@ -542,7 +532,7 @@ def close_during_hook(address, queue):
     heap = slitter.connect(address, name="closer")
     cls = heap.register_class("close-hook", size=64)
     cap = heap._classes_table[cls.id].mag_capacity
-    inside, go = _hold_prefetch_hook(heap)
+    inside, go = _held_at_refill(heap, "_send_ahead")  # the prefetch hook blocks
     seen = {}
 
     def allocate_on():
@@ -550,7 +540,7 @@ def close_during_hook(address, queue):
         seen["after"] = _allocate_outcome(cls)
 
     seen.update(_close_while_held(heap, inside, go, threading.Thread(target=allocate_on)))
-    seen["figures"] = _class_figures(address, "close-hook")
+    seen["figures"] = _daemon_view(address, "closer")["classes"]["close-hook"]
     queue.put(seen)
 
 
@@ -617,12 +607,12 @@ def close_during_slow_path(address, queue):
         seen["after"] = _allocate_outcome(cls)  # unbound: the slow path refills
 
     seen.update(_close_while_held(heap, inside, go, threading.Thread(target=allocate)))
-    seen["figures"] = _class_figures(address, "close-slow")
+    seen["figures"] = _daemon_view(address, "closer")["classes"]["close-slow"]
     queue.put(seen)
 
 
-def _client_gone(address, name) -> dict:
-    """The daemon's view once the client ``name`` has detached: {"attached": bool, "classes": {...}}."""
+def _daemon_view(address, name) -> dict:
+    """The daemon's view: {"attached": is a client called ``name`` attached, "classes": the class figures}."""
     with slitter.connect(address) as other:
         stats = other.stats()
     return {"attached": any(c["name"] == name for c in stats["clients"]), "classes": stats["classes"]}
@@ -649,7 +639,7 @@ def close_from_signal_handler_in_slow_path(address, queue):
     # The handler runs before the next bytecode, in the refill's slow path.
     _on_refill(heap._transport, "call", lambda: os.kill(os.getpid(), signal.SIGUSR1))
     seen["after"] = _allocate_outcome(cls)
-    seen.update(_client_gone(address, "signalled"))
+    seen.update(_daemon_view(address, "signalled"))
     queue.put(seen)
 
 
@@ -664,12 +654,12 @@ def close_from_inside_a_hook(address, finish, queue):
     _on_refill(heap, "_send_ahead", heap.close)  # as a signal handler could
     held = [cls.allocate() for _ in range(cap + 1)]  # the last one takes the spare: the hook closes
     seen = {"held": len(held), "closed": heap._closed, "pending": heap._close_pending}
-    seen["before_next_call"] = _client_gone(address, "hooked")["attached"]
+    seen["before_next_call"] = _daemon_view(address, "hooked")["attached"]
     if finish == "call":
         seen["after"] = _allocate_outcome(cls)
     else:
         heap.close()  # as leaving a `with` block does
-    seen.update(_client_gone(address, "hooked"))
+    seen.update(_daemon_view(address, "hooked"))
     queue.put(seen)
 
 
@@ -682,7 +672,7 @@ def fork_while_a_thread_is_in_a_hook(address, queue):
     heap = slitter.connect(address, name="forker")
     cls = heap.register_class("close-fork", size=64)
     cap = heap._classes_table[cls.id].mag_capacity
-    inside, go = _hold_prefetch_hook(heap)
+    inside, go = _held_at_refill(heap, "_send_ahead")  # the prefetch hook blocks
     worker = threading.Thread(target=lambda: [cls.allocate() for _ in range(cap + 1)])
     worker.start()
     assert inside.wait(60), "the prefetch hook never ran"
