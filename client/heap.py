@@ -92,6 +92,8 @@ class Heap:
         self._lock = threading.RLock()
         self._inside: deque[int] = deque()  # the thread of each slow-path call under way (_in_use)
         self._close_pending = False  # close() was called from inside this heap on its own thread
+        self._closer = (0, 0)  # (pid, thread) of the close under way, and _detached set once it is done
+        self._detached = threading.Event()
         self._data: Mapping | None = None
         self._tables = self._live_map = self._rack = self._shelf = None
         self._guards: GuardApplier | None = None
@@ -210,15 +212,25 @@ class Heap:
         cannot wait for that call: the heap is closed at once, and it
         detaches when that call has left the heap (at the end of a slow
         path, else at the next call on the heap, else at the process's
-        exit).  Views already taken stay valid until they are dropped.
+        exit).  Otherwise it returns detached, also when another thread's
+        close was under way.  Views already taken stay valid until they
+        are dropped.
         """
+        thread = threading.get_ident()
+        me = (os.getpid(), thread)
         with self._lock:
             first = not self._closed
             self._closed = True  # no slow path starts from now on (_in_use)
+            if first:
+                self._closer = me
         if not first:
-            # A close deferred from inside the heap (below) is finished by any later one from outside it.
-            if threading.get_ident() not in self._inside:
+            # A close deferred from inside the heap (below) is finished by any later one from outside it,
+            # and one under way is waited for: not from inside the heap, nor this thread's own close (a
+            # signal handler interrupted it), nor a parent's (a forked child): none would ever finish.
+            if thread not in self._inside and not lib.slitter_hooked_here(self._client):
                 self._finish_pending_close()
+                if self._closer[0] == me[0] and self._closer != me:
+                    self._detached.wait()
             return
         # Nor does any fast path: every thread's next native call finds epoch
         # 0 and leaves for the slow path, which raises.  This comes before the
@@ -228,7 +240,7 @@ class Heap:
         # hook: that one runs Python, and when it returns its native frame
         # uses the rack again.
         lib.slitter_client_close(self._client)
-        if threading.get_ident() in self._inside or lib.slitter_hooked_here(self._client):
+        if thread in self._inside or lib.slitter_hooked_here(self._client):
             self._close_pending = True
             return
         self._detach_and_unmap()
@@ -239,30 +251,34 @@ class Heap:
             if not self._close_pending or lib.slitter_hooked_here(self._client):
                 return
             self._close_pending = False
+            self._closer = (os.getpid(), threading.get_ident())
         self._detach_and_unmap()
 
     def _detach_and_unmap(self) -> None:
-        """Once no thread is inside the heap: detach, close the socket, unmap.
+        """Once no thread is inside the heap: detach, close the socket, unmap; then let other closers return.
 
         Hooks never block; a slow path under way may wait for the daemon.
         """
-        while self._inside or self._client.in_hook:
-            time.sleep(0.0005)
-        lib.slitter_client_close(self._client)  # again: nothing may have reopened it meanwhile
-        _OPEN_HEAPS.discard(self)
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            try:
-                transport.call(Op.DETACH, client=self._client_id, token=self._token)
-            except errors.SlitterError as exc:
-                # UNKNOWN_CLIENT: a detach sent again after a lost reply; the first one got through.
-                if getattr(exc, "code", None) is not ErrorCode.UNKNOWN_CLIENT:
-                    log.warning("detach from %s failed: %s", self.address, exc)
-            transport.close()
-        for mapping in (self._rack, self._shelf, self._live_map, self._tables):
-            if mapping is not None:
-                mapping.close()
-        self._data = self._arena = None  # the arena is unmapped when the last view goes
+        try:
+            while self._inside or self._client.in_hook:
+                time.sleep(0.0005)
+            lib.slitter_client_close(self._client)  # again: nothing may have reopened it meanwhile
+            _OPEN_HEAPS.discard(self)
+            transport, self._transport = self._transport, None
+            if transport is not None:
+                try:
+                    transport.call(Op.DETACH, client=self._client_id, token=self._token)
+                except errors.SlitterError as exc:
+                    # UNKNOWN_CLIENT: a detach sent again after a lost reply; the first one got through.
+                    if getattr(exc, "code", None) is not ErrorCode.UNKNOWN_CLIENT:
+                        log.warning("detach from %s failed: %s", self.address, exc)
+                transport.close()
+            for mapping in (self._rack, self._shelf, self._live_map, self._tables):
+                if mapping is not None:
+                    mapping.close()
+            self._data = self._arena = None  # the arena is unmapped when the last view goes
+        finally:
+            self._detached.set()  # interrupted too (KeyboardInterrupt, say): closers waiting must not hang
 
     def __enter__(self) -> Heap:
         return self

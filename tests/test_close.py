@@ -211,3 +211,40 @@ def test_a_chunked_release_many_cut_short_by_close_says_how_many_went_back(daemo
         figures = other.stats()["classes"]["close-chunks"]
         assert figures["live"] == len(handles) - released and workers.balanced(figures), (released, figures)
         other.register_class("close-chunks", size=64).release_many(handles[released:])  # exactly the rest
+
+
+def test_a_close_while_another_is_under_way_returns_only_once_the_heap_is_detached(daemon):
+    """Closers that overlap a close still waiting for a slow path all return detached, not before."""
+    procs, (seen,) = run_spawned(workers.concurrent_closes, [(daemon.address, 4)], timeout=90)
+    assert procs[0].exitcode == 0 and not seen["hung"], seen
+    assert seen["attached"] == [False] * 4, "a close() returned before the heap was detached"
+    assert seen["after"].endswith("is closed"), seen["after"]
+
+
+def test_a_reattach_in_a_forked_child_racing_close_leaves_nothing_open(daemon):
+    """A forked child's first call re-attaches while another thread closes: the closed heap never re-attaches."""
+    procs, (results,) = run_spawned(workers.reattach_racing_close_in_forked_child, [(daemon.address, 5)],
+                                    timeout=180)
+    assert procs[0].exitcode == 0
+    for result in results:
+        assert result["status"] == 0, f"the child died (wait status {result['status']:#x})"
+        seen = result["seen"]
+        assert not seen["attached_closed"], "the child re-attached a heap another thread had closed"
+        assert seen["first"].endswith("is closed") and seen["second"].endswith("is closed"), seen
+        assert seen["epoch"] == 0 and seen["left_open"] == [] and not seen["attached"], seen
+        assert not seen["hung"], seen
+
+
+@pytest.mark.parametrize("where", ["refill", "hook", "close"])
+def test_a_second_close_from_a_signal_handler_does_not_wait_for_the_close_it_interrupted(daemon, where):
+    """The handler runs inside the refill or the hook another thread's close waits for, or inside that close."""
+    procs, (seen,) = run_spawned(workers.second_close_from_signal_handler, [(daemon.address, where)], timeout=90)
+    assert seen["handler_returned"], "the handler's close() waited for a close that waited for it"
+    assert procs[0].exitcode == 0 and not seen["attached"], seen
+
+
+def test_a_child_forked_while_a_close_waits_can_close(daemon):
+    procs, (seen,) = run_spawned(workers.fork_while_a_close_waits, [(daemon.address,)], timeout=90)
+    assert procs[0].exitcode == 0
+    assert seen["child_status"] == 0, "the child's close() hung (it waited for the parent's close)"
+    assert not seen["attached"], seen

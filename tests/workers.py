@@ -698,3 +698,241 @@ def fork_while_a_thread_is_in_a_hook(address, queue):
     worker.join(60)
     heap.close()
     queue.put({"child_status": status})
+
+
+def _done_or_waiting(thread) -> bool:
+    """Whether ``thread`` has ended or is blocked in a threading.Condition's wait (an Event's too)."""
+    import sys
+    import threading
+
+    frame = sys._current_frames().get(thread.ident)
+    return frame is None or frame.f_code is threading.Condition.wait.__code__
+
+
+def _child_status(pid: int, seconds: float) -> int:
+    """The wait status of child ``pid``; killed (SIGKILL) if it has not ended within ``seconds``."""
+    import os
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.005)
+    os.kill(pid, 9)
+    return os.waitpid(pid, 0)[1]
+
+
+def concurrent_closes(address, closers, queue):
+    """``closers`` threads close the heap while the first close still waits for a thread's refill.
+
+    Each closer asks the daemon, as soon as its close() has returned,
+    whether the heap is still attached.  The refill goes on only once every
+    later closer has returned or is blocked waiting, so they all overlap
+    the first close.
+    """
+    import threading
+    import time
+
+    heap = slitter.connect(address, name="closed-twice")
+    cls = heap.register_class("close-twice", size=64)
+    inside, go = _held_at_refill(heap._transport, "call")
+    seen = {"attached": []}
+
+    def allocate():
+        seen["after"] = _allocate_outcome(cls)  # unbound: the slow path refills
+
+    def close():
+        heap.close()
+        seen["attached"].append(_daemon_view(address, "closed-twice")["attached"])
+
+    worker = threading.Thread(target=allocate)
+    worker.start()
+    assert inside.wait(60), "the worker never got inside"
+    threads = [threading.Thread(target=close)]
+    threads[0].start()
+    _await_epoch_zero(heap)  # the first close is under way: it waits for the worker
+    threads += [threading.Thread(target=close) for _ in range(closers - 1)]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 30
+    while not all(_done_or_waiting(t) for t in threads[1:]) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    go.set()
+    for t in [worker, *threads]:
+        t.join(60)
+    seen["hung"] = sum(t.is_alive() for t in [worker, *threads])
+    queue.put(seen)
+
+
+def reattach_racing_close_in_forked_child(address, rounds, queue):
+    """Fork ``rounds`` children; in each, one thread's first call re-attaches while another closes the heap.
+
+    The re-attaching thread is held between its unlocked look at
+    ``closed`` and taking the heap's lock until the close has begun, so
+    every round lands in that window.  Then it calls the heap again, after
+    close() returned: over a rack that close unmapped, were the native
+    client open again.  Reports each child's wait status and what it saw.
+    """
+    import json
+    import os
+
+    heap = slitter.connect(address, name="forked-race")
+    cls = heap.register_class("fork-race", size=64)
+    cls.release(cls.allocate())  # bound, with cached objects: the child's rack is its own
+    results = []
+    for _ in range(rounds):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            code = 1
+            try:
+                seen = _reattach_racing_close(address, heap, cls)
+                os.write(write_end, json.dumps(seen).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        status = _child_status(pid, 60)
+        with os.fdopen(read_end, "rb") as reader:
+            report = reader.read()
+        results.append({"status": status, "seen": json.loads(report) if report else None})
+    heap.close()
+    queue.put(results)
+
+
+def _reattach_racing_close(address, heap, cls) -> dict:
+    """In a forked child: see reattach_racing_close_in_forked_child."""
+    import os
+    import threading
+    import time
+
+    at_lock, closed = threading.Event(), threading.Event()
+    seen = {"attached_closed": False}
+    lock = heap._lock  # the child's own (_after_fork_in_child)
+
+    class Gate:
+        """The heap's lock; the re-attaching thread's first take of it waits until close has begun."""
+
+        def __enter__(self):
+            if threading.current_thread() is reattacher and not at_lock.is_set():
+                at_lock.set()
+                deadline = time.monotonic() + 30
+                while not heap._closed and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+
+    attach = heap._attach
+
+    def watched_attach():
+        seen["attached_closed"] |= heap._closed
+        attach()
+
+    heap._lock, heap._attach = Gate(), watched_attach
+
+    def reattach():
+        seen["first"] = _allocate_outcome(cls)  # epoch 0 after the fork: the slow path re-attaches
+        closed.wait(60)
+        seen["second"] = _allocate_outcome(cls)  # the fast path: must not use an unmapped rack
+
+    reattacher = threading.Thread(target=reattach)
+    reattacher.start()
+    at_lock.wait(60)
+    heap.close()
+    seen["epoch"] = int(heap._client.epoch)
+    seen["left_open"] = [what for what, still in (("transport", heap._transport is not None),
+                                                   ("rack", heap._rack.ptr is not None),
+                                                   ("tables", heap._tables.ptr is not None)) if still]
+    with slitter.connect(address) as other:
+        seen["attached"] = any(c["pid"] == os.getpid() and c["name"] == heap.name for c in other.stats()["clients"])
+    closed.set()
+    reattacher.join(60)
+    seen["hung"] = reattacher.is_alive()
+    return seen
+
+
+def second_close_from_signal_handler(address, where, queue):
+    """A SIGUSR1 handler on the main thread closes the heap again while a close waits for the main thread.
+
+    ``where`` the handler runs: "refill", in the main thread's refill that
+    another thread's close waits for; "hook", in the main thread's prefetch
+    hook, likewise; "close", in the main thread's own close, which waits
+    for another thread's refill.  The handler's close() must return at
+    once: waiting for that close to finish would wait for itself.
+    """
+    import os
+    import signal
+    import threading
+
+    heap = slitter.connect(address, name="closed-in-handler")
+    cls = heap.register_class("close-handler", size=64)
+    inside, handled = threading.Event(), threading.Event()
+
+    def handler(signum, frame):
+        heap.close()
+        handled.set()
+
+    def at_refill():  # in the refill (or hook) the first close waits for
+        inside.set()
+        if where != "close":
+            threading.Thread(target=heap.close).start()
+        _await_epoch_zero(heap)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        handled.wait(60)
+
+    def watchdog():  # a handler that waits forever must fail the test, not hang it
+        if not handled.wait(30):
+            queue.put({"handler_returned": False})
+            queue.close()
+            queue.join_thread()
+            os._exit(1)
+
+    signal.signal(signal.SIGUSR1, handler)
+    threading.Thread(target=watchdog, daemon=True).start()
+    if where == "hook":
+        _on_refill(heap, "_send_ahead", at_refill)
+        cap = heap._classes_table[cls.id].mag_capacity
+        [cls.allocate() for _ in range(cap + 1)]  # the last one takes the spare: the hook runs
+    else:
+        _on_refill(heap._transport, "call", at_refill)
+        if where == "refill":
+            _allocate_outcome(cls)  # unbound: the slow path refills
+        else:
+            threading.Thread(target=_allocate_outcome, args=(cls,)).start()
+            assert inside.wait(60), "the worker never got inside"
+    heap.close()  # from outside the heap: returns detached
+    queue.put({"handler_returned": True, **_daemon_view(address, "closed-in-handler")})
+
+
+def fork_while_a_close_waits(address, queue):
+    """Fork while another thread's close waits for a refill; the child's close() must return."""
+    import os
+    import threading
+
+    heap = slitter.connect(address, name="fork-closing")
+    cls = heap.register_class("close-fork-waiting", size=64)
+    inside, go = _held_at_refill(heap._transport, "call")
+    worker = threading.Thread(target=_allocate_outcome, args=(cls,))
+    worker.start()
+    assert inside.wait(60), "the worker never got inside"
+    closer = threading.Thread(target=heap.close)
+    closer.start()
+    _await_epoch_zero(heap)
+    pid = os.fork()
+    if pid == 0:  # the child: the close under way is the parent's
+        code = 1
+        try:
+            heap.close()
+            code = 0
+        finally:
+            os._exit(code)
+    status = _child_status(pid, 30)
+    go.set()
+    worker.join(60)
+    closer.join(60)
+    queue.put({"child_status": status, **_daemon_view(address, "fork-closing")})
