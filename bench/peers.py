@@ -16,9 +16,15 @@ Workers do their setup first (connect, attach, warm up, cache views). Then
 they all wait on one barrier, and the timed windows start there.
 
 1. Shared objects, 64 B each.  A producer allocates an object, writes it
-   (a 64 B template, then its sequence number) and passes it on.  A consumer
-   in another process reads it (CRC-32 of the object, sequence number
-   checked) and releases it.  Objects travel in batches of 64. The producer
+   and passes it on.  A consumer in another process reads it, checks it and
+   releases it.  Two ways to touch an object, each a run of its own:
+   - whole object: the producer writes a 64 B template, then the sequence
+     number; the consumer takes a CRC-32 of the whole object and checks the
+     number. Every peer runs this one.
+   - one field: the producer writes the sequence number (8 bytes) alone,
+     and the consumer reads it back and checks it: the least a user does
+     with an object. Every peer but SharedMemoryManager runs it.
+   Objects travel in batches of 64. The producer
    sends the batch's 64 handles or names with ``send_bytes`` on a Pipe. A
    semaphore holds at most 4 batches unconsumed: the consumer releases it
    per batch. So the IPC of the handles costs every peer the same. (Until
@@ -51,6 +57,13 @@ they all wait on one barrier, and the timed windows start there.
      The consumer maps the arena, reads the object and closes the descriptor,
      which the library would otherwise leak. The producer frees the 64 blocks
      when the batch is acked, since only the creating process can free them.
+   - Slots, no allocator: a control rather than a peer. The producer writes
+     into fixed slots of one SharedMemory, taken in turn (five batches'
+     worth, so the window never lets it rewrite a batch not yet consumed),
+     and passes their offsets as slitter passes handles. Nothing is
+     allocated, checked or released: what the control costs is the
+     workers' own Python and the hand-off, which bounds what any
+     allocator can reach in this workload.
 
 2. Shared mutable table: 100,000 records of 64 B. 4 worker processes each
    update random records in place. An update writes two 8-byte fields
@@ -116,7 +129,7 @@ median.
 
 Run it:
 
-    cd bench && ../.venv/bin/python peers.py            # about 3.5 minutes on 2 cores
+    cd bench && ../.venv/bin/python peers.py            # about 4 minutes on 2 cores
     cd bench && ../.venv/bin/python peers.py --quick    # about 20 s
     cd bench && ../.venv/bin/python peers.py --json     # the full result as JSON on stdout
 
@@ -129,6 +142,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -141,13 +155,14 @@ import time
 import traceback
 import zlib
 from array import array
+from functools import partial
 from multiprocessing import resource_tracker, shared_memory
 from multiprocessing.connection import wait as mp_wait
 from multiprocessing.managers import SharedMemoryManager, dispatch
 from multiprocessing.reduction import ForkingPickler
 from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import slitter
 from benchlib import cli, machine, machine_line
@@ -180,6 +195,7 @@ TARGETS = {
 TRIAL_TIMEOUT = 300  # seconds to wait for each worker's result in a trial
 
 HEAD = struct.Struct("<QQ")  # sequence number, producer id: the first 16 bytes of every record
+SEQ = struct.Struct("<Q")  # the sequence number alone
 
 
 def template(size: int) -> bytes:
@@ -277,19 +293,43 @@ def trial(parts: list[tuple[Setup, tuple]], servers: list[int | None]) -> dict[s
 # as bytes-like; acked() runs once the consumer is done with the oldest batch;
 # consume(msg, seq) reads, verifies and releases a batch and returns its errors.
 
-def _write(buf, seq: int, tmpl: bytes, size: int) -> None:
-    buf[:size] = tmpl
-    HEAD.pack_into(buf, 0, seq, 0)
+class Touch(NamedTuple):
+    """What the shared-objects workers do to every object.
+
+    ``write(buf, off, seq)`` in the producer; ``check(buf, off, seq)`` in the
+    consumer, which returns 1 when the object does not hold what was written.
+    """
+    name: str
+    write: Callable[[Any, int, int], None]
+    check: Callable[[Any, int, int], int]
 
 
-def _check(buf, seq: int, size: int) -> int:
-    zlib.crc32(buf[:size])
-    return HEAD.unpack_from(buf)[0] != seq
+def whole_object(size: int) -> Touch:
+    """All of it: a template, then the sequence number; a CRC-32 of all of it, and the number checked."""
+    tmpl, crc32, pack, unpack = template(size), zlib.crc32, HEAD.pack_into, HEAD.unpack_from
+
+    def write(buf, off: int, seq: int) -> None:
+        buf[off:off + size] = tmpl
+        pack(buf, off, seq, 0)
+
+    def check(buf, off: int, seq: int) -> int:
+        crc32(buf[off:off + size])
+        return unpack(buf, off)[0] != seq
+
+    return Touch("whole object", write, check)
 
 
-def _check_at(buf, off: int, seq: int, size: int) -> int:
-    zlib.crc32(buf[off:off + size])
-    return HEAD.unpack_from(buf, off)[0] != seq
+def one_field(size: int) -> Touch:
+    """The least a user does: one 8-byte field (the sequence number) written, read back and checked."""
+    unpack = SEQ.unpack_from
+
+    def check(buf, off: int, seq: int) -> int:
+        return unpack(buf, off)[0] != seq
+
+    return Touch("one field", SEQ.pack_into, check)
+
+
+TOUCHES = {"whole object": whole_object, "one field": one_field}
 
 
 def _objects_producer(make: Callable, conn, space, duration: float) -> tuple:
@@ -333,17 +373,17 @@ def _objects_consumer(make: Callable, conn, space) -> tuple:
     return work, cleanup
 
 
-def slitter_objects(address: str, role: str):
+def slitter_objects(address: str, role: str, touch: Touch):
     """Objects written and read through ``heap.arena``; the consumer checks each batch first."""
     heap = slitter.connect(address)
     cls = heap.register_class(f"objects-{OBJECT_SIZE}", OBJECT_SIZE)
     cls.release_many(cls.allocate_many(BATCH))  # bind this thread to the class
-    arena, size, tmpl = heap.arena, OBJECT_SIZE, template(OBJECT_SIZE)
+    arena, write, check_at = heap.arena, touch.write, touch.check
     if role == "producer":
         def produce(seq: int):
             handles = cls.allocate_many(BATCH)  # fresh objects of this class: nothing to check
             for h in handles:
-                _stream_write(arena, h, size, tmpl, seq, 0)
+                write(arena, h, seq)
                 seq += 1
             return handles
 
@@ -355,7 +395,7 @@ def slitter_objects(address: str, role: str):
         cls.check(handles)  # every handle a live object of this class: one native call
         errors = 0
         for h in handles:
-            errors += _check_at(arena, h, seq, size)
+            errors += check_at(arena, h, seq)
             seq += 1
         cls.release_many(handles)
         return errors
@@ -363,17 +403,17 @@ def slitter_objects(address: str, role: str):
     return consume, heap.close
 
 
-def slitter_view_objects(address: str, role: str):
+def slitter_view_objects(address: str, role: str, touch: Touch):
     """Objects written and read through ``heap.view(handle)``, checked one by one."""
     heap = slitter.connect(address)
     cls = heap.register_class(f"objects-{OBJECT_SIZE}", OBJECT_SIZE)
     cls.release_many(cls.allocate_many(BATCH))  # bind this thread to the class
-    view, size, tmpl = heap.view, OBJECT_SIZE, template(OBJECT_SIZE)
+    view, write, check_at = heap.view, touch.write, touch.check
     if role == "producer":
         def produce(seq: int):
             handles = cls.allocate_many(BATCH)
             for h in handles:
-                _write(view(h), seq, tmpl, size)
+                write(view(h), 0, seq)
                 seq += 1
             return handles
 
@@ -384,7 +424,7 @@ def slitter_view_objects(address: str, role: str):
         handles.frombytes(msg)
         errors = 0
         for h in handles:
-            errors += _check(view(h), seq, size)
+            errors += check_at(view(h), 0, seq)
             seq += 1
         cls.release_many(handles)
         return errors
@@ -392,14 +432,14 @@ def slitter_view_objects(address: str, role: str):
     return consume, heap.close
 
 
-def shm_objects(role: str):
-    size, tmpl, SharedMemory = OBJECT_SIZE, template(OBJECT_SIZE), shared_memory.SharedMemory
+def shm_objects(role: str, touch: Touch):
+    size, write, check_at, SharedMemory = OBJECT_SIZE, touch.write, touch.check, shared_memory.SharedMemory
     if role == "producer":
         def produce(seq: int) -> bytes:
             names = []
             for _ in range(BATCH):
                 shm = SharedMemory(create=True, size=size)
-                _write(shm.buf, seq, tmpl, size)
+                write(shm.buf, 0, seq)
                 names.append(shm.name)
                 shm.close()
                 seq += 1
@@ -411,7 +451,7 @@ def shm_objects(role: str):
         errors = 0
         for name in msg.decode().split("\0"):
             shm = SharedMemory(name)
-            errors += _check(shm.buf, seq, size)
+            errors += check_at(shm.buf, 0, seq)
             shm.close()
             shm.unlink()
             seq += 1
@@ -420,14 +460,14 @@ def shm_objects(role: str):
     return consume, lambda: None
 
 
-def smm_objects(smm: SharedMemoryManager, role: str):
-    size, tmpl = OBJECT_SIZE, template(OBJECT_SIZE)
+def smm_objects(smm: SharedMemoryManager, role: str, touch: Touch):
+    size, write, check_at = OBJECT_SIZE, touch.write, touch.check
     if role == "producer":
         def produce(seq: int) -> bytes:
             names = []
             for _ in range(BATCH):
                 shm = smm.SharedMemory(size)
-                _write(shm.buf, seq, tmpl, size)
+                write(shm.buf, 0, seq)
                 names.append(shm.name)
                 shm.close()
                 seq += 1
@@ -439,7 +479,7 @@ def smm_objects(smm: SharedMemoryManager, role: str):
         errors = 0
         for name in msg.decode().split("\0"):
             shm = shared_memory.SharedMemory(name)
-            errors += _check(shm.buf, seq, size)
+            errors += check_at(shm.buf, 0, seq)
             shm.close()
             # The manager serves one request per connection, as in smm.SharedMemory().
             with smm._Client(smm._address, authkey=smm._authkey) as conn:
@@ -450,8 +490,8 @@ def smm_objects(smm: SharedMemoryManager, role: str):
     return consume, lambda: None
 
 
-def rawarray_objects(role: str):
-    size, tmpl = OBJECT_SIZE, template(OBJECT_SIZE)
+def rawarray_objects(role: str, touch: Touch):
+    size, write, check_at = OBJECT_SIZE, touch.write, touch.check
     if role == "producer":
         inflight: collections.deque = collections.deque()
 
@@ -459,7 +499,7 @@ def rawarray_objects(role: str):
             batch = []
             for _ in range(BATCH):
                 a = RawArray("B", size)
-                _write(memoryview(a).cast("B"), seq, tmpl, size)
+                write(memoryview(a).cast("B"), 0, seq)
                 batch.append(a)
                 seq += 1
             inflight.append(batch)
@@ -471,7 +511,7 @@ def rawarray_objects(role: str):
         errors = 0
         wrappers = pickle.loads(msg)
         for w in wrappers:
-            errors += _check(w.create_memoryview(), seq, size)
+            errors += check_at(w.create_memoryview(), 0, seq)
             seq += 1
         # rebuild_arena() maps the received descriptor and never closes it.
         for fd in {w._state[0][0].fd for w in wrappers}:
@@ -481,36 +521,83 @@ def rawarray_objects(role: str):
     return consume, lambda: None
 
 
+SLOTS = (WINDOW + 1) * BATCH  # the control's slots: a batch is never rewritten before it is consumed
+
+
+def slots_objects(name: str, role: str, touch: Touch):
+    """The control, no allocator: fixed slots of one SharedMemory, taken in turn, passed as offsets."""
+    shm = shared_memory.SharedMemory(name)
+    buf, write, check_at = shm.buf, touch.write, touch.check
+    batches = [array("Q", range(first * OBJECT_SIZE, (first + BATCH) * OBJECT_SIZE, OBJECT_SIZE))
+               for first in range(0, SLOTS, BATCH)]
+    if role == "producer":
+        turn = itertools.cycle(batches)
+
+        def produce(seq: int):
+            offsets = next(turn)
+            for off in offsets:
+                write(buf, off, seq)
+                seq += 1
+            return offsets
+
+        return produce, lambda: None, shm.close
+
+    def consume(msg: bytes, seq: int) -> int:
+        offsets = array("Q")
+        offsets.frombytes(msg)
+        errors = 0
+        for off in offsets:
+            errors += check_at(buf, off, seq)
+            seq += 1
+        return errors
+
+    return consume, shm.close
+
+
 def run_objects(address: str, daemon_pid: int, reps: int, duration: float, progress) -> dict[str, Any]:
+    """Both touches; every peer under the whole-object touch, the cheap peers under one field."""
     resource_tracker.ensure_running()  # one tracker, inherited by every worker
     smm = SharedMemoryManager(ctx=CTX)
     smm.start()
+    slots = shared_memory.SharedMemory(create=True, size=SLOTS * OBJECT_SIZE)
     peers = {
-        "slitter": (lambda r: (lambda: slitter_objects(address, r)), [daemon_pid]),
-        "slitter, view per object": (lambda r: (lambda: slitter_view_objects(address, r)), [daemon_pid]),
-        "SharedMemory": (lambda r: (lambda: shm_objects(r)), [tracker_pid()]),
-        "SharedMemoryManager": (lambda r: (lambda: smm_objects(smm, r)), [smm._process.pid, tracker_pid()]),
-        "RawArray": (lambda r: (lambda: rawarray_objects(r)), []),
+        "slitter": (lambda r, t: slitter_objects(address, r, t), [daemon_pid]),
+        "slitter, view per object": (lambda r, t: slitter_view_objects(address, r, t), [daemon_pid]),
+        "SharedMemory": (lambda r, t: shm_objects(r, t), [tracker_pid()]),
+        "SharedMemoryManager": (lambda r, t: smm_objects(smm, r, t), [smm._process.pid, tracker_pid()]),
+        "RawArray": (lambda r, t: rawarray_objects(r, t), []),
+        "slots, no allocator": (lambda r, t: slots_objects(slots.name, r, t), []),
     }
-    per_rep: list[dict[str, dict]] = []
+    # One field takes a few seconds less without the slowest peer, which is far past its target either way.
+    plans = {"whole object": list(peers), "one field": [n for n in peers if n != "SharedMemoryManager"]}
+    per_rep: dict[str, list[dict[str, dict]]] = {touch: [] for touch in plans}
     try:
         for rep in range(reps):
-            row = {}
-            for name, (maker, servers) in peers.items():
-                progress(f"shared objects, repetition {rep + 1}/{reps}: {name}")
-                reader, writer = CTX.Pipe(duplex=False)
-                space = CTX.Semaphore(WINDOW)
-                row[name] = trial([(_objects_producer, (maker("producer"), writer, space, duration)),
-                                   (_objects_consumer, (maker("consumer"), reader, space))], servers)
-                reader.close()
-                writer.close()
-            per_rep.append(row)
+            for touch_name, names in plans.items():
+                touch = TOUCHES[touch_name](OBJECT_SIZE)
+                row = {}
+                for name in names:
+                    make, servers = peers[name]
+                    progress(f"shared objects ({touch_name}), repetition {rep + 1}/{reps}: {name}")
+                    reader, writer = CTX.Pipe(duplex=False)
+                    space = CTX.Semaphore(WINDOW)
+                    row[name] = trial([(_objects_producer, (partial(make, "producer", touch), writer, space,
+                                                            duration)),
+                                       (_objects_consumer, (partial(make, "consumer", touch), reader, space))],
+                                      servers)
+                    reader.close()
+                    writer.close()
+                per_rep[touch_name].append(row)
     finally:
+        slots.close()
+        slots.unlink()
         smm.shutdown()
-    out = summarize(per_rep, "slitter")
-    by_view = summarize(per_rep, "slitter, view per object")
-    for name in out["peers"]:
-        out["peers"][name]["ratio_view"] = by_view["peers"][name]["ratio"]
+    out: dict[str, Any] = {}
+    for touch_name, rows in per_rep.items():
+        out[touch_name] = summarize(rows, "slitter")
+        by_view = summarize(rows, "slitter, view per object")
+        for name in out[touch_name]["peers"]:
+            out[touch_name]["peers"][name]["ratio_view"] = by_view["peers"][name]["ratio"]
     return out
 
 
@@ -1059,12 +1146,14 @@ def summarize(per_rep: list[dict[str, dict]], ours: str) -> dict[str, Any]:
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if "objects" in result:
-        peers = result["objects"]["peers"]
+    for touch, measured in result.get("objects", {}).items():
+        peers = measured["peers"]
         for name, target in TARGETS["objects"].items():
+            if name not in peers:
+                continue
             for variant, key in (("arena", "ratio"), ("view per object", "ratio_view")):
-                out[f"objects ({variant}) vs {name}"] = {"target": f">= {target:g}x", "value": peers[name][key],
-                                                         "met": peers[name][key] >= target}
+                out[f"objects, {touch} ({variant}) vs {name}"] = {
+                    "target": f">= {target:g}x", "value": peers[name][key], "met": peers[name][key] >= target}
     if "table" in result:
         peers = result["table"]["peers"]
         for name, target in TARGETS["table"].items():
@@ -1139,18 +1228,20 @@ def print_tables(result: dict[str, Any]) -> None:
         t = tg[key]
         return f"{t['target']} " + ("[green]met[/green]" if t["met"] else "[red]NOT met[/red]")
 
-    if "objects" in result:
-        t = Table(title=f"Shared objects ({OBJECT_SIZE} B, batches of {BATCH}): medians of {reps} repetitions",
-                  title_justify="left", caption="objects/s: allocate+write, read in another process, release; "
-                  "CPU: all processes", caption_justify="left")
+    for touch, measured in result.get("objects", {}).items():
+        t = Table(title=f"Shared objects ({OBJECT_SIZE} B, batches of {BATCH}), {touch} written and read: "
+                  f"medians of {reps} repetitions", title_justify="left",
+                  caption="objects/s: allocate+write, read in another process, release; CPU: all processes",
+                  caption_justify="left")
         for col in ("peer", "objects/s", "CPU µs/object", "arena ÷", "target", "view per object ÷", "target ",
                     "errors"):
             t.add_column(col, justify="left" if col.startswith(("peer", "target")) else "right")
-        for name, p in result["objects"]["peers"].items():
+        for name, p in measured["peers"].items():
             mine = name.startswith("slitter")
             t.add_row(name, _rate(p["rate"]), f"{p['cpu_us']:.2f}", "" if mine else _x(p["ratio"]),
-                      "" if mine else verdict(f"objects (arena) vs {name}"), "" if mine else _x(p["ratio_view"]),
-                      "" if mine else verdict(f"objects (view per object) vs {name}"), str(p["errors"]))
+                      "" if mine else verdict(f"objects, {touch} (arena) vs {name}"),
+                      "" if mine else _x(p["ratio_view"]),
+                      "" if mine else verdict(f"objects, {touch} (view per object) vs {name}"), str(p["errors"]))
         console.print(t)
 
     if "table" in result:
