@@ -53,6 +53,10 @@ static inline const struct slitter_key *slitter__key(uint32_t key)
 /* Epochs are unique per open in this process; 0 means closed. */
 static uint64_t next_epoch = 1;
 
+/* Bumped by slitter_client_forked, in a child: a hook that returns to a
+ * different count returns in the child of a fork made inside it. */
+static uint64_t forks;
+
 /*
  * Clients that are open, so a thread-exit destructor never writes into a
  * rack that was unmapped.  Touched only when threads bind or exit and when
@@ -156,6 +160,7 @@ void slitter_client_forked(struct slitter_client *c)
     c->shelf = NULL;  /* the parent may hold a slot: a child never touches the shelf before re-attaching */
     c->has_key = 0;   /* the key is this process's too; leak it rather than race */
     c->in_hook = 0;   /* the threads that were in a hook are the parent's */
+    forks++;          /* unless this thread is one: it forked inside the hook (slitter__call_hook) */
     tls.client = NULL;
     tls.slot = NULL;
     tls.hooked = NULL;
@@ -475,18 +480,29 @@ static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, stru
  * slitter_hooked_here() whether it was itself called from inside the hook
  * on this thread (a signal handler): then it cannot wait.  After a close
  * (epoch 0, rack NULL) no hook is called: nobody would act on it.
+ *
+ * Returns whether the caller may go on with the rack: not in the child of
+ * a fork made inside the hook on this thread (a signal handler again).
+ * That child's rack is the parent's, unmapped by now, and
+ * slitter_client_forked has already reset in_hook and tls.hooked, so this
+ * frame touches none of them.  A close during the hook is no reason to
+ * stop: close() waits for this frame, which finishes the call under way.
  */
-static void slitter__call_hook(struct slitter_client *c, struct slitter_thread_slot *slot, uint32_t class_id,
-                               void (*hook)(struct slitter_client *, uint32_t, uint32_t))
+static int slitter__call_hook(struct slitter_client *c, struct slitter_thread_slot *slot, uint32_t class_id,
+                              void (*hook)(struct slitter_client *, uint32_t, uint32_t))
 {
     if (c->epoch == 0)
-        return;
+        return 1;
+    uint64_t forks_before = forks;
     const struct slitter_client *outer = tls.hooked;
     c->in_hook++;
     tls.hooked = c;
     hook(c, (uint32_t)(slot - c->rack->threads), class_id);
+    if (slitter_unlikely(forks != forks_before))
+        return 0;
     tls.hooked = outer;
     c->in_hook--;
+    return 1;
 }
 
 /*
@@ -515,8 +531,9 @@ static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, st
     memcpy(tc->alloc, tc->spare, n * sizeof(uint64_t));
     tc->alloc_count = n;
     __atomic_store_n(&tc->spare_count, 0, __ATOMIC_RELEASE);
-    slitter__call_hook(c, slot, class_id, slitter_spare_taken);
-    return 1;
+    /* Forked inside the hook: the child leaves the parent's rack alone, and
+     * its slow path re-attaches. */
+    return slitter__call_hook(c, slot, class_id, slitter_spare_taken);
 }
 
 /* The allocation proper, for a thread whose slot is known: allocate and allocate_many share it. */
@@ -583,7 +600,9 @@ static SLITTER_NOINLINE int slitter__send_release_out(struct slitter_client *c, 
     memcpy(tc->outgoing, tc->release, n * sizeof(uint64_t));
     tc->release_count = 0;
     __atomic_store_n(&tc->outgoing_count, n, __ATOMIC_RELEASE);
-    slitter__call_hook(c, slot, class_id, slitter_outgoing_ready);
+    /* The release is done, in a child forked inside the hook too, and
+     * nothing below touches the rack. */
+    (void)slitter__call_hook(c, slot, class_id, slitter_outgoing_ready);
     return SLITTER_OK;
 }
 

@@ -248,3 +248,12 @@ def test_a_child_forked_while_a_close_waits_can_close(daemon):
     assert procs[0].exitcode == 0
     assert seen["child_status"] == 0, "the child's close() hung (it waited for the parent's close)"
     assert not seen["attached"], seen
+
+
+def test_a_fork_inside_a_hook_leaves_the_child_a_rack_of_its_own(daemon):
+    """A child forked inside the prefetch hook, on the hooked thread, does not come back to the parent's rack."""
+    procs, (seen,) = run_spawned(workers.fork_inside_a_hook, [(daemon.address,)], timeout=90)
+    assert procs[0].exitcode == 0 and seen["forked"], seen
+    assert seen["child_status"] == 0, f"the child failed (wait status {seen['child_status']:#x})"
+    figures = seen["figures"]
+    assert not seen["attached"] and figures["live"] == 0 and workers.balanced(figures), seen

@@ -936,3 +936,43 @@ def fork_while_a_close_waits(address, queue):
     worker.join(60)
     closer.join(60)
     queue.put({"child_status": status, **_daemon_view(address, "fork-closing")})
+
+
+def fork_inside_a_hook(address, queue):
+    """Fork on the hooked thread itself, inside the prefetch hook, as a signal handler there would.
+
+    The child comes back from the hook into the native frame of the
+    allocation that took the spare: that frame must leave the parent's rack
+    (unmapped in the child) alone, and the allocation must go on in a rack
+    of the child's own.  The child exits 0 when its allocations and
+    releases worked and its close() returned.
+    """
+    import os
+
+    heap = slitter.connect(address, name="fork-in-hook")
+    cls = heap.register_class("fork-in-hook", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    forked: list[int] = []
+
+    def fork_once():
+        if not forked:
+            forked.append(os.fork())
+
+    _on_refill(heap, "_send_ahead", fork_once)
+    held = [cls.allocate() for _ in range(cap + 1)]  # the last one takes the spare: the hook runs, and forks
+    if forked == [0]:  # the child
+        code = 1
+        try:
+            assert held[-1] and heap._client.epoch != 0, "the child's last allocation did not re-attach"
+            own = cls.allocate_many(cap + 1)
+            cls.release_many([held[-1], *own])  # the rest of held is the parent's, who releases it
+            heap.close()
+            code = 0
+        finally:
+            os._exit(code)
+    status = _child_status(forked[0], 60) if forked else None
+    cls.release_many(held)
+    heap.close()
+    view = _daemon_view(address, "fork-in-hook")
+    queue.put({"forked": bool(forked), "child_status": status, "attached": view["attached"],
+               "figures": view["classes"]["fork-in-hook"]})
