@@ -180,6 +180,7 @@ class Heap:
         self._lock = threading.RLock()  # the parent's threads, and whatever they held, are not here
         self._inside = deque()
         self._close_pending = False
+        self._closer, self._detached = (0, 0), threading.Event()  # a close under way is the parent's
 
     def _closed_error(self) -> errors.SlitterError:
         return errors.SlitterError(f"the heap of {self.address} is closed")
@@ -223,48 +224,60 @@ class Heap:
             self._closed = True  # no slow path starts from now on (_in_use)
             if first:
                 self._closer = me
+                # Nor does any fast path: every thread's next native call finds
+                # epoch 0 and leaves for the slow path, which raises.  This comes
+                # before the detach, whose reclaim frees what the rack caches: a
+                # thread allocating from its magazine meanwhile would hold an
+                # object the depot also has.  Native calls hold the GIL, so none
+                # is running now, except inside a hook: that one runs Python,
+                # and when it returns its native frame uses the rack again.
+                lib.slitter_client_close(self._client)
+                # Called from inside the heap on this thread: deferred, decided
+                # here under the lock, so a second closer sees it (_await_close).
+                self._close_pending = thread in self._inside or bool(lib.slitter_hooked_here(self._client))
+                deferred = self._close_pending
         if not first:
-            # A close deferred from inside the heap (below) is finished by any later one from outside it,
-            # and one under way is waited for: not from inside the heap, nor this thread's own close (a
-            # signal handler interrupted it), nor a parent's (a forked child): none would ever finish.
             if thread not in self._inside and not lib.slitter_hooked_here(self._client):
-                self._finish_pending_close()
-                if self._closer[0] == me[0] and self._closer != me:
-                    self._detached.wait()
+                self._await_close(me)
             return
-        # Nor does any fast path: every thread's next native call finds epoch
-        # 0 and leaves for the slow path, which raises.  This comes before the
-        # detach, whose reclaim frees what the rack caches: a thread allocating
-        # from its magazine meanwhile would hold an object the depot also has.
-        # Native calls hold the GIL, so none is running now, except inside a
-        # hook: that one runs Python, and when it returns its native frame
-        # uses the rack again.
-        lib.slitter_client_close(self._client)
-        if thread in self._inside or lib.slitter_hooked_here(self._client):
-            self._close_pending = True
-            return
-        self._detach_and_unmap()
+        if not deferred:
+            self._detach_and_unmap()
+
+    def _await_close(self, me: tuple[int, int]) -> None:
+        """A later close() from outside the heap: finish a deferred close, or wait for the one under way.
+
+        Not the close of this very thread (a signal handler interrupted it),
+        nor a parent's (this is a forked child): neither would ever finish.
+        """
+        while not self._detached.is_set():
+            self._finish_pending_close()
+            closer = self._closer
+            if closer[0] != me[0] or closer == me:
+                return
+            self._detached.wait(0.05)  # and look again: a detach interrupted meanwhile is pending again
 
     def _finish_pending_close(self) -> None:
         """The close this thread could not finish from inside the heap: finish it, now that it has left."""
         with self._lock:
             if not self._close_pending or lib.slitter_hooked_here(self._client):
                 return
+            self._closer = (os.getpid(), threading.get_ident())  # first: a signal handler here must not wait
             self._close_pending = False
-            self._closer = (os.getpid(), threading.get_ident())
         self._detach_and_unmap()
 
     def _detach_and_unmap(self) -> None:
         """Once no thread is inside the heap: detach, close the socket, unmap; then let other closers return.
 
         Hooks never block; a slow path under way may wait for the daemon.
+        Interrupted (KeyboardInterrupt, say), the close is pending again, for
+        a waiting or a later close() to finish.
         """
         try:
             while self._inside or self._client.in_hook:
                 time.sleep(0.0005)
             lib.slitter_client_close(self._client)  # again: nothing may have reopened it meanwhile
             _OPEN_HEAPS.discard(self)
-            transport, self._transport = self._transport, None
+            transport = self._transport
             if transport is not None:
                 try:
                     transport.call(Op.DETACH, client=self._client_id, token=self._token)
@@ -273,12 +286,15 @@ class Heap:
                     if getattr(exc, "code", None) is not ErrorCode.UNKNOWN_CLIENT:
                         log.warning("detach from %s failed: %s", self.address, exc)
                 transport.close()
+                self._transport = None
             for mapping in (self._rack, self._shelf, self._live_map, self._tables):
                 if mapping is not None:
                     mapping.close()
             self._data = self._arena = None  # the arena is unmapped when the last view goes
-        finally:
-            self._detached.set()  # interrupted too (KeyboardInterrupt, say): closers waiting must not hang
+        except BaseException:
+            self._close_pending = True
+            raise
+        self._detached.set()
 
     def __enter__(self) -> Heap:
         return self
@@ -430,6 +446,8 @@ class Heap:
             handle = _fastpath.allocate(self._client, cls.id)
             if handle:
                 return handle
+            if self._transport is None:  # forked inside that call's hook: this child binds (attaches) again
+                continue
             self._call(Op.REFILL, thread=slot, class_id=cls.id, spare=False)
             self._apply_guards()
             handle = _fastpath.allocate(self._client, cls.id)
@@ -454,7 +472,7 @@ class Heap:
         while got < n:
             slot = self._bind(cls)
             more = lib.slitter_allocate_many_key(cls._key, buf + got, n - got)
-            if more == 0:
+            if more == 0 and self._transport is not None:  # None: forked inside its hook; bind again
                 self._call(Op.REFILL, thread=slot, class_id=cls.id, spare=False)  # raising: see _allocate_many_slow
                 self._apply_guards()
             got += more

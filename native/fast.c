@@ -160,7 +160,7 @@ void slitter_client_forked(struct slitter_client *c)
     c->shelf = NULL;  /* the parent may hold a slot: a child never touches the shelf before re-attaching */
     c->has_key = 0;   /* the key is this process's too; leak it rather than race */
     c->in_hook = 0;   /* the threads that were in a hook are the parent's */
-    forks++;          /* unless this thread is one: it forked inside the hook (slitter__call_hook) */
+    __atomic_fetch_add(&forks, 1, __ATOMIC_RELAXED);  /* unless this thread forked inside a hook: slitter__call_hook */
     tls.client = NULL;
     tls.slot = NULL;
     tls.hooked = NULL;
@@ -493,12 +493,12 @@ static int slitter__call_hook(struct slitter_client *c, struct slitter_thread_sl
 {
     if (c->epoch == 0)
         return 1;
-    uint64_t forks_before = forks;
+    uint64_t forks_before = __atomic_load_n(&forks, __ATOMIC_RELAXED);
     const struct slitter_client *outer = tls.hooked;
     c->in_hook++;
     tls.hooked = c;
     hook(c, (uint32_t)(slot - c->rack->threads), class_id);
-    if (slitter_unlikely(forks != forks_before))
+    if (slitter_unlikely(__atomic_load_n(&forks, __ATOMIC_RELAXED) != forks_before))
         return 0;
     tls.hooked = outer;
     c->in_hook--;
@@ -512,7 +512,12 @@ static int slitter__call_hook(struct slitter_client *c, struct slitter_thread_sl
  * waiting), else give up: the slow path refills and waits.  The shelf comes
  * before the spare so that a stream from another thread or process, which
  * puts magazines on the shelf, keeps the spare full and sends no refill.
+ * Returns 1 when the allocation magazine has objects again, 0 when the slow
+ * path must refill, and SLITTER__FORKED in the child of a fork made inside
+ * the prefetch hook: its caller returns at once, touching nothing of the
+ * rack (the parent's) and handing out nothing it took before the fork.
  */
+#define SLITTER__FORKED (-1)
 static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, struct slitter_thread_slot *slot,
                                                     struct slitter_thread_class *tc, uint32_t class_id)
 {
@@ -531,9 +536,7 @@ static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, st
     memcpy(tc->alloc, tc->spare, n * sizeof(uint64_t));
     tc->alloc_count = n;
     __atomic_store_n(&tc->spare_count, 0, __ATOMIC_RELEASE);
-    /* Forked inside the hook: the child leaves the parent's rack alone, and
-     * its slow path re-attaches. */
-    return slitter__call_hook(c, slot, class_id, slitter_spare_taken);
+    return slitter__call_hook(c, slot, class_id, slitter_spare_taken) ? 1 : SLITTER__FORKED;
 }
 
 /* The allocation proper, for a thread whose slot is known: allocate and allocate_many share it. */
@@ -546,7 +549,7 @@ static inline uint64_t slitter__allocate_in(struct slitter_client *c, struct sli
         uint32_t n = tc->alloc_count;
         /* Empty: refill from our own magazines before asking the daemon. */
         if (slitter_unlikely(n == 0)) {
-            if (!slitter__refill_locally(c, slot, tc, class_id))
+            if (slitter__refill_locally(c, slot, tc, class_id) <= 0)
                 return 0;
             n = tc->alloc_count;
         }
@@ -705,7 +708,10 @@ static uint32_t slitter__allocate_batch(struct slitter_client *c, struct slitter
     while (got < n) {
         uint32_t avail = tc->alloc_count;
         if (slitter_unlikely(avail == 0)) {
-            if (!slitter__refill_locally(c, slot, tc, class_id))
+            int refilled = slitter__refill_locally(c, slot, tc, class_id);
+            if (refilled == SLITTER__FORKED)
+                return 0;   /* out[0, got) and tc are the parent's: its call hands them out */
+            if (refilled == 0)
                 break;
             avail = tc->alloc_count;
         }

@@ -250,10 +250,44 @@ def test_a_child_forked_while_a_close_waits_can_close(daemon):
     assert not seen["attached"], seen
 
 
-def test_a_fork_inside_a_hook_leaves_the_child_a_rack_of_its_own(daemon):
+@pytest.mark.parametrize("how", ["allocate", "allocate_many", "slow path"])
+def test_a_fork_inside_a_hook_leaves_the_child_a_rack_of_its_own(daemon, how):
     """A child forked inside the prefetch hook, on the hooked thread, does not come back to the parent's rack."""
-    procs, (seen,) = run_spawned(workers.fork_inside_a_hook, [(daemon.address,)], timeout=90)
+    procs, (seen,) = run_spawned(workers.fork_inside_a_hook, [(daemon.address, how)], timeout=90)
     assert procs[0].exitcode == 0 and seen["forked"], seen
     assert seen["child_status"] == 0, f"the child failed (wait status {seen['child_status']:#x})"
+    child = seen["child"]
+    assert child["attached"] and len(child["got"]) == len(seen["parent_got"]), seen
+    assert not set(child["got"]) & set(seen["parent_got"]), "the child handed out what the parent's call took"
     figures = seen["figures"]
     assert not seen["attached"] and figures["live"] == 0 and workers.balanced(figures), seen
+
+
+def test_a_second_close_finishes_a_close_deferred_in_a_hook(daemon):
+    """The second close() comes while the hooked thread's close is still deciding to defer."""
+    procs, (seen,) = run_spawned(workers.close_overlapping_a_deferred_close, [(daemon.address,)], timeout=120)
+    assert procs[0].exitcode == 0 and seen["overlapped"], seen
+    assert seen["second_returned"], "the second close() waited for a deferred close nobody was finishing"
+    assert not seen["attached"], seen
+
+
+def test_a_close_interrupted_in_its_detach_is_finished_by_the_next(daemon):
+    """Ctrl-C during the detach leaves the close pending: the next close() sends the detach, and returns detached."""
+    heap = slitter.connect(daemon.address, name="interrupted")
+    cls = heap.register_class("close-interrupted", size=64)
+    cls.release(cls.allocate())
+    transport = heap._transport
+    call, interrupted = transport.call, []
+
+    def interrupted_once(op, **args):
+        if op is Op.DETACH and not interrupted:
+            interrupted.append(op)
+            raise KeyboardInterrupt
+        return call(op, **args)
+
+    transport.call = interrupted_once
+    with pytest.raises(KeyboardInterrupt):
+        heap.close()
+    assert workers._daemon_view(daemon.address, "interrupted")["attached"]
+    heap.close()
+    assert not workers._daemon_view(daemon.address, "interrupted")["attached"], "the second close() did not detach"

@@ -665,9 +665,7 @@ def close_from_inside_a_hook(address, finish, queue):
 
 def fork_while_a_thread_is_in_a_hook(address, queue):
     """Fork while another thread is inside the prefetch hook; the child's close() must return."""
-    import os
     import threading
-    import time
 
     heap = slitter.connect(address, name="forker")
     cls = heap.register_class("close-fork", size=64)
@@ -676,24 +674,7 @@ def fork_while_a_thread_is_in_a_hook(address, queue):
     worker = threading.Thread(target=lambda: [cls.allocate() for _ in range(cap + 1)])
     worker.start()
     assert inside.wait(60), "the prefetch hook never ran"
-    pid = os.fork()
-    if pid == 0:  # the child: the hooked thread is the parent's
-        code = 1
-        try:
-            heap.close()
-            code = 0
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.01)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        status = None
+    status = _close_in_child(heap)  # the hooked thread is the parent's
     go.set()
     worker.join(60)
     heap.close()
@@ -722,6 +703,21 @@ def _child_status(pid: int, seconds: float) -> int:
         time.sleep(0.005)
     os.kill(pid, 9)
     return os.waitpid(pid, 0)[1]
+
+
+def _close_in_child(heap, seconds: float = 30) -> int:
+    """Fork a child that closes ``heap`` and exits 0 once close() returned; its wait status (SIGKILL if hung)."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            heap.close()
+            code = 0
+        finally:
+            os._exit(code)
+    return _child_status(pid, seconds)
 
 
 def concurrent_closes(address, closers, queue):
@@ -911,7 +907,6 @@ def second_close_from_signal_handler(address, where, queue):
 
 def fork_while_a_close_waits(address, queue):
     """Fork while another thread's close waits for a refill; the child's close() must return."""
-    import os
     import threading
 
     heap = slitter.connect(address, name="fork-closing")
@@ -923,35 +918,38 @@ def fork_while_a_close_waits(address, queue):
     closer = threading.Thread(target=heap.close)
     closer.start()
     _await_epoch_zero(heap)
-    pid = os.fork()
-    if pid == 0:  # the child: the close under way is the parent's
-        code = 1
-        try:
-            heap.close()
-            code = 0
-        finally:
-            os._exit(code)
-    status = _child_status(pid, 30)
+    status = _close_in_child(heap)  # the close under way is the parent's
     go.set()
     worker.join(60)
     closer.join(60)
     queue.put({"child_status": status, **_daemon_view(address, "fork-closing")})
 
 
-def fork_inside_a_hook(address, queue):
+def fork_inside_a_hook(address, how, queue):
     """Fork on the hooked thread itself, inside the prefetch hook, as a signal handler there would.
 
-    The child comes back from the hook into the native frame of the
-    allocation that took the spare: that frame must leave the parent's rack
-    (unmapped in the child) alone, and the allocation must go on in a rack
-    of the child's own.  The child exits 0 when its allocations and
-    releases worked and its close() returned.
+    ``how`` the hook is reached: "allocate" (the fast path takes the spare),
+    "allocate_many" (a batch takes it after two objects), or "slow path"
+    (this thread last used another heap, so allocate goes through
+    ``_allocate_slow``, whose native call takes it).  The child comes back
+    from the hook into its copy of that native frame, whose rack is the
+    parent's and unmapped in the child: it must touch none of it and hand
+    out nothing the parent's call took before the fork, and its allocation
+    must go on in a rack of its own.  Reports the child's wait status, what
+    it got, and the daemon's figures once parent and child are done.
     """
+    import json
     import os
 
     heap = slitter.connect(address, name="fork-in-hook")
     cls = heap.register_class("fork-in-hook", size=64)
     cap = heap._classes_table[cls.id].mag_capacity
+    held = [cls.allocate() for _ in range(cap - 2 if how == "allocate_many" else cap)]  # the spare is full
+    other = None
+    if how == "slow path":
+        other = slitter.connect(address, name="fork-in-hook-other")
+        other_cls = other.register_class("fork-in-hook-other", size=64)
+        other_cls.release(other_cls.allocate())  # this thread's last heap is the other one
     forked: list[int] = []
 
     def fork_once():
@@ -959,20 +957,86 @@ def fork_inside_a_hook(address, queue):
             forked.append(os.fork())
 
     _on_refill(heap, "_send_ahead", fork_once)
-    held = [cls.allocate() for _ in range(cap + 1)]  # the last one takes the spare: the hook runs, and forks
+    read_end, write_end = os.pipe()
+    got = list(cls.allocate_many(5)) if how == "allocate_many" else [cls.allocate()]
     if forked == [0]:  # the child
         code = 1
         try:
-            assert held[-1] and heap._client.epoch != 0, "the child's last allocation did not re-attach"
-            own = cls.allocate_many(cap + 1)
-            cls.release_many([held[-1], *own])  # the rest of held is the parent's, who releases it
+            report = {"got": got, "attached": heap._client.epoch != 0}
+            cls.release_many(got)  # the child's own: the parent's are the parent's to release
+            cls.release_many(cls.allocate_many(cap + 1))
             heap.close()
+            os.write(write_end, json.dumps(report).encode())
             code = 0
         finally:
             os._exit(code)
+    os.close(write_end)
     status = _child_status(forked[0], 60) if forked else None
-    cls.release_many(held)
+    with os.fdopen(read_end, "rb") as reader:
+        child = json.loads(reader.read() or b"null")
+    cls.release_many(held + got)
     heap.close()
+    if other is not None:
+        other.close()
     view = _daemon_view(address, "fork-in-hook")
-    queue.put({"forked": bool(forked), "child_status": status, "attached": view["attached"],
-               "figures": view["classes"]["fork-in-hook"]})
+    queue.put({"forked": bool(forked), "child_status": status, "child": child, "parent_got": got,
+               "attached": view["attached"], "figures": view["classes"]["fork-in-hook"]})
+
+
+def _blocked_closing(thread) -> bool:
+    """Whether ``thread`` has ended, or waits inside a close: on an Event, or for threads to leave the heap."""
+    import sys
+    import threading
+
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None:
+        return True
+    while frame is not None:
+        if frame.f_code is threading.Condition.wait.__code__ or frame.f_code.co_name == "_detach_and_unmap":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def close_overlapping_a_deferred_close(address, queue):
+    """A second close() lands just as a close from inside the prefetch hook (so deferred) leaves its locked part.
+
+    The second closer must finish the deferred close once the hooked thread
+    has left the hook, not wait for a close that nobody is running.
+    """
+    import threading
+    import time
+
+    heap = slitter.connect(address, name="close-overlap")
+    cls = heap.register_class("close-overlap", size=64)
+    cap = heap._classes_table[cls.id].mag_capacity
+    lock, armed = heap._lock, []
+    second = threading.Thread(target=heap.close, daemon=True)
+
+    class Gate:
+        """The heap's lock; the hooked close's first release of it starts the second closer, and lets it block."""
+
+        def __enter__(self):
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            released = lock.__exit__(*exc)
+            if armed == [True] and threading.current_thread() is threading.main_thread():
+                armed.append(True)
+                second.start()
+                deadline = time.monotonic() + 30
+                while not _blocked_closing(second) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            return released
+
+    heap._lock = Gate()
+
+    def close_in_hook():
+        armed.append(True)
+        heap.close()
+
+    _on_refill(heap, "_send_ahead", close_in_hook)
+    [cls.allocate() for _ in range(cap + 1)]  # the last one takes the spare: the hook closes the heap
+    second.join(30)
+    queue.put({"overlapped": len(armed) == 2, "second_returned": not second.is_alive(),
+               **_daemon_view(address, "close-overlap")})
