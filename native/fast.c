@@ -23,11 +23,17 @@
  * cached slot belongs to.  One compare pair on every call; a thread that
  * alternates between two heaps rebinds through pthread_getspecific().
  */
+/* A Python hook this thread is in, innermost first: a frame of slitter__call_hook's stack. */
+struct slitter__hook_frame {
+    const struct slitter_client *client;
+    const struct slitter__hook_frame *outer;
+};
+
 struct slitter__tls {
     struct slitter_client *client;
     uint64_t epoch;
     struct slitter_thread_slot *slot;
-    const struct slitter_client *hooked;   /* the client whose Python hook this thread is in (slitter__call_hook) */
+    const struct slitter__hook_frame *hooks;   /* the hooks this thread is in (slitter__call_hook) */
 };
 /* initial-exec: a %fs-relative load, not a __tls_get_addr call per access
  * (the module is dlopen'ed, but 32 bytes fit glibc's static TLS surplus). */
@@ -163,7 +169,7 @@ void slitter_client_forked(struct slitter_client *c)
     __atomic_fetch_add(&forks, 1, __ATOMIC_RELAXED);  /* unless this thread forked inside a hook: slitter__call_hook */
     tls.client = NULL;
     tls.slot = NULL;
-    tls.hooked = NULL;
+    tls.hooks = NULL;
 }
 
 int slitter_bind(struct slitter_client *c, uint32_t class_id)
@@ -484,7 +490,7 @@ static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, stru
  * Returns whether the caller may go on with the rack: not in the child of
  * a fork made inside the hook on this thread (a signal handler again).
  * That child's rack is the parent's, unmapped by now, and
- * slitter_client_forked has already reset in_hook and tls.hooked, so this
+ * slitter_client_forked has already reset in_hook and tls.hooks, so this
  * frame touches none of them.  A close during the hook is no reason to
  * stop: close() waits for this frame, which finishes the call under way.
  */
@@ -494,13 +500,15 @@ static int slitter__call_hook(struct slitter_client *c, struct slitter_thread_sl
     if (c->epoch == 0)
         return 1;
     uint64_t forks_before = __atomic_load_n(&forks, __ATOMIC_RELAXED);
-    const struct slitter_client *outer = tls.hooked;
+    /* Hooks nest (a signal handler in one takes another heap's spare), and
+     * slitter_hooked_here must see every one this thread is in. */
+    const struct slitter__hook_frame frame = { c, tls.hooks };
     c->in_hook++;
-    tls.hooked = c;
+    tls.hooks = &frame;
     hook(c, (uint32_t)(slot - c->rack->threads), class_id);
     if (slitter_unlikely(__atomic_load_n(&forks, __ATOMIC_RELAXED) != forks_before))
         return 0;
-    tls.hooked = outer;
+    tls.hooks = frame.outer;
     c->in_hook--;
     return 1;
 }
@@ -1024,7 +1032,10 @@ int64_t slitter_object_size_key(uint64_t packed)
 
 int slitter_hooked_here(const struct slitter_client *c)
 {
-    return tls.hooked == c;
+    for (const struct slitter__hook_frame *f = tls.hooks; f != NULL; f = f->outer)
+        if (f->client == c)
+            return 1;
+    return 0;
 }
 
 int slitter_arena_ready(const struct slitter_client *c)

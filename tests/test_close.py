@@ -291,3 +291,13 @@ def test_a_close_interrupted_in_its_detach_is_finished_by_the_next(daemon):
     assert workers._daemon_view(daemon.address, "interrupted")["attached"]
     heap.close()
     assert not workers._daemon_view(daemon.address, "interrupted")["attached"], "the second close() did not detach"
+
+
+def test_a_close_from_a_hook_nested_in_its_own_heaps_hook_is_deferred(daemon):
+    """Heap one's close comes from heap two's hook, itself inside heap one's hook on the same thread."""
+    procs, (seen,) = run_spawned(workers.close_from_a_nested_hook, [(daemon.address,)], timeout=90)
+    assert seen["close_returned"], "close() waited for the hook of its own heap further out on its thread"
+    assert procs[0].exitcode == 0, seen
+    assert seen["attached_after_hook"] and seen["next_call"].endswith("is closed") and not seen["attached"], seen
+    figures = seen["figures"]
+    assert figures["live"] == 0 and workers.balanced(figures), figures

@@ -1040,3 +1040,53 @@ def close_overlapping_a_deferred_close(address, queue):
     second.join(30)
     queue.put({"overlapped": len(armed) == 2, "second_returned": not second.is_alive(),
                **_daemon_view(address, "close-overlap")})
+
+
+def close_from_a_nested_hook(address, queue):
+    """In heap one's prefetch hook, this thread takes heap two's spare, and two's hook closes heap one.
+
+    One's native frame is still in its hook, further out on this very
+    thread: the close must see that (it is deferred) rather than wait for
+    its own thread, and the next call on heap one finishes it.
+    """
+    import os
+    import threading
+
+    one = slitter.connect(address, name="nested-one")
+    two = slitter.connect(address, name="nested-two")
+    cls_one = one.register_class("nested-one", size=64)
+    cls_two = two.register_class("nested-two", size=64)
+    held_two = [cls_two.allocate() for _ in range(two._classes_table[cls_two.id].mag_capacity)]
+    held_one = [cls_one.allocate() for _ in range(one._classes_table[cls_one.id].mag_capacity)]  # the last heap
+    seen: dict = {}
+    closed = threading.Event()
+
+    def watchdog():  # a close that waits for its own thread must fail the test, not hang it
+        if not closed.wait(30):
+            queue.put({"close_returned": False})
+            queue.close()
+            queue.join_thread()
+            os._exit(1)
+
+    def in_one_hook():
+        if "inner" not in seen:
+            seen["inner"] = cls_two.allocate()  # two's slow path, whose native call takes two's spare
+
+    def in_two_hook():
+        if not closed.is_set():
+            one.close()
+            closed.set()
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    _on_refill(one, "_send_ahead", in_one_hook)
+    _on_refill(two, "_send_ahead", in_two_hook)
+    held_one.append(cls_one.allocate())  # the fast path takes one's spare: one's hook runs
+    seen["close_returned"] = closed.is_set()
+    seen["attached_after_hook"] = _daemon_view(address, "nested-one")["attached"]
+    seen["next_call"] = _allocate_outcome(cls_one)  # finishes the deferred close
+    seen["attached"] = _daemon_view(address, "nested-one")["attached"]
+    two.register_class("nested-one", size=64).release_many(held_one)
+    cls_two.release_many([*held_two, seen.pop("inner")])
+    two.close()
+    seen["figures"] = _daemon_view(address, "nested-two")["classes"]["nested-one"]
+    queue.put(seen)
