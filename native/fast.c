@@ -478,6 +478,15 @@ static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, stru
     return 0;
 }
 
+/* A counter store the compiler keeps, in program order with the byte
+ * change around it (x86 keeps stores in order; a SIGKILL lands between
+ * instructions): see SLITTER_COUNTING. */
+static inline void slitter__store_counter(uint64_t *counter, uint64_t value)
+{
+    __atomic_store_n(counter, value, __ATOMIC_RELAXED);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
 /*
  * Rare (once per magazine): call a Python hook (slitter_spare_taken,
  * slitter_outgoing_ready).  The hook runs Python, which lets other threads
@@ -575,8 +584,12 @@ static inline uint64_t slitter__allocate_in(struct slitter_client *c, struct sli
          * held what it must not (live, free, another rack's), which only
          * rack corruption can cause. */
         if (slitter_likely(obj >= 0 && __atomic_load_n(&c->view.live_map[obj], __ATOMIC_RELAXED) == c->cache_tag)) {
+            /* Counting bit, byte, count: a kill between them leaves the
+             * bit set and the handle at alloc[alloc_count] (SLITTER_COUNTING). */
+            uint64_t counted = tc->counters.allocations;
+            slitter__store_counter(&tc->counters.allocations, counted | SLITTER_COUNTING);
             __atomic_store_n(&c->view.live_map[obj], SLITTER_LIVE, __ATOMIC_RELEASE);
-            tc->counters.allocations++;
+            slitter__store_counter(&tc->counters.allocations, counted + 1);
             if (cls->flags & SLITTER_CLASS_ZERO_INIT)
                 memset(c->view.data + handle, 0, cls->size);
             return handle;
@@ -646,22 +659,28 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
      * tag).  Anything but LIVE means the object is cached or in the depot
      * already, whoever released it and when; of two racing releases
      * exactly one wins, and a loser changes nothing. */
+    /* Push LIFO into the allocation magazine while it has room (the next
+     * allocate gets a cache-hot object), else into the release magazine.
+     * The handle goes into its slot first and the count last, with the
+     * counting bit set around the byte change: a kill in between leaves the
+     * handle where the daemon looks (SLITTER_COUNTING). */
+    uint32_t n = tc->alloc_count;
+    uint64_t *slot_of = n < capacity ? &tc->alloc[n] : &tc->release[tc->release_count];
+    *slot_of = handle;
+    uint64_t counted = tc->counters.releases;
+    slitter__store_counter(&tc->counters.releases, counted | SLITTER_COUNTING);
     uint8_t expected = SLITTER_LIVE;
     if (slitter_unlikely(!__atomic_compare_exchange_n(&c->view.live_map[obj], &expected, c->cache_tag, 0,
-                                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)))
+                                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))) {
+        slitter__store_counter(&tc->counters.releases, counted);
         return slitter__refuse(tc, SLITTER_ERR_DOUBLE_FREE);
-
-    tc->counters.releases++;
-    /* Push LIFO into the allocation magazine while it has room (the next
-     * allocate gets a cache-hot object), else into the release magazine. */
-    uint32_t n = tc->alloc_count;
+    }
+    slitter__store_counter(&tc->counters.releases, counted + 1);
     if (slitter_likely(n < capacity)) {
-        tc->alloc[n] = handle;
         tc->alloc_count = n + 1;
         return SLITTER_OK;
     }
     uint32_t r = tc->release_count;
-    tc->release[r] = handle;
     tc->release_count = r + 1;
     if (slitter_likely(r + 1 < capacity))
         return SLITTER_OK;
@@ -1123,6 +1142,57 @@ uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_
 static inline uint32_t slitter__scanned(const struct slitter_run *run)
 {
     return run->carved < run->nobjects ? run->carved : run->nobjects;
+}
+
+/* Whether a magazine of `tc` holds `handle` (the first `count` entries of each). */
+static int slitter__cached_in(const struct slitter_thread_class *tc, uint64_t handle)
+{
+    const uint64_t *mags[4] = { tc->alloc, tc->release, tc->spare, tc->outgoing };
+    const uint32_t counts[4] = { tc->alloc_count, tc->release_count, tc->spare_count, tc->outgoing_count };
+    for (int m = 0; m < 4; m++)
+        for (uint32_t i = 0; i < counts[m] && i < SLITTER_MAG_CAP; i++)
+            if (mags[m][i] == handle)
+                return 1;
+    return 0;
+}
+
+/* The live byte of `handle` if it is an object of `class_id`, else -1. */
+static int slitter__byte_of(const struct slitter_view *v, uint64_t handle, uint32_t class_id)
+{
+    uint32_t owner;
+    int64_t obj = slitter__locate(v, handle, &owner);
+    return obj >= 0 && owner == class_id ? __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE) : -1;
+}
+
+uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_thread_class *tc, uint32_t class_id,
+                                 uint8_t tag)
+{
+    uint32_t settled = 0;
+    uint64_t a = tc->counters.allocations, r = tc->counters.releases;
+    uint32_t n = tc->alloc_count, cap = tc->capacity < SLITTER_MAG_CAP ? tc->capacity : SLITTER_MAG_CAP;
+    if (a & SLITTER_COUNTING) {
+        /* Popped (alloc_count is past it) and checked: LIVE means its store happened. */
+        a &= ~SLITTER_COUNTING;
+        if (n < SLITTER_MAG_CAP && slitter__byte_of(v, tc->alloc[n], class_id) == SLITTER_LIVE) {
+            a++;
+            settled++;
+        }
+        tc->counters.allocations = a;
+    }
+    if (r & SLITTER_COUNTING) {
+        /* Our tag, and not pushed yet: its compare-and-swap happened.  (A
+         * refused double free of an object this very magazine caches is in
+         * a magazine, and is not counted.) */
+        r &= ~SLITTER_COUNTING;
+        uint32_t k = tc->release_count;
+        const uint64_t *slot = n < cap ? &tc->alloc[n] : k < SLITTER_MAG_CAP ? &tc->release[k] : NULL;
+        if (slot != NULL && slitter__byte_of(v, *slot, class_id) == tag && !slitter__cached_in(tc, *slot)) {
+            r++;
+            settled++;
+        }
+        tc->counters.releases = r;
+    }
+    return settled;
 }
 
 uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *tags,

@@ -216,6 +216,17 @@ struct slitter_counters {
     uint64_t errors[SLITTER_ERR_KINDS];
 };
 
+/*
+ * Set in `allocations` or `releases` while that operation is between its
+ * live-byte change and its count: the fast path sets it, changes the byte,
+ * then stores the new count, which clears it in the same store.  So a
+ * client killed in between leaves it set, and its handle where the daemon
+ * can find it (alloc[alloc_count], or the slot the release pushes into),
+ * and the reclaim counts the operation if its byte says it happened.
+ * Readers mask it.
+ */
+#define SLITTER_COUNTING (1ULL << 63)
+
 /**
  * One thread's magazines for one class.
  *

@@ -262,6 +262,10 @@ class Instance:
         goes back to the depots: nobody is left to take from it.
         """
         caps = self._caps()
+        settled = self.racks.settle(client, tag(client))  # before the tags are reclaimed: it reads them
+        if settled:
+            log.info("client %d (pid %d) died in the middle of %d operation(s); counted", client.id, client.pid,
+                     settled)
         totals = self.racks.totals(client, caps)
         last = len(self.racks.clients) == 1
         held = self.shelf.hold(client.rack_index, everything=last)

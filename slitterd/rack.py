@@ -24,6 +24,7 @@ MAX_THREADS = lib.SLITTER_MAX_THREADS
 MAX_CLASSES = lib.SLITTER_MAX_CLASSES
 ERR_KINDS = lib.SLITTER_ERR_KINDS
 COUNTER_LIMIT = 1 << 48
+COUNTING = lib.SLITTER_COUNTING
 
 
 @dataclass
@@ -145,14 +146,25 @@ class Racks:
             cap = mag_caps[class_id]
             t = out.setdefault(class_id, ClassTotals())
             c = tc.counters
-            # A rack is written by its client: no count in it is trusted past 2**48.
-            t.allocations += min(c.allocations, COUNTER_LIMIT)
-            t.releases += min(c.releases, COUNTER_LIMIT)
+            # A rack is written by its client: no count in it is trusted past 2**48.  The
+            # counting bit is an operation under way (settle() counts a dead client's).
+            t.allocations += min(c.allocations & ~COUNTING, COUNTER_LIMIT)
+            t.releases += min(c.releases & ~COUNTING, COUNTER_LIMIT)
             t.cached += (min(tc.alloc_count, cap) + min(tc.release_count, cap) + min(tc.spare_count, cap)
                          + min(tc.outgoing_count, cap))
             for kind in range(ERR_KINDS):
                 t.errors[kind] += min(c.errors[kind], COUNTER_LIMIT)
         return out
+
+    def settle(self, client: Client, tag: int) -> int:
+        """Count the operations a dead client was killed in the middle of (SLITTER_COUNTING).
+
+        Before the reclaim: it reads the live bytes that the reclaim resets.
+        Returns how many it counted.
+        """
+        view = self.arena.view
+        return sum(lib.slitter_settle_counting(view, ffi.addressof(tc), class_id, tag)
+                   for class_id, tc in self.magazines(client))
 
     def release_rack(self, client: Client) -> None:
         """Forget the client; its rack is wiped when next handed out."""

@@ -25,6 +25,8 @@ import random
 import signal
 import time
 
+import pytest
+
 from conftest import wait_reclaimed
 
 import slitter
@@ -260,3 +262,19 @@ def test_a_dead_clients_live_objects_stay_its_own_figure(daemon, heap):
     stats = heap.stats()
     assert stats["classes"]["orphan_a"]["live"] == 0
     assert _departed(stats, pid) == {"orphan_a": 123}, "the figure is what the client left, not what is left"
+
+
+@pytest.mark.parametrize("changed", [True, False], ids=["after the byte", "before the byte"])
+@pytest.mark.parametrize("op", ["allocate", "release"])
+def test_a_kill_between_an_objects_byte_and_its_count_is_counted_exactly(daemon, heap, op, changed):
+    """reliability.md bug 2: the counting bit tells the reclaim an operation was under way, its byte whether it happened."""
+    from conftest import start_spawned
+
+    (victim,), queue = start_spawned(workers.killed_between_byte_and_count, [(daemon.address, op, changed)])
+    held = queue.get(timeout=60)
+    victim.join(30)
+    assert victim.exitcode == -signal.SIGKILL, victim.exitcode
+    _latency, stats = wait_reclaimed(heap, victim.pid, time.monotonic())
+    figures = stats["classes"]["window"]
+    assert figures["carved"] == figures["live"] + figures["cached"] + figures["free"], figures
+    assert figures["live"] == held, (figures, held)

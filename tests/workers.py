@@ -1090,3 +1090,45 @@ def close_from_a_nested_hook(address, queue):
     two.close()
     seen["figures"] = _daemon_view(address, "nested-two")["classes"]["nested-one"]
     queue.put(seen)
+
+
+def killed_between_byte_and_count(address, op, changed, queue):
+    """Leave this client's rack as a SIGKILL between an operation's live byte and its count would, then die.
+
+    ``op`` "allocate" or "release"; ``changed``: the kill came after the
+    byte change (so the operation happened and must be counted), else
+    before it.  The rack is set up with the fast path itself, then the
+    steps after the kill point are undone: the count goes back with the
+    counting bit set, and a released handle is popped back out of the
+    magazine into the slot it was pushed to.  Reports how many objects it
+    holds live, then SIGKILLs itself.
+    """
+    import os
+    import signal
+
+    from slitter._native import lib
+
+    heap = slitter.connect(address, name="window")
+    cls = heap.register_class("window", size=64)
+    held = [cls.allocate() for _ in range(10)]
+    cls.release(cls.allocate())  # the magazine has objects and room
+    tc = heap._client.rack.threads[lib.slitter_bind(heap._client, cls.id)].classes[cls.id]
+    counters, counting = tc.counters, lib.SLITTER_COUNTING
+    if op == "allocate" and changed:
+        held.append(cls.allocate())  # popped, LIVE
+        counters.allocations = (counters.allocations - 1) | counting
+    elif op == "allocate":
+        tc.alloc_count -= 1  # popped; its byte is still the rack's tag
+        counters.allocations |= counting
+    elif changed:
+        before = tc.alloc_count
+        cls.release(held.pop())  # tagged, pushed, counted
+        tc.alloc_count = before  # not pushed: the handle stays in its slot
+        counters.releases = (counters.releases - 1) | counting
+    else:
+        tc.alloc[tc.alloc_count] = held[-1]  # in its slot; its byte is still LIVE
+        counters.releases |= counting
+    queue.put(len(held))
+    queue.close()
+    queue.join_thread()
+    os.kill(os.getpid(), signal.SIGKILL)
