@@ -483,6 +483,7 @@ static SLITTER_NOINLINE int slitter__put_on_shelf(struct slitter_client *c, stru
  * instructions): see SLITTER_COUNTING. */
 static inline void slitter__store_counter(uint64_t *counter, uint64_t value)
 {
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
     __atomic_store_n(counter, value, __ATOMIC_RELAXED);
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
 }
@@ -1168,8 +1169,12 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_th
                                  uint8_t tag)
 {
     uint32_t settled = 0;
-    uint64_t a = tc->counters.allocations, r = tc->counters.releases;
-    uint32_t n = tc->alloc_count, cap = tc->capacity < SLITTER_MAG_CAP ? tc->capacity : SLITTER_MAG_CAP;
+    uint64_t a = __atomic_load_n(&tc->counters.allocations, __ATOMIC_RELAXED);
+    uint64_t r = __atomic_load_n(&tc->counters.releases, __ATOMIC_RELAXED);
+    uint32_t n = __atomic_load_n(&tc->alloc_count, __ATOMIC_RELAXED);
+    uint32_t cap = __atomic_load_n(&tc->capacity, __ATOMIC_RELAXED);
+    uint32_t k = __atomic_load_n(&tc->release_count, __ATOMIC_RELAXED);
+    cap = cap < SLITTER_MAG_CAP ? cap : SLITTER_MAG_CAP;
     if (a & SLITTER_COUNTING) {
         /* Popped (alloc_count is past it) and checked: LIVE means its store happened. */
         a &= ~SLITTER_COUNTING;
@@ -1184,7 +1189,6 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_th
          * refused double free of an object this very magazine caches is in
          * a magazine, and is not counted.) */
         r &= ~SLITTER_COUNTING;
-        uint32_t k = tc->release_count;
         const uint64_t *slot = n < cap ? &tc->alloc[n] : k < SLITTER_MAG_CAP ? &tc->release[k] : NULL;
         if (slot != NULL && slitter__byte_of(v, *slot, class_id) == tag && !slitter__cached_in(tc, *slot)) {
             r++;

@@ -377,6 +377,7 @@ class Instance:
                 # Its cached objects are tagged with a rack nobody adopts: the
                 # scan below returns them to the depots.
                 gone = Client(owner.client_id, 0, owner.pid, owner_name(owner), index, None)
+                self.racks.settle(gone, tag(gone))  # before the scan below resets its objects' bytes
                 self._retire_client(gone.pid, gone.name, self.racks.totals(gone, caps))
                 self.arena.wipe_rack(index)
                 owner.client_id = 0

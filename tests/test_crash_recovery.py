@@ -202,3 +202,33 @@ def test_departed_figures_outlive_the_daemon(manual_daemon):
         assert {"pid": first, "name": "first", "live": {"left": 3}} in departed
         assert {"pid": second, "name": "second", "live": {"left": 5}} in departed
         assert heap.stats()["classes"]["left"]["live"] == 8
+
+
+@pytest.mark.parametrize("op", ["allocate", "release"])
+def test_a_client_killed_mid_operation_while_the_daemon_is_down_is_counted_exactly(manual_daemon, op):
+    """reliability.md bug 2 at recovery: the rack of a client found dead is settled before the scan."""
+    import os
+
+    d = manual_daemon().start()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            heap = slitter.connect(d.address, name="window", timeout=30)
+            os.write(ready_w, workers.leave_in_the_window(heap, op, changed=True).to_bytes(4, "little"))
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    held = int.from_bytes(os.read(ready_r, 4), "little")
+    os.close(ready_r)
+    d.kill(signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)  # dies while the daemon is down, in the middle of an operation
+    os.waitpid(pid, 0)
+    d.start()
+    with slitter.connect(d.address) as heap:
+        stats = heap.stats()
+    figures = stats["classes"]["window"]
+    assert figures["live"] == held and workers.balanced(figures), (figures, held)
+    assert {"pid": pid, "name": "window", "live": {"window": held}} in stats["instance"]["departed"]

@@ -1095,20 +1095,31 @@ def close_from_a_nested_hook(address, queue):
 def killed_between_byte_and_count(address, op, changed, queue):
     """Leave this client's rack as a SIGKILL between an operation's live byte and its count would, then die.
 
-    ``op`` "allocate" or "release"; ``changed``: the kill came after the
-    byte change (so the operation happened and must be counted), else
-    before it.  The rack is set up with the fast path itself, then the
-    steps after the kill point are undone: the count goes back with the
-    counting bit set, and a released handle is popped back out of the
-    magazine into the slot it was pushed to.  Reports how many objects it
-    holds live, then SIGKILLs itself.
+    ``op`` and ``changed``: see ``leave_in_the_window``.  Reports how many
+    objects it holds live, then SIGKILLs itself.
     """
     import os
     import signal
 
+    heap = slitter.connect(address, name="window")
+    queue.put(leave_in_the_window(heap, op, changed))
+    queue.close()
+    queue.join_thread()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def leave_in_the_window(heap, op: str, changed: bool) -> int:
+    """Set the rack up as a kill between ``op``'s live byte and its count would leave it; objects held live.
+
+    ``op`` "allocate" or "release"; ``changed``: the kill came after the
+    byte change (so the operation happened and must be counted), else
+    before it.  The fast path itself does the operation, then the steps
+    after the kill point are undone: the count goes back with the counting
+    bit set, and a released handle is popped back out of the magazine into
+    the slot it was pushed to.
+    """
     from slitter._native import lib
 
-    heap = slitter.connect(address, name="window")
     cls = heap.register_class("window", size=64)
     held = [cls.allocate() for _ in range(10)]
     cls.release(cls.allocate())  # the magazine has objects and room
@@ -1128,7 +1139,4 @@ def killed_between_byte_and_count(address, op, changed, queue):
     else:
         tc.alloc[tc.alloc_count] = held[-1]  # in its slot; its byte is still LIVE
         counters.releases |= counting
-    queue.put(len(held))
-    queue.close()
-    queue.join_thread()
-    os.kill(os.getpid(), signal.SIGKILL)
+    return len(held)
