@@ -89,11 +89,7 @@ class Heap:
         self._timeout = timeout
         self._client = ffi.new("struct slitter_client *")
         self._view = ffi.addressof(self._client[0], "view")
-        self._lock = threading.RLock()
-        self._inside: deque[int] = deque()  # the thread of each slow-path call under way (_in_use)
-        self._close_pending = False  # close() was called from inside this heap on its own thread
-        self._closer = (0, 0)  # (pid, thread) of the close under way, and _detached set once it is done
-        self._detached = threading.Event()
+        self._fresh_thread_state()
         self._data: Mapping | None = None
         self._tables = self._live_map = self._rack = self._shelf = None
         self._guards: GuardApplier | None = None
@@ -177,10 +173,15 @@ class Heap:
             self._rack.close()
         _ORPHANS.append(self._transport)
         self._transport = None
-        self._lock = threading.RLock()  # the parent's threads, and whatever they held, are not here
-        self._inside = deque()
-        self._close_pending = False
-        self._closer, self._detached = (0, 0), threading.Event()  # a close under way is the parent's
+        self._fresh_thread_state()  # the parent's threads, their locks and their close, are not here
+
+    def _fresh_thread_state(self) -> None:
+        """What this process's threads share about the heap: no thread inside it, no close under way."""
+        self._lock = threading.RLock()
+        self._inside: deque[int] = deque()  # the thread of each slow-path call under way (_in_use)
+        self._close_pending = False  # close() was called from inside this heap on its own thread
+        self._closer = (0, 0)  # (pid, thread) of the close under way, and _detached set once it is done
+        self._detached = threading.Event()
 
     def _closed_error(self) -> errors.SlitterError:
         return errors.SlitterError(f"the heap of {self.address} is closed")

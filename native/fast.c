@@ -656,10 +656,6 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
     int64_t obj = slitter__check(c, class_id, handle);
     if (slitter_unlikely(obj < 0))
         return slitter__refuse(tc, (int)(-1 - obj));
-    /* Double free: the one atomic of the pair (lock cmpxchg, LIVE -> our
-     * tag).  Anything but LIVE means the object is cached or in the depot
-     * already, whoever released it and when; of two racing releases
-     * exactly one wins, and a loser changes nothing. */
     /* Push LIFO into the allocation magazine while it has room (the next
      * allocate gets a cache-hot object), else into the release magazine.
      * The handle goes into its slot first and the count last, with the
@@ -670,6 +666,10 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
     *slot_of = handle;
     uint64_t counted = tc->counters.releases;
     slitter__store_counter(&tc->counters.releases, counted | SLITTER_COUNTING);
+    /* Double free: the one atomic of the pair (lock cmpxchg, LIVE -> our
+     * tag).  Anything but LIVE means the object is cached or in the depot
+     * already, whoever released it and when; of two racing releases
+     * exactly one wins, and a loser changes nothing but its counting bit. */
     uint8_t expected = SLITTER_LIVE;
     if (slitter_unlikely(!__atomic_compare_exchange_n(&c->view.live_map[obj], &expected, c->cache_tag, 0,
                                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))) {

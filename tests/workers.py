@@ -681,15 +681,6 @@ def fork_while_a_thread_is_in_a_hook(address, queue):
     queue.put({"child_status": status})
 
 
-def _done_or_waiting(thread) -> bool:
-    """Whether ``thread`` has ended or is blocked in a threading.Condition's wait (an Event's too)."""
-    import sys
-    import threading
-
-    frame = sys._current_frames().get(thread.ident)
-    return frame is None or frame.f_code is threading.Condition.wait.__code__
-
-
 def _child_status(pid: int, seconds: float) -> int:
     """The wait status of child ``pid``; killed (SIGKILL) if it has not ended within ``seconds``."""
     import os
@@ -753,7 +744,7 @@ def concurrent_closes(address, closers, queue):
     for t in threads[1:]:
         t.start()
     deadline = time.monotonic() + 30
-    while not all(_done_or_waiting(t) for t in threads[1:]) and time.monotonic() < deadline:
+    while not all(_blocked_closing(t) for t in threads[1:]) and time.monotonic() < deadline:
         time.sleep(0.001)
     go.set()
     for t in [worker, *threads]:
