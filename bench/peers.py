@@ -23,14 +23,27 @@ they all wait on one barrier, and the timed windows start there.
      number. Every peer runs this one.
    - one field: the producer writes the sequence number (8 bytes) alone,
      and the consumer reads it back and checks it: the least a user does
-     with an object. Every peer but SharedMemoryManager runs it.
-   Objects travel in batches of 64. The producer
-   sends the batch's 64 handles or names with ``send_bytes`` on a Pipe. A
-   semaphore holds at most 4 batches unconsumed: the consumer releases it
-   per batch. So the IPC of the handles costs every peer the same. (Until
-   2026-11-25 the consumer sent an ack message per batch instead: two more
-   Pipe operations a batch, about a fifth of slitter's time per object and
-   nothing of the peers'.)
+     with an object. It goes through the buffer cast to 8-byte words
+     (``buf.cast("Q")[off >> 3]``), as a user with a hot field would.
+     Every peer but SharedMemoryManager runs it.
+   The loops over a batch are the touch's own, so every peer runs the
+   same lines, with no Python call per object. (Until 2026-11-26 each
+   object was touched through a call, and one field through
+   ``struct.pack_into``/``unpack_from``: 25-70 ns more an object on
+   each side, for every peer.)
+   Objects travel in batches of 64, at most 4 batches unconsumed. How a
+   batch travels is each peer's best way:
+   - slitter, and the control: through a slitter channel
+     (``heap.channel(256)``, ``send_many`` / ``recv_many``), the library's
+     way to pass handles (``doc/design.md`` (f)).
+   - every other peer: ``send_bytes`` of the batch's 64 names or wrappers
+     on a Pipe, with a semaphore the consumer releases per batch holding
+     the window. Their handles are not 8-byte integers, so a channel
+     cannot carry them.
+   - slitter, over a Pipe: slitter's code with the Pipe and semaphore of
+     the peers instead of the channel, as the workload ran until
+     2026-11-26: what the channel is worth.
+   The peers:
    - slitter: ``allocate_many(64)``; the producer writes each object
      through ``heap.arena`` at its handle. The consumer checks the batch
      with ``cls.check`` (one native call: every handle a live object of
@@ -58,9 +71,9 @@ they all wait on one barrier, and the timed windows start there.
      which the library would otherwise leak. The producer frees the 64 blocks
      when the batch is acked, since only the creating process can free them.
    - Slots, no allocator: a control rather than a peer. The producer writes
-     into fixed slots of one SharedMemory, taken in turn (five batches'
-     worth, so the window never lets it rewrite a batch not yet consumed),
-     and passes their offsets as slitter passes handles. Nothing is
+     into fixed slots of one SharedMemory, taken in turn (six batches'
+     worth: four in the channel, one being read and one being written),
+     and passes their offsets through a channel as slitter passes handles. Nothing is
      allocated, checked or released: what the control costs is the
      workers' own Python and the hand-off. It runs right after slitter in
      each repetition, and the tables' "no allocator ÷" column gives its
@@ -157,6 +170,7 @@ import time
 import traceback
 import zlib
 from array import array
+from collections.abc import Iterable
 from functools import partial
 from multiprocessing import resource_tracker, shared_memory
 from multiprocessing.connection import wait as mp_wait
@@ -296,39 +310,67 @@ def trial(parts: list[tuple[Setup, tuple]], servers: list[int | None]) -> dict[s
 # consume(msg, seq) reads, verifies and releases a batch and returns its errors.
 
 class Touch(NamedTuple):
-    """What the shared-objects workers do to every object.
+    """What the shared-objects workers do to the objects of a batch.
 
-    ``write(buf, off, seq)`` in the producer; ``check(buf, off, seq)`` in the
-    consumer, which returns 1 when the object does not hold what was written.
+    ``prepare(buf)`` is the buffer as the loops index it (once per mapping,
+    or per object for the peers with a buffer per object).  The producer
+    calls ``write(buf, offsets, seq)``, which writes sequence numbers seq,
+    seq + 1, ... into the objects at ``offsets``; the consumer calls
+    ``check(buf, offsets, seq)``, which reads them and returns how many do
+    not hold what was written.  The loops over a batch are the touch's own,
+    so every peer runs the same lines, with no Python call per object.
     """
     name: str
-    write: Callable[[Any, int, int], None]
-    check: Callable[[Any, int, int], int]
+    prepare: Callable[[memoryview], Any]
+    write: Callable[[Any, Iterable[int], int], None]
+    check: Callable[[Any, Iterable[int], int], int]
+
+
+ONE = (0,)  # the offsets of a buffer that is one object
 
 
 def whole_object(size: int) -> Touch:
     """All of it: a template, then the sequence number; a CRC-32 of all of it, and the number checked."""
     tmpl, crc32, pack, unpack = template(size), zlib.crc32, HEAD.pack_into, HEAD.unpack_from
 
-    def write(buf, off: int, seq: int) -> None:
-        buf[off:off + size] = tmpl
-        pack(buf, off, seq, 0)
+    def write(buf, offsets: Iterable[int], seq: int) -> None:
+        for off in offsets:
+            buf[off:off + size] = tmpl
+            pack(buf, off, seq, 0)
+            seq += 1
 
-    def check(buf, off: int, seq: int) -> int:
-        crc32(buf[off:off + size])
-        return unpack(buf, off)[0] != seq
+    def check(buf, offsets: Iterable[int], seq: int) -> int:
+        errors = 0
+        for off in offsets:
+            crc32(buf[off:off + size])
+            if unpack(buf, off)[0] != seq:
+                errors += 1
+            seq += 1
+        return errors
 
-    return Touch("whole object", write, check)
+    return Touch("whole object", lambda buf: buf, write, check)
 
 
 def one_field(size: int) -> Touch:
-    """The least a user does: one 8-byte field (the sequence number) written, read back and checked."""
-    unpack = SEQ.unpack_from
+    """The least a user does: one 8-byte field (the sequence number) written, read back and checked.
 
-    def check(buf, off: int, seq: int) -> int:
-        return unpack(buf, off)[0] != seq
+    Through the buffer cast to 8-byte words, as a user with a hot field does
+    (a memoryview item is cheaper than ``struct.pack_into``/``unpack_from``).
+    """
+    def write(words, offsets: Iterable[int], seq: int) -> None:
+        for off in offsets:
+            words[off >> 3] = seq
+            seq += 1
 
-    return Touch("one field", SEQ.pack_into, check)
+    def check(words, offsets: Iterable[int], seq: int) -> int:
+        errors = 0
+        for off in offsets:
+            if words[off >> 3] != seq:
+                errors += 1
+            seq += 1
+        return errors
+
+    return Touch("one field", lambda buf: buf.cast("Q"), write, check)
 
 
 TOUCHES = {"whole object": whole_object, "one field": one_field}
@@ -375,30 +417,77 @@ def _objects_consumer(make: Callable, conn, space) -> tuple:
     return work, cleanup
 
 
+def _channel_producer(make: Callable, address: str, channel: int, duration: float) -> tuple:
+    """The producer's loop for the handle-passing peers: each batch goes through a slitter channel."""
+    produce, _acked, cleanup = make()  # nothing to ack: the consumer releases
+    heap = slitter.connect(address)
+    link = heap.open_channel(channel)
+
+    def work() -> tuple[int, int]:
+        deadline = perf() + duration
+        seq = 0
+        while perf() < deadline:
+            link.send_many(produce(seq))  # waits while WINDOW batches are unconsumed: the channel's capacity
+            seq += BATCH
+        link.close()
+        return 0, 0
+
+    def close() -> None:
+        cleanup()
+        heap.close()
+
+    return work, close
+
+
+def _channel_consumer(make: Callable, address: str, channel: int) -> tuple:
+    consume, cleanup = make()
+    heap = slitter.connect(address)
+    link = heap.open_channel(channel)
+
+    def work() -> tuple[int, int]:
+        seq = errors = 0
+        while True:
+            try:
+                handles = link.recv_many(BATCH)
+            except slitter.ChannelClosed:
+                return seq, errors
+            errors += consume(handles, seq)
+            seq += len(handles)
+
+    def close() -> None:
+        cleanup()
+        heap.close()
+
+    return work, close
+
+
+def _handles(msg) -> array:
+    """A batch as the consumer gets it: an array('Q') from a channel, bytes from a Pipe."""
+    if type(msg) is array:
+        return msg
+    handles = array("Q")
+    handles.frombytes(msg)
+    return handles
+
+
 def slitter_objects(address: str, role: str, touch: Touch):
     """Objects written and read through ``heap.arena``; the consumer checks each batch first."""
     heap = slitter.connect(address)
     cls = heap.register_class(f"objects-{OBJECT_SIZE}", OBJECT_SIZE)
     cls.release_many(cls.allocate_many(BATCH))  # bind this thread to the class
-    arena, write, check_at = heap.arena, touch.write, touch.check
+    arena, write, check = touch.prepare(heap.arena), touch.write, touch.check
     if role == "producer":
         def produce(seq: int):
             handles = cls.allocate_many(BATCH)  # fresh objects of this class: nothing to check
-            for h in handles:
-                write(arena, h, seq)
-                seq += 1
+            write(arena, handles, seq)
             return handles
 
         return produce, lambda: None, heap.close
 
-    def consume(msg: bytes, seq: int) -> int:
-        handles = array("Q")
-        handles.frombytes(msg)
+    def consume(msg, seq: int) -> int:
+        handles = _handles(msg)
         cls.check(handles)  # every handle a live object of this class: one native call
-        errors = 0
-        for h in handles:
-            errors += check_at(arena, h, seq)
-            seq += 1
+        errors = check(arena, handles, seq)
         cls.release_many(handles)
         return errors
 
@@ -410,23 +499,22 @@ def slitter_view_objects(address: str, role: str, touch: Touch):
     heap = slitter.connect(address)
     cls = heap.register_class(f"objects-{OBJECT_SIZE}", OBJECT_SIZE)
     cls.release_many(cls.allocate_many(BATCH))  # bind this thread to the class
-    view, write, check_at = heap.view, touch.write, touch.check
+    view, prepare, write, check_at = heap.view, touch.prepare, touch.write, touch.check
     if role == "producer":
         def produce(seq: int):
             handles = cls.allocate_many(BATCH)
             for h in handles:
-                write(view(h), 0, seq)
+                write(prepare(view(h)), ONE, seq)
                 seq += 1
             return handles
 
         return produce, lambda: None, heap.close
 
-    def consume(msg: bytes, seq: int) -> int:
-        handles = array("Q")
-        handles.frombytes(msg)
+    def consume(msg, seq: int) -> int:
+        handles = _handles(msg)
         errors = 0
         for h in handles:
-            errors += check_at(view(h), 0, seq)
+            errors += check_at(prepare(view(h)), ONE, seq)
             seq += 1
         cls.release_many(handles)
         return errors
@@ -435,13 +523,14 @@ def slitter_view_objects(address: str, role: str, touch: Touch):
 
 
 def shm_objects(role: str, touch: Touch):
-    size, write, check_at, SharedMemory = OBJECT_SIZE, touch.write, touch.check, shared_memory.SharedMemory
+    size, prepare, write, check_at = OBJECT_SIZE, touch.prepare, touch.write, touch.check
+    SharedMemory = shared_memory.SharedMemory
     if role == "producer":
         def produce(seq: int) -> bytes:
             names = []
             for _ in range(BATCH):
                 shm = SharedMemory(create=True, size=size)
-                write(shm.buf, 0, seq)
+                write(prepare(shm.buf), ONE, seq)
                 names.append(shm.name)
                 shm.close()
                 seq += 1
@@ -453,7 +542,7 @@ def shm_objects(role: str, touch: Touch):
         errors = 0
         for name in msg.decode().split("\0"):
             shm = SharedMemory(name)
-            errors += check_at(shm.buf, 0, seq)
+            errors += check_at(prepare(shm.buf), ONE, seq)
             shm.close()
             shm.unlink()
             seq += 1
@@ -463,13 +552,13 @@ def shm_objects(role: str, touch: Touch):
 
 
 def smm_objects(smm: SharedMemoryManager, role: str, touch: Touch):
-    size, write, check_at = OBJECT_SIZE, touch.write, touch.check
+    size, prepare, write, check_at = OBJECT_SIZE, touch.prepare, touch.write, touch.check
     if role == "producer":
         def produce(seq: int) -> bytes:
             names = []
             for _ in range(BATCH):
                 shm = smm.SharedMemory(size)
-                write(shm.buf, 0, seq)
+                write(prepare(shm.buf), ONE, seq)
                 names.append(shm.name)
                 shm.close()
                 seq += 1
@@ -481,7 +570,7 @@ def smm_objects(smm: SharedMemoryManager, role: str, touch: Touch):
         errors = 0
         for name in msg.decode().split("\0"):
             shm = shared_memory.SharedMemory(name)
-            errors += check_at(shm.buf, 0, seq)
+            errors += check_at(prepare(shm.buf), ONE, seq)
             shm.close()
             # The manager serves one request per connection, as in smm.SharedMemory().
             with smm._Client(smm._address, authkey=smm._authkey) as conn:
@@ -493,7 +582,7 @@ def smm_objects(smm: SharedMemoryManager, role: str, touch: Touch):
 
 
 def rawarray_objects(role: str, touch: Touch):
-    size, write, check_at = OBJECT_SIZE, touch.write, touch.check
+    size, prepare, write, check_at = OBJECT_SIZE, touch.prepare, touch.write, touch.check
     if role == "producer":
         inflight: collections.deque = collections.deque()
 
@@ -501,7 +590,7 @@ def rawarray_objects(role: str, touch: Touch):
             batch = []
             for _ in range(BATCH):
                 a = RawArray("B", size)
-                write(memoryview(a).cast("B"), 0, seq)
+                write(prepare(memoryview(a).cast("B")), ONE, seq)
                 batch.append(a)
                 seq += 1
             inflight.append(batch)
@@ -513,7 +602,7 @@ def rawarray_objects(role: str, touch: Touch):
         errors = 0
         wrappers = pickle.loads(msg)
         for w in wrappers:
-            errors += check_at(w.create_memoryview(), 0, seq)
+            errors += check_at(prepare(w.create_memoryview()), ONE, seq)
             seq += 1
         # rebuild_arena() maps the received descriptor and never closes it.
         for fd in {w._state[0][0].fd for w in wrappers}:
@@ -523,37 +612,36 @@ def rawarray_objects(role: str, touch: Touch):
     return consume, lambda: None
 
 
-SLOTS = (WINDOW + 1) * BATCH  # the control's slots: a batch is never rewritten before it is consumed
+# The control's slots: WINDOW batches in the channel, one being read and one being written.
+SLOTS = (WINDOW + 2) * BATCH
 
 
 def slots_objects(name: str, role: str, touch: Touch):
     """The control, no allocator: fixed slots of one SharedMemory, taken in turn, passed as offsets."""
     shm = shared_memory.SharedMemory(name)
-    buf, write, check_at = shm.buf, touch.write, touch.check
+    buf, write, check = touch.prepare(shm.buf), touch.write, touch.check
     batches = [array("Q", range(first * OBJECT_SIZE, (first + BATCH) * OBJECT_SIZE, OBJECT_SIZE))
                for first in range(0, SLOTS, BATCH)]
+
+    def close() -> None:
+        if buf is not shm.buf:
+            buf.release()  # the touch's cast of the mapping, or the mapping cannot close
+        shm.close()
+
     if role == "producer":
         turn = itertools.cycle(batches)
 
         def produce(seq: int):
             offsets = next(turn)
-            for off in offsets:
-                write(buf, off, seq)
-                seq += 1
+            write(buf, offsets, seq)
             return offsets
 
-        return produce, lambda: None, shm.close
+        return produce, lambda: None, close
 
-    def consume(msg: bytes, seq: int) -> int:
-        offsets = array("Q")
-        offsets.frombytes(msg)
-        errors = 0
-        for off in offsets:
-            errors += check_at(buf, off, seq)
-            seq += 1
-        return errors
+    def consume(msg, seq: int) -> int:
+        return check(buf, _handles(msg), seq)
 
-    return consume, shm.close
+    return consume, close
 
 
 def run_objects(address: str, daemon_pid: int, reps: int, duration: float, progress) -> dict[str, Any]:
@@ -562,36 +650,45 @@ def run_objects(address: str, daemon_pid: int, reps: int, duration: float, progr
     smm = SharedMemoryManager(ctx=CTX)
     smm.start()
     slots = shared_memory.SharedMemory(create=True, size=SLOTS * OBJECT_SIZE)
+    # name: (setup(role, touch), server pids, how batches travel: "channel" or "pipe")
     peers = {
-        "slitter": (lambda r, t: slitter_objects(address, r, t), [daemon_pid]),
+        "slitter": (lambda r, t: slitter_objects(address, r, t), [daemon_pid], "channel"),
         # The control runs right after slitter, so the two share the machine's noise most.
-        "slots, no allocator": (lambda r, t: slots_objects(slots.name, r, t), []),
-        "slitter, view per object": (lambda r, t: slitter_view_objects(address, r, t), [daemon_pid]),
-        "SharedMemory": (lambda r, t: shm_objects(r, t), [tracker_pid()]),
-        "SharedMemoryManager": (lambda r, t: smm_objects(smm, r, t), [smm._process.pid, tracker_pid()]),
-        "RawArray": (lambda r, t: rawarray_objects(r, t), []),
+        "slots, no allocator": (lambda r, t: slots_objects(slots.name, r, t), [daemon_pid], "channel"),
+        "slitter, view per object": (lambda r, t: slitter_view_objects(address, r, t), [daemon_pid], "channel"),
+        "slitter, over a Pipe": (lambda r, t: slitter_objects(address, r, t), [daemon_pid], "pipe"),
+        "SharedMemory": (lambda r, t: shm_objects(r, t), [tracker_pid()], "pipe"),
+        "SharedMemoryManager": (lambda r, t: smm_objects(smm, r, t), [smm._process.pid, tracker_pid()], "pipe"),
+        "RawArray": (lambda r, t: rawarray_objects(r, t), [], "pipe"),
     }
     # One field takes a few seconds less without the slowest peer, which is far past its target either way.
     plans = {"whole object": list(peers), "one field": [n for n in peers if n != "SharedMemoryManager"]}
     per_rep: dict[str, list[dict[str, dict]]] = {touch: [] for touch in plans}
+    heap = slitter.connect(address)  # makes each trial's channel
     try:
         for rep in range(reps):
             for touch_name, names in plans.items():
                 touch = TOUCHES[touch_name](OBJECT_SIZE)
                 row = {}
                 for name in names:
-                    make, servers = peers[name]
+                    make, servers, link = peers[name]
                     progress(f"shared objects ({touch_name}), repetition {rep + 1}/{reps}: {name}")
+                    producer, consumer = partial(make, "producer", touch), partial(make, "consumer", touch)
+                    if link == "channel":
+                        channel = heap.channel(WINDOW * BATCH)
+                        row[name] = trial([(_channel_producer, (producer, address, channel.handle, duration)),
+                                           (_channel_consumer, (consumer, address, channel.handle))], servers)
+                        channel.release()
+                        continue
                     reader, writer = CTX.Pipe(duplex=False)
                     space = CTX.Semaphore(WINDOW)
-                    row[name] = trial([(_objects_producer, (partial(make, "producer", touch), writer, space,
-                                                            duration)),
-                                       (_objects_consumer, (partial(make, "consumer", touch), reader, space))],
-                                      servers)
+                    row[name] = trial([(_objects_producer, (producer, writer, space, duration)),
+                                       (_objects_consumer, (consumer, reader, space))], servers)
                     reader.close()
                     writer.close()
                 per_rep[touch_name].append(row)
     finally:
+        heap.close()
         slots.close()
         slots.unlink()
         smm.shutdown()

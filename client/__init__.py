@@ -13,7 +13,12 @@ magazines in shared memory; the slow path talks to slitterd over ZeroMQ.
 
 from slitter._spawn import spawn_daemon
 from slitter.alloc_class import Class
+from slitter.channel import Channel
 from slitter.errors import (
+    ChannelClosed,
+    ChannelError,
+    ChannelInUse,
+    ChannelTimeout,
     ClassConflict,
     ClassMismatch,
     DaemonUnavailable,
@@ -29,6 +34,11 @@ from slitter.errors import (
 from slitter.heap import Heap, connect
 
 __all__ = [
+    "Channel",
+    "ChannelClosed",
+    "ChannelError",
+    "ChannelInUse",
+    "ChannelTimeout",
     "Class",
     "ClassConflict",
     "ClassMismatch",

@@ -73,3 +73,30 @@ class ClassConflict(SlitterError):
 
 class LimitExceeded(SlitterError):
     """A configured limit was reached: clients, classes or thread slots."""
+
+
+class ChannelError(SlitterError):
+    """A channel refused a send or a receive; never raised directly.
+
+    Attribute: ``channel`` (the channel's handle).
+    """
+
+    channel: int
+
+
+class ChannelClosed(ChannelError):
+    """The channel is closed: a send after ``close``, or a receive once it is closed and empty.
+
+    ``sent`` is how many handles of a ``send_many`` went before it was closed.
+    """
+
+
+class ChannelTimeout(ChannelError, TimeoutError):
+    """The wait for room (send) or for a handle (receive) ran past its timeout.
+
+    ``sent`` is how many handles of a ``send_many`` went before it timed out.
+    """
+
+
+class ChannelInUse(ChannelError):
+    """Another thread, of this or any process, is the channel's sender (or receiver): one of each per channel."""

@@ -27,6 +27,7 @@ from slitter import address as _address
 from slitter._native import ffi, lib
 from slitter._transport import Transport
 from slitter.alloc_class import Class
+from slitter.channel import DEFAULT_CAPACITY, Channel
 from slitter.protocol import ERROR_KINDS, POLICIES, U64, ErrorCode, Op
 from slitter.shm import RW, GuardApplier, Mapping, open_segment
 
@@ -337,6 +338,24 @@ class Heap:
                            cap=cap or 0)
         cls = Class(self, reply["class_id"], name, size, reply["stride"], reply["zero_init"], reply["policy"])
         return cls
+
+    def channel(self, capacity: int = DEFAULT_CAPACITY) -> Channel:
+        """A new, empty channel of ``capacity`` handles (a power of two): pass ``.handle`` to the other side.
+
+        The channel is an object of the arena (class ``slitter.channel.N``);
+        ``Channel.release`` gives it back.
+        """
+        return Channel._create(self, capacity)
+
+    def open_channel(self, handle: int) -> Channel:
+        """The channel whose handle another process passed over.
+
+        Raises:
+            ForeignAddress, InteriorPointer: ``handle`` is not an object start.
+            ClassMismatch: it is an object of a class that is not a channel's.
+            DoubleFree: the channel was released.
+        """
+        return Channel._open(self, handle)
 
     @property
     def arena(self) -> memoryview:

@@ -1131,3 +1131,75 @@ def leave_in_the_window(heap, op: str, changed: bool) -> int:
         tc.alloc[tc.alloc_count] = held[-1]  # in its slot; its byte is still LIVE
         counters.releases |= counting
     return len(held)
+
+
+# -- channels (test_channels.py) ----------------------------------------------
+
+CHANNEL_ITEM = 64  # the objects the channel tests pass: 64 B, the sequence number in the first 8 bytes
+
+
+def channel_sender(address, handle, count, seed, queue):
+    """Allocate ``count`` objects, stamp each with its sequence number, send them in random-sized batches, close."""
+    import random
+
+    rng = random.Random(seed)
+    with slitter.connect(address, name="sender") as heap:
+        cls = heap.register_class("item", size=CHANNEL_ITEM)
+        channel = heap.open_channel(handle)
+        seq = 0
+        while seq < count:
+            batch = cls.allocate_many(min(count - seq, rng.choice((1, 7, 64, 300, 1000))))
+            for h in batch:
+                heap.view(h)[:8] = seq.to_bytes(8, "little")
+                seq += 1
+            channel.send_many(batch)
+        channel.close()
+        queue.put(("sent", seq))
+
+
+def channel_receiver(address, handle, limit, queue):
+    """Receive until the channel is closed: check, read and release each object; (count, sequence numbers in order)."""
+    with slitter.connect(address, name="receiver") as heap:
+        cls = heap.register_class("item", size=CHANNEL_ITEM)
+        channel = heap.open_channel(handle)
+        got = in_order = 0
+        while True:
+            try:
+                batch = channel.recv_many(limit)
+            except slitter.ChannelClosed:
+                break
+            cls.check(batch)
+            for h in batch:
+                in_order += int.from_bytes(heap.view(h)[:8], "little") == got
+                got += 1
+            cls.release_many(batch)
+        queue.put(("received", got, in_order))
+
+
+def channel_waits(address, handle, side, queue):
+    """Block on the channel with no timeout (``side``: "recv" on an empty one, "send" past a full one); what ended it."""
+    with slitter.connect(address) as heap:
+        channel = heap.open_channel(handle)
+        queue.put("waiting")
+        try:
+            if side == "recv":
+                channel.recv()
+            else:
+                channel.send_many(range(1, channel.capacity + 2))  # one more than it holds
+            queue.put("returned")
+        except slitter.ChannelClosed as exc:
+            queue.put(f"ChannelClosed: {exc}")
+
+
+def channel_claims(address, handle, queue):
+    """Try to send and receive on a channel that another process has claimed both ways."""
+    out = []
+    with slitter.connect(address) as heap:
+        channel = heap.open_channel(handle)
+        for name, call in (("send", lambda: channel.send(8)), ("recv", lambda: channel.recv(timeout=0))):
+            try:
+                call()
+                out.append(f"{name}: accepted")
+            except slitter.ChannelInUse as exc:
+                out.append(f"{name}: {exc}")
+    queue.put(out)

@@ -1,0 +1,254 @@
+"""Channels: handles from one thread to another, in any two processes, through a ring in the arena."""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import signal
+import threading
+import time
+from array import array
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import slitter
+from slitter import _channel
+import workers
+from conftest import collect_spawned, run_spawned
+
+
+def _sender_and_receiver(address: str, handle: int, count: int, limit: int) -> tuple[list, list]:
+    """A spawned receiver and a spawned sender on one channel; (processes, their results)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=workers.channel_receiver, args=(address, handle, limit, queue)),
+             ctx.Process(target=workers.channel_sender, args=(address, handle, count, 7, queue))]
+    for p in procs:
+        p.start()
+    return procs, collect_spawned(procs, queue)
+
+
+def test_handles_cross_processes_in_order_through_a_small_ring(daemon, heap):
+    """Two real processes; 20,000 objects through 64 slots (it wraps 300 times): all arrive, in order."""
+    channel = heap.channel(64)
+    procs, results = _sender_and_receiver(daemon.address, channel.handle, count=20_000, limit=100)
+    assert sorted(results) == [("received", 20_000, 20_000), ("sent", 20_000)]
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(channel) == 0 and channel.closed
+    stats = heap.stats()["classes"]
+    assert stats["item"]["live"] == 0 and stats["item"]["releases"] == 20_000
+    assert stats["slitter.channel.64"]["live"] == 1  # the channel is an object of the arena
+    channel.release()
+    assert heap.stats()["classes"]["slitter.channel.64"]["live"] == 0
+
+
+def test_send_many_and_recv_many_in_one_process(heap):
+    channel = heap.channel(16)
+    channel.send_many(range(1, 11))
+    channel.send(11)
+    assert len(channel) == 11
+    assert list(channel.recv_many(4)) == [1, 2, 3, 4]
+    assert list(channel.recv_many()) == list(range(5, 12))  # what is waiting, not the limit
+    channel.send_many(array("Q", range(100, 116)))  # exactly full, across the ring's end
+    assert list(channel.recv_many(100)) == list(range(100, 116))
+    assert isinstance(channel.recv_many(1) if channel.send(5) is None else None, array)
+    assert repr(channel).startswith(f"<slitter.Channel {channel.handle:#x} 0/16")
+
+
+# Each example makes and releases its own channel: the heap fixture is shared on purpose.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["send", "recv"]), st.integers(1, 40)), max_size=60))
+def test_a_channel_behaves_as_a_bounded_fifo(heap, ops):
+    """Against a deque model: what is received, and when a send times out on a full ring and how much went."""
+    channel = heap.channel(32)
+    model: collections.deque[int] = collections.deque()
+    serial = 1
+    try:
+        for op, n in ops:
+            if op == "send":
+                batch = list(range(serial, serial + n))
+                serial += n
+                room = 32 - len(model)
+                if n <= room:
+                    channel.send_many(batch, timeout=0)
+                    model.extend(batch)
+                else:
+                    with pytest.raises(slitter.ChannelTimeout) as info:
+                        channel.send_many(batch, timeout=0)
+                    assert info.value.sent == room
+                    model.extend(batch[:room])
+            elif model:
+                got = list(channel.recv_many(n, timeout=0))
+                assert got == [model.popleft() for _ in range(min(n, len(model)))]
+            else:
+                with pytest.raises(slitter.ChannelTimeout):
+                    channel.recv_many(n, timeout=0)
+            assert len(channel) == len(model)
+    finally:
+        channel.release()
+
+
+def test_timeouts_say_which_channel_and_how_many_went(heap):
+    channel = heap.channel(16)
+    with pytest.raises(slitter.ChannelTimeout, match=f"channel {channel.handle:#x} .*a handle") as info:
+        channel.recv(timeout=0.02)
+    assert isinstance(info.value, TimeoutError) and info.value.channel == channel.handle
+    with pytest.raises(slitter.ChannelTimeout, match="room; 16 sent") as info:
+        channel.send_many(range(1, 21), timeout=0.02)
+    assert info.value.sent == 16 and len(channel) == 16
+
+
+def test_a_closed_channel_refuses_sends_and_drains_to_closed(heap):
+    channel = heap.channel(16)
+    channel.send_many([1, 2, 3])
+    channel.close()
+    with pytest.raises(slitter.ChannelClosed, match=f"send to channel {channel.handle:#x}.*closed; 0 sent") as info:
+        channel.send(4)
+    assert info.value.sent == 0
+    assert list(channel.recv_many(2)) == [1, 2]
+    assert channel.recv() == 3  # sent before the close: still delivered
+    with pytest.raises(slitter.ChannelClosed, match="closed and empty"):
+        channel.recv(timeout=5)  # closed: no wait for the timeout
+    assert channel.closed
+
+
+@pytest.mark.parametrize("side", ["recv", "send"])
+def test_close_wakes_a_process_blocked_without_a_timeout(daemon, heap, side):
+    """A receiver on an empty channel, or a sender on a full one, sleeps in the kernel until the close."""
+    channel = heap.channel(16)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=workers.channel_waits, args=(daemon.address, channel.handle, side, queue))
+    proc.start()
+    try:
+        assert queue.get(timeout=60) == "waiting"
+        time.sleep(0.3)  # past the spin: asleep on its futex
+        assert proc.is_alive() and queue.empty()
+        assert len(channel) == (16 if side == "send" else 0)
+        channel.close()
+        assert queue.get(timeout=60).startswith("ChannelClosed: ")
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+
+
+def test_a_waiting_receiver_lets_other_threads_run(heap):
+    """The wait drops the GIL: a sender thread of the same process gets to send while the receiver waits."""
+    channel = heap.channel(16)
+    got: list[int] = []
+    receiver = threading.Thread(target=lambda: got.append(channel.recv(timeout=60)))
+    receiver.start()
+    time.sleep(0.1)
+    channel.send(42)  # this thread: the sender; the receiver thread holds the receive claim
+    receiver.join(60)
+    assert got == [42]
+
+
+def test_a_signal_handler_that_raises_interrupts_a_wait(heap):
+    channel = heap.channel(16)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            channel.recv()  # no timeout: only the signal ends it
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    channel.send(7)
+    assert channel.recv(timeout=0) == 7  # and the channel still works
+
+
+def test_one_sender_and_one_receiver_per_channel(daemon, heap):
+    """Another thread, or another process, is refused with ChannelInUse naming the channel and the owner."""
+    channel = heap.channel(16)
+    channel.send(1)
+    assert channel.recv() == 1  # this thread now holds both claims
+    errors: list[str] = []
+
+    def other_thread() -> None:
+        for call in (lambda: channel.send(2), lambda: channel.recv(timeout=0)):
+            try:
+                call()
+            except slitter.ChannelInUse as exc:
+                errors.append(str(exc))
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    tid = threading.get_native_id()
+    assert errors == [f"cannot send to channel {channel.handle:#x} (16 slots): thread {tid} is its sender "
+                      "(one per channel)",
+                      f"cannot receive from channel {channel.handle:#x} (16 slots): thread {tid} is its receiver "
+                      "(one per channel)"]
+    _procs, [out] = run_spawned(workers.channel_claims, [(daemon.address, channel.handle)])
+    assert [line.split(":")[0] for line in out] == ["send", "recv"]
+    assert all("ChannelInUse" not in line and f"thread {tid} is its" in line for line in out)
+    assert len(channel) == 0  # nothing of the refused calls went in
+
+
+def test_open_channel_refuses_what_is_not_a_live_channel(heap):
+    order = heap.register_class("order", size=64)
+    h = order.allocate()
+    with pytest.raises(slitter.ClassMismatch, match=f"handle {h:#x} is an object of class 'order', not a channel"):
+        heap.open_channel(h)
+    channel = heap.channel(16)
+    with pytest.raises(slitter.InteriorPointer):
+        heap.open_channel(channel.handle + 8)
+    with pytest.raises(slitter.ForeignAddress):
+        heap.open_channel(16)
+    assert heap.open_channel(channel.handle).capacity == 16
+    channel.release()
+    with pytest.raises(slitter.DoubleFree):
+        heap.open_channel(channel.handle)
+    with pytest.raises(slitter.DoubleFree):
+        channel.release()
+
+
+def test_capacity_must_be_a_power_of_two_in_range(heap):
+    for bad in (0, 15, 24, 1 << 21, 16.0, "16"):
+        with pytest.raises(ValueError, match="power of two"):
+            heap.channel(bad)
+    with pytest.raises(ValueError, match="limit >= 1"):
+        heap.channel(16).recv_many(0)
+
+
+def test_a_stray_write_to_the_header_cannot_reach_past_the_ring(heap):
+    """Head and tail are shared memory anyone can scribble on: the ring's slots stay the bound."""
+    channel = heap.channel(16)
+    words = heap.view(channel.handle).cast("Q")
+    head = _channel.HEADER // 8 // 3  # line 1's first word: head
+    words[head] = 1 << 40  # a head far past the tail
+    got = channel.recv_many(1000, timeout=0)
+    assert len(got) == 16  # no more than the ring holds
+    words[0] = 0  # the magic
+    with pytest.raises(slitter.ChannelError, match=f"channel {channel.handle:#x}: its header is not a channel's"):
+        heap.open_channel(channel.handle)
+    words.release()
+
+
+def test_a_forked_child_is_not_its_parents_sender(heap):
+    """After fork the child's thread is another thread: the parent's claim does not pass to it."""
+    import os
+
+    channel = heap.channel(16)
+    channel.send(1)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status says what happened
+        try:
+            channel.send(2)
+            os._exit(1)
+        except slitter.ChannelInUse:
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert list(channel.recv_many(16, timeout=0)) == [1]
