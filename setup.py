@@ -7,7 +7,7 @@ setup(
     # The batch calls' argument adapter (native/batch_ext.c, doc/design.md (e)).
     ext_modules=[Extension("slitter._batch", ["native/batch_ext.c"], include_dirs=["native"],
                            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"]),
-                 # Channels of handles (native/channel.c, doc/design.md (h)): a ring that blocks without the GIL.
+                 # Channels of handles (native/channel.c, doc/design.md (f)): a ring that blocks without the GIL.
                  Extension("slitter._channel", ["native/channel.c"],
                            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"])],
 )

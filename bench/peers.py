@@ -102,22 +102,21 @@ they all wait on one barrier, and the timed windows start there.
    one consumer, in batches of 64. The consumer takes the CRC-32 of every
    record and checks the sequence number of each batch's first record.
    - slitter: the producer calls ``allocate_many(64)``, writes each record
-     through ``heap.arena`` at its handle, and publishes the 64 handles in
-     a ring of handle slots: one slitter object (class ``handle-ring-P``,
-     allocated by this process for the trial) laid out and synchronised
-     as the ring below, heads and all, with 8-byte handles where the ring
-     has records. The consumer checks the batch (``cls.check``),
-     checksums each record through ``heap.arena`` and calls
-     ``release_many``: the objects pass to the consumer with their
-     handles, and come back to producers through the shelf. (Until
-     2026-11-25 the handles went over a Pipe per producer, which cost
-     slitter about 10 % of its rate.)
+     through ``heap.arena`` at its handle, and sends the 64 handles through
+     its own slitter channel (``send_many``; 256 slots, so at most 4
+     batches unconsumed, as the ring's window). The consumer waits on
+     every producer's channel at once (``Channel.wait_any``), takes a
+     batch (``recv_many``), checks it (``cls.check``), checksums each
+     record through ``heap.arena`` and calls ``release_many``: the objects
+     pass to the consumer with their handles, and come back to producers
+     through the shelf. (Until 2026-11-26 the handles went through handle
+     slots in one slitter object, synchronised as the ring below, with its
+     semaphores; before 2026-11-25, over a Pipe per producer.)
    - slitter, producer releases: the same, except that the consumer only
-     checks and reads, and the producer releases a batch once the consumer
-     has acknowledged it (the "space" token the ring's producer waits for
-     before it reuses a slot). The objects stay in the producer's
-     magazines, so this differs from "ring + handles" below only in the
-     allocator.
+     checks and reads, then sends the batch back through a second channel
+     per producer, and the producer releases what comes back before it
+     allocates its next batch. The objects stay in the producer's
+     magazines.
    - Queue: one ``multiprocessing.Queue(maxsize=4 × producers)``. Each put is
      a list of 64 records (``bytearray``).
    - Pipe: one Pipe per producer; ``send_bytes`` of a 64-record batch buffer.
@@ -130,9 +129,10 @@ they all wait on one barrier, and the timed windows start there.
      producer also publishes the 64 records' offsets in handle slots as
      slitter's producer does, and the consumer copies them out and reads
      the records at those offsets, as slitter's consumer does. What
-     separates it from slitter is the allocator alone (``allocate_many``,
-     ``check``, ``release_many``); what separates it from the ring is the
-     cost of passing 8-byte handles between the cores.
+     separates it from the ring is the cost of passing 8-byte handles
+     between the cores. Since slitter's stream uses channels, what
+     separates it from slitter is the allocator (``allocate_many``,
+     ``check``, ``release_many``) and the hand-off (semaphores here).
 
 Streaming runs five repetitions, the rest three: the streaming ratios
 moved by up to 0.11 between runs of three.
@@ -898,95 +898,78 @@ def handle_slot(slots: int, producer: int, head: int) -> int:
 
 # slitter
 
-def handle_ring_layout(producers: int) -> tuple[int, int]:
-    """(offset of producer 0's handle slots, total bytes) of the handle ring object."""
-    slots = producers * CTL_STRIDE
-    return slots, slots + producers * WINDOW * BATCH * 8
+RETURN_CAPACITY = 1024  # the consumer's returns to a releasing producer: never full
 
 
-class _HandleRing:
-    """The handle ring: heads, then WINDOW slots of BATCH handles per producer, in one slitter object."""
-
-    def __init__(self, arena, ring: int, producers: int) -> None:
-        self.arena = arena
-        self.heads = arena[ring:ring + producers * CTL_STRIDE].cast("Q")
-        self.slots = ring + handle_ring_layout(producers)[0]
-
-    def slot(self, producer: int, head: int) -> int:
-        return handle_slot(self.slots, producer, head)
-
-    def close(self) -> None:
-        self.heads.release()
-
-
-def stream_slitter_producer(address: str, size: int, producer: int, producers: int, ring: int, items, space,
-                            duration: float, releases: bool):
-    """A slitter producer; ``releases``: it releases each batch once the consumer is done with it."""
+def stream_slitter_producer(address: str, size: int, producer: int, channel: int, back: int | None,
+                            duration: float):
+    """A slitter producer: a batch's handles go through its channel; ``back``: the consumer returns them to release."""
     heap = slitter.connect(address)
     cls = heap.register_class(f"stream-{size}", size)
     cls.release_many(cls.allocate_many(BATCH))
     arena, tmpl = heap.arena, template(size)
-    handle_ring = _HandleRing(arena, ring, producers)
-    heads, me = handle_ring.heads, producer * CTL_STRIDE // 8
-    in_flight: collections.deque[array] = collections.deque()  # published batches, oldest first
+    link = heap.open_channel(channel)
+    returned = heap.open_channel(back) if back is not None else None
+    out = 0  # handles sent and not yet returned (producer releases)
 
     def send_batch(seq: int) -> None:
-        space.acquire()  # the consumer is done with the oldest of WINDOW batches in flight
-        if len(in_flight) == WINDOW:
-            cls.release_many(in_flight.popleft())
+        nonlocal out
+        if returned is not None and len(returned):  # what the consumer is done with
+            done = returned.recv_many(RETURN_CAPACITY, timeout=0)
+            cls.release_many(done)
+            out -= len(done)
         handles = cls.allocate_many(BATCH)
         for h in handles:
             _stream_write(arena, h, size, tmpl, seq, producer)
             seq += 1
-        head = heads[me]
-        slot = handle_ring.slot(producer, head)
-        arena[slot:slot + BATCH * 8] = memoryview(handles).cast("B")
-        heads[me] = head + BATCH  # publish: one aligned 8-byte store, as the ring does
-        if releases:
-            in_flight.append(handles)
-        items.release()
+        link.send_many(handles)  # waits while WINDOW batches are unconsumed: the channel's capacity
+        if returned is not None:
+            out += BATCH
 
-    def cleanup() -> None:  # after every worker's work: the consumer has read them all
-        while in_flight:
-            cls.release_many(in_flight.popleft())
-        handle_ring.close()
+    def cleanup() -> None:  # after every worker's work: the consumer has returned them all
+        nonlocal out
+        while out:
+            done = returned.recv_many(RETURN_CAPACITY, timeout=30)
+            cls.release_many(done)
+            out -= len(done)
         heap.close()
 
-    return _produce_loop(send_batch, duration, items.release), cleanup
+    return _produce_loop(send_batch, duration, link.close), cleanup
 
 
-def stream_slitter_consumer(address: str, size: int, producers: int, ring: int, items, spaces: list,
-                            releases: bool):
-    """The slitter consumer; ``releases``: it releases each batch it has read (else its producer does)."""
+def stream_slitter_consumer(address: str, size: int, channels: list[int], backs: list[int] | None):
+    """The slitter consumer: waits on every producer's channel at once; releases what it read, or returns it."""
     heap = slitter.connect(address)
     cls = heap.register_class(f"stream-{size}", size)
     cls.release_many(cls.allocate_many(BATCH))
-    arena, check, crc32 = heap.arena, cls.check, zlib.crc32
-    handle_ring = _HandleRing(arena, ring, producers)
-    heads = handle_ring.heads
+    arena, check, crc32, wait_any = heap.arena, cls.check, zlib.crc32, slitter.Channel.wait_any
+    links = [heap.open_channel(c) for c in channels]
+    returns = {link.handle: heap.open_channel(b) for link, b in zip(links, backs)} if backs else None
 
     def work() -> tuple[int, int]:
-        verify = _Verify(producers)
+        verify = _Verify(len(links))
         n = 0
-        for p, tail in _published_batches(items, heads, producers):
-            slot = handle_ring.slot(p, tail)
-            handles = array("Q")
-            handles.frombytes(arena[slot:slot + BATCH * 8])
+        open_links = list(links)
+        while open_links:
+            link = wait_any(open_links)
+            try:
+                handles = link.recv_many(BATCH, timeout=0)
+            except slitter.ChannelClosed:
+                open_links.remove(link)
+                continue
+            open_links.append(open_links.pop(open_links.index(link)))  # the others first next time
             check(handles)  # every handle a live record of this class: one native call
             for h in handles:
                 crc32(arena[h:h + size])
             verify.batch(arena[handles[0]:handles[0] + 16])
-            if releases:
+            if returns is None:
                 cls.release_many(handles)
-            spaces[p].release()
-            n += BATCH
+            else:
+                returns[link.handle].send_many(handles)
+            n += len(handles)
         return n, verify.errors
 
-    def cleanup() -> None:
-        handle_ring.close()
-        heap.close()
-
-    return work, cleanup
+    return work, heap.close
 
 
 # Queue
@@ -1151,20 +1134,18 @@ def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: li
 def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, size: int, producers: int,
                  duration: float) -> dict[str, Any]:
     if peer in (SLITTER, SLITTER_PRODUCER_RELEASES):
-        producer_releases = peer == SLITTER_PRODUCER_RELEASES
-        ring_cls = heap.register_class(f"handle-ring-{producers}", handle_ring_layout(producers)[1], zero_init=True)
-        ring = ring_cls.allocate()
+        links = [heap.channel(WINDOW * BATCH) for _ in range(producers)]
+        backs = [heap.channel(RETURN_CAPACITY) for _ in range(producers)] if peer == SLITTER_PRODUCER_RELEASES else []
         try:
-            items = CTX.Semaphore(0)
-            spaces = [CTX.Semaphore(WINDOW) for _ in range(producers)]
-            parts = [(stream_slitter_producer, (address, size, p, producers, ring, items, spaces[p], duration,
-                                                producer_releases))
+            parts = [(stream_slitter_producer, (address, size, p, links[p].handle,
+                                                backs[p].handle if backs else None, duration))
                      for p in range(producers)]
-            parts.append((stream_slitter_consumer, (address, size, producers, ring, items, spaces,
-                                                    not producer_releases)))
+            parts.append((stream_slitter_consumer, (address, size, [c.handle for c in links],
+                                                    [c.handle for c in backs] or None)))
             return trial(parts, [daemon_pid])
         finally:
-            ring_cls.release(ring)
+            for c in links + backs:
+                c.release()
     elif peer == "Queue":
         q = CTX.Queue(maxsize=WINDOW * producers)
         parts = [(stream_queue_producer, (q, size, p, duration)) for p in range(producers)]

@@ -5,17 +5,19 @@ Queue costs a system call on each side and a wake-up per message (12-15 us
 here); a channel is a ring in the arena itself, a slitter object of class
 ``slitter.channel.N``, so a batch of handles costs a copy and two cache-line
 transfers while both sides keep up.  A side that has to wait spins briefly,
-then sleeps on a futex without the GIL (native/channel.c).
+yielding the CPU, then sleeps on a futex without the GIL (native/channel.c).
 
 One thread sends and one thread receives: the first ``send`` (``recv``)
 claims the channel for its thread, and another thread, here or in another
-process, gets ``ChannelInUse``.  A channel carries integers: it does not
-check or own the objects they name.  The receiver checks them
-(``Class.check``) before it trusts them, as for any handle from elsewhere.
+process, gets ``ChannelInUse`` while that thread lives.  A channel carries
+integers: it does not check or own the objects they name.  The receiver
+checks them (``Class.check``) before it trusts them, as for any handle
+from elsewhere.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from array import array
 from collections.abc import Iterable
@@ -34,7 +36,8 @@ DEFAULT_CAPACITY = 1024
 
 _send, _recv = _channel.send, _channel.recv
 _ZERO = array("Q", [0])
-_OK, _TIMEOUT, _CLOSED, _IN_USE = _channel.OK, _channel.TIMEOUT, _channel.CLOSED, _channel.IN_USE
+_OK, _TIMEOUT, _CLOSED, _IN_USE, _STALE, _SELF = (_channel.OK, _channel.TIMEOUT, _channel.CLOSED, _channel.IN_USE,
+                                                  _channel.STALE, _channel.SELF)
 
 
 def channel_size(capacity: int) -> int:
@@ -45,11 +48,12 @@ def channel_size(capacity: int) -> int:
 class Channel:
     """A one-way ring of handles.  Make one with ``Heap.channel``, open it elsewhere with ``Heap.open_channel``."""
 
-    __slots__ = ("_arena", "_class", "capacity", "handle")
+    __slots__ = ("_arena", "_class", "_serial", "capacity", "handle")
 
-    def __init__(self, cls: Class, handle: int, capacity: int) -> None:
+    def __init__(self, cls: Class, handle: int, capacity: int, serial: int) -> None:
         self._class = cls
         self._arena = cls._heap.arena
+        self._serial = serial
         self.handle = handle
         self.capacity = capacity
 
@@ -61,27 +65,27 @@ class Channel:
                              f"not {capacity!r}")
         klass = heap.register_class(f"{CLASS_PREFIX}{capacity}", channel_size(capacity))
         handle = klass.allocate()
-        channel = cls(klass, handle, capacity)
-        _channel.init(channel._arena, handle, capacity)
+        channel = cls(klass, handle, capacity, int.from_bytes(os.urandom(8), "little") or 1)
+        _channel.init(channel._arena, handle, capacity, channel._serial)
         return channel
 
     @classmethod
     def _open(cls, heap: Heap, handle: int) -> Channel:
-        heap.view(handle)  # an object start (ForeignAddress, InteriorPointer otherwise)
+        size = heap.view(handle).nbytes  # an object start (ForeignAddress, InteriorPointer otherwise)
         _ptr, class_id, _kind = _fastpath.locate(heap._view, handle)
         name = heap._class_name(class_id)
         match = _CLASS_RE.fullmatch(name)
         capacity = int(match[1]) if match else 0
-        if not MIN_CAPACITY <= capacity <= MAX_CAPACITY or channel_size(capacity) != heap.view(handle).nbytes:
+        if not MIN_CAPACITY <= capacity <= MAX_CAPACITY or channel_size(capacity) != size:
             raise errors.ClassMismatch(f"handle {handle:#x} is an object of class '{name}', not a channel",
                                        handle=handle, class_name=name, expected_class=f"{CLASS_PREFIX}N")
-        klass = heap.register_class(name, channel_size(capacity))
+        klass = heap.register_class(name, size)
         klass.check(array("Q", [handle]))  # live: DoubleFree for a released channel
-        channel = cls(klass, handle, capacity)
-        if not _channel.valid(channel._arena, handle, capacity):
+        serial = _channel.serial(heap.arena, handle, capacity)
+        if serial is None:
             raise errors.ChannelError(f"channel {handle:#x}: its header is not a channel's (overwritten?)",
                                       channel=handle)
-        return channel
+        return cls(klass, handle, capacity, serial)
 
     # -- sending ------------------------------------------------------------
 
@@ -94,15 +98,20 @@ class Channel:
 
         An ``array('Q')`` goes without a copy.  ``timeout`` bounds the whole
         call.  If it runs out, or the channel is closed, the exception's
-        ``sent`` says how many went (the first ``sent``, in order).  A signal
+        ``sent`` says how many went (the first ``sent``, in order).  Sent
+        means put in the ring: if the receiver closes the channel, what it
+        left there is the last ``len(channel)`` handles sent.  A signal
         handler that raises while it waits leaves an unknown prefix sent.
 
         Raises:
-            ChannelTimeout, ChannelClosed, ChannelInUse (another thread sends on it).
+            ChannelTimeout, ChannelClosed, ChannelInUse (another thread sends on it),
+            ChannelError (released, or this thread is its receiver and would wait forever).
         """
         if type(handles) is not array or handles.typecode != "Q":
+            if isinstance(handles, (bytes, bytearray, memoryview)):
+                raise TypeError(f"channel {self.handle:#x}: send_many takes handles (ints), not a bytes-like object")
             handles = array("Q", handles)
-        sent, status = _send(self._arena, self.handle, self.capacity, handles, timeout)
+        sent, status = _send(self._arena, self.handle, self.capacity, self._serial, handles, timeout)
         if status != _OK:
             raise self._error(status, "send to", sent)
 
@@ -113,7 +122,8 @@ class Channel:
 
         Raises:
             ChannelClosed: the channel is closed and every handle sent before has been received.
-            ChannelTimeout, ChannelInUse (another thread receives from it).
+            ChannelTimeout, ChannelInUse (another thread receives from it),
+            ChannelError (released, or this thread is its sender and would wait forever).
         """
         return self.recv_many(1, timeout)[0]
 
@@ -124,13 +134,38 @@ class Channel:
         """
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(f"channel {self.handle:#x}: recv_many(limit) needs an int limit >= 1, not {limit!r}")
-        out = _ZERO * limit
-        got, status = _recv(self._arena, self.handle, self.capacity, out, timeout)
+        out = _ZERO * min(limit, self.capacity)  # never more than the ring holds
+        got, status = _recv(self._arena, self.handle, self.capacity, self._serial, out, timeout)
         if status != _OK:
             raise self._error(status, "receive from", 0)
-        if got < limit:
+        if got < len(out):
             del out[got:]
         return out
+
+    @staticmethod
+    def wait_any(channels: Iterable[Channel], timeout: float | None = None) -> Channel:
+        """The first of ``channels`` with a handle to receive, or closed: a receiver's wait on several at once.
+
+        For one consumer of several producers, a channel each: wait, then
+        ``recv_many(limit, timeout=0)`` from the channel returned.  It takes
+        nothing; up to 128 channels of one heap.  Sleeps on all of them at
+        once (Linux 5.16's futex_waitv) after the same short spin as ``recv``.
+
+        Raises:
+            ChannelTimeout: none was ready within ``timeout`` seconds.
+        """
+        channels = list(channels)
+        if not channels:
+            raise ValueError("wait_any needs at least one channel")
+        arena = channels[0]._arena
+        if any(c._arena is not arena for c in channels):
+            raise ValueError("wait_any: the channels must be of one heap")
+        index = _channel.wait_any(arena, [(c.handle, c.capacity, c._serial) for c in channels], timeout)
+        if index < 0:
+            names = ", ".join(f"{c.handle:#x}" for c in channels)
+            raise errors.ChannelTimeout(f"channels {names}: timed out waiting for a handle",
+                                        channel=channels[0].handle, sent=0)
+        return channels[index]
 
     # -- the channel itself ---------------------------------------------------
 
@@ -138,17 +173,21 @@ class Channel:
         """No more sends, from now on; either side may close.  Wakes both sides.
 
         The receiver still gets what was sent before, then ChannelClosed.
+        A receiver that closes gives up what is still in the ring.
         """
         _channel.close(self._arena, self.handle, self.capacity)
 
     def release(self) -> None:
         """Close the channel and release its object: once neither side uses it again.
 
+        Every Channel of it, in any process, then raises ChannelError.
+
         Raises:
             DoubleFree: released already.
         """
         self._class.check(array("Q", [self.handle]))  # refuses a released channel before touching its header
-        self.close()
+        if _channel.serial(self._arena, self.handle, self.capacity) == self._serial:
+            _channel.retire(self._arena, self.handle, self.capacity)
         self._class.release(self.handle)
 
     @property
@@ -160,25 +199,33 @@ class Channel:
         head, tail = self._state()[:2]
         return head - tail
 
-    def _state(self) -> tuple[int, int, int, int, int]:
+    def _state(self) -> tuple[int, ...]:
+        """(head, tail, closed, sender token, receiver token, receiver sleeping, sender sleeping)."""
         return _channel.state(self._arena, self.handle, self.capacity)
 
     def _error(self, status: int, verb: str, sent: int) -> errors.ChannelError:
         where = f"channel {self.handle:#x} ({self.capacity} slots)"
+        sending = verb.startswith("send")
         if status == _TIMEOUT:
-            what = f"room; {sent} sent" if verb.startswith("send") else "a handle"
-            return errors.ChannelTimeout(f"{where}: timed out waiting for {what}",
-                                         channel=self.handle, sent=sent)
+            what = f"room; {sent} sent" if sending else "a handle"
+            return errors.ChannelTimeout(f"{where}: timed out waiting for {what}", channel=self.handle, sent=sent)
         if status == _CLOSED:
-            what = f"it is closed; {sent} sent" if verb.startswith("send") else "it is closed and empty"
+            what = f"it is closed; {sent} sent" if sending else "it is closed and empty"
             return errors.ChannelClosed(f"cannot {verb} {where}: {what}", channel=self.handle, sent=sent)
-        side = "sender" if verb.startswith("send") else "receiver"
-        tid = self._state()[3 if side == "sender" else 4]
-        return errors.ChannelInUse(f"cannot {verb} {where}: thread {tid} is its {side} (one per channel)",
-                                   channel=self.handle, thread=tid)
+        if status == _STALE:
+            return errors.ChannelError(f"cannot {verb} {where}: it was released (or its header overwritten)",
+                                       channel=self.handle, sent=sent)
+        if status == _SELF:
+            other = "receiver" if sending else "sender"
+            return errors.ChannelError(f"cannot {verb} {where}: this thread is its {other} too, and would wait "
+                                       f"forever (pass a timeout); {sent} sent", channel=self.handle, sent=sent)
+        side = "sender" if sending else "receiver"
+        token = self._state()[3 if sending else 4]
+        return errors.ChannelInUse(f"cannot {verb} {where}: thread {token & 0xFFFFFFFF} of process {token >> 32} "
+                                   f"is its {side} (one per channel)", channel=self.handle,
+                                   thread=token & 0xFFFFFFFF, pid=token >> 32)
 
     def __repr__(self) -> str:
-        head, tail, closed, _s, _r = self._state()
+        head, tail, closed = self._state()[:3]
         return (f"<slitter.Channel {self.handle:#x} {head - tail}/{self.capacity}"
                 f"{' closed' if closed else ''}>")
-

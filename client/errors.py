@@ -76,9 +76,11 @@ class LimitExceeded(SlitterError):
 
 
 class ChannelError(SlitterError):
-    """A channel refused a send or a receive; never raised directly.
+    """A channel refused a send or a receive.
 
-    Attribute: ``channel`` (the channel's handle).
+    Raised as itself when the channel was released (or its header
+    overwritten), or when a thread that is both its sender and its receiver
+    would wait forever on itself.  Attribute: ``channel`` (its handle).
     """
 
     channel: int
@@ -99,4 +101,7 @@ class ChannelTimeout(ChannelError, TimeoutError):
 
 
 class ChannelInUse(ChannelError):
-    """Another thread, of this or any process, is the channel's sender (or receiver): one of each per channel."""
+    """Another live thread, of this or any process, is the channel's sender (or receiver): one of each per channel.
+
+    ``thread`` and ``pid`` name it.
+    """

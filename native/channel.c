@@ -1,7 +1,7 @@
 /*
  * slitter._channel: a one-way ring of handles, from one sending thread to
  * one receiving thread, in any two processes attached to the same arena
- * (doc/design.md (h), doc/fast_path.md "Channels").
+ * (doc/design.md (f), doc/fast_path.md "Channels").
  *
  * Why it exists: handles are how processes share objects, and a
  * multiprocessing Pipe or Semaphore costs 12-15 us per hand-off here (a
@@ -18,7 +18,8 @@
  * published), the receiver owns `tail` (handles ever taken); each reads the
  * other's with acquire loads.  Single sender and single receiver are
  * enforced: the first send (receive) claims the channel for its thread
- * with one compare-and-swap; every later one compares one word.
+ * with one compare-and-swap; every later one compares one word, and a
+ * claim whose thread has exited passes to the next thread that asks.
  *
  * Nothing here trusts the shared header for memory safety: the capacity
  * comes from the caller's own copy and must match the header's, the ring
@@ -36,8 +37,10 @@
 #include <Python.h>
 #include <errno.h>
 #include <limits.h>
-#include <pthread.h>
 #include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -49,12 +52,13 @@
 
 struct channel {
     /* Line 0: set by the creator; then only the claims and `closed` change. */
-    uint64_t magic;
+    uint64_t magic;            /* cleared when the channel is released */
     uint64_t capacity;         /* slots, a power of two */
-    uint64_t sender;           /* the sending thread's token (its tid), claimed by its first send; 0: none yet */
+    uint64_t serial;           /* a random number of this channel's life: a stale Channel of a reused object differs */
+    uint64_t sender;           /* the sending thread's token (pid << 32 | tid), claimed by its first send; 0: none */
     uint64_t receiver;         /* the same for the receiving thread */
     uint32_t closed;           /* no more sends: set by either side, never cleared */
-    uint8_t pad0[LINE - 36];
+    uint8_t pad0[LINE - 44];
     /* Line 1: the sender's.  head changes once per batch. */
     uint64_t head;
     uint32_t receiver_wake;    /* futex word the receiver sleeps on; bumped to wake it */
@@ -71,30 +75,30 @@ struct channel {
 _Static_assert(sizeof(struct channel) == 3 * LINE, "three header lines");
 
 /* Status codes, returned with a count; the Python side turns them into exceptions. */
-enum { CH_OK = 0, CH_TIMEOUT = 1, CH_CLOSED = 2, CH_IN_USE = 3 };
+enum { CH_OK = 0, CH_TIMEOUT = 1, CH_CLOSED = 2, CH_IN_USE = 3, CH_STALE = 4, CH_SELF = 5 };
 
 /*
- * How long a side spins before it sleeps.  A futex sleep and wake-up costs
- * the sleeper 5-10 us of latency and the waker a system call; a peer that
- * is merely mid-batch publishes within a few microseconds.  Spinning past
- * that burns a core that, on a small machine, the peer may need.
+ * How long a side spins before it sleeps, and how.  A futex sleep and
+ * wake-up costs the sleeper 5-10 us of latency and the waker a system
+ * call; a peer that is merely mid-batch publishes within a few
+ * microseconds.  Each turn of the spin yields the CPU (sched_yield): on a
+ * machine with more runnable processes than cores (four producers and a
+ * consumer on two), a waiter that spins with `pause` takes the very core
+ * its peer needs.  Measured (bench/peers.py streaming, 64 B, four
+ * producers on 2 cores): a 20 us `pause` spin ran at 0.76x the ring's rate,
+ * a 2 us one at 0.90x, a 5 us yielding one at 1.21x; with one producer all
+ * were within noise of each other.  When nothing else wants the core the
+ * yield returns at once, and the spin is a loop of system calls.
  */
-#define SPIN_NS 20000
+#define SPIN_NS 5000
+/* The longest sleep between looks at Python's signal flag: a signal that lands just before the futex wait. */
+#define SIGNAL_CHECK_NS 50000000
 
 #define load_acquire(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define load_relaxed(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 #define store_release(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
 #define store_relaxed(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 #define full_fence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 static int64_t now_ns(void)
 {
@@ -106,13 +110,8 @@ static int64_t now_ns(void)
 /* A shared (not FUTEX_PRIVATE) wait: the word is in memory several processes map. */
 static int futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns)
 {
-    struct timespec ts, *tsp = NULL;
-    if (timeout_ns >= 0) {
-        ts.tv_sec = timeout_ns / 1000000000;
-        ts.tv_nsec = timeout_ns % 1000000000;
-        tsp = &ts;
-    }
-    return (int)syscall(SYS_futex, word, FUTEX_WAIT, expected, tsp, NULL, 0);
+    struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+    return (int)syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0);
 }
 
 static void futex_wake(uint32_t *word)
@@ -124,7 +123,7 @@ static void futex_wake(uint32_t *word)
  * The other side published (or took) and may be asleep: wake it.  The
  * fence orders our head/tail store before the load of its flag; the
  * sleeper stores its flag and fences before it looks at head/tail again
- * (wait_for), so at least one of the two sees the other (Dekker).  The
+ * (sleep_until), so at least one of the two sees the other (Dekker).  The
  * cost while nobody sleeps: one fence and one load per batch.
  */
 static void wake_if_sleeping(uint32_t *sleeping, uint32_t *wake)
@@ -146,65 +145,96 @@ static void wake_both(struct channel *ch)
 }
 
 /*
- * Wait, without the GIL, until *watched differs from `seen` or the channel
- * is closed: spin up to SPIN_NS, then sleep on `wake`.  deadline_ns < 0:
- * no deadline.  Returns CH_OK (look again), CH_TIMEOUT, or -1 with a Python
- * exception set (a signal handler raised).
+ * A waiter's view of what it waits on: `n` channels (several only for
+ * wait_any), the index word each watches (`head` for a receiver, `tail`
+ * for a sender), and the value it saw there.
  */
-static int wait_for(struct channel *ch, const uint64_t *watched, uint64_t seen, uint32_t *sleeping,
-                    uint32_t *wake, int64_t deadline_ns)
+struct watch {
+    struct channel **chs;
+    int n;
+    int receiver;                /* 1: wait for head to move; 0: wait for tail to move */
+    const uint64_t *seen;        /* per channel; NULL: for a receiver, "head differs from tail" */
+};
+
+static int watched_ready(const struct watch *w)
 {
-    int status = CH_OK;
+    for (int i = 0; i < w->n; i++) {
+        struct channel *ch = w->chs[i];
+        if (load_acquire(&ch->closed))
+            return i;
+        if (w->receiver) {
+            uint64_t since = w->seen ? w->seen[i] : load_relaxed(&ch->tail);
+            if (load_acquire(&ch->head) != since)
+                return i;
+        } else if (load_acquire(&ch->tail) != w->seen[i]) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/*
+ * Wait, without the GIL, until a watched channel is ready (its index
+ * moved, or it was closed): spin up to SPIN_NS yielding the CPU, then sleep
+ * on the futex words (futex_waitv for several, Linux 5.16; on an older
+ * kernel, on the first word for at most a millisecond at a time).
+ * deadline_ns < 0: no deadline.  Returns the ready index, -1 on timeout,
+ * or -2 with a Python exception set (a signal handler raised).
+ */
+static int sleep_until(const struct watch *w, int64_t deadline_ns)
+{
+    int found = watched_ready(w);
+    if (found >= 0)
+        return found;
+    if (deadline_ns >= 0 && now_ns() >= deadline_ns)
+        return -1;  /* timeout 0: one look, the GIL kept */
+    struct futex_waitv waiters[FUTEX_WAITV_MAX];
     PyThreadState *gil = PyEval_SaveThread();
-    int64_t start = now_ns();
-    for (unsigned i = 0;; i++) {
-        if (load_acquire(watched) != seen || load_acquire(&ch->closed))
-            goto done;
-        if ((i & 63) == 0) {  /* the clock every 64 turns, the first included: timeout 0 does not spin */
-            int64_t t = now_ns();
-            if (deadline_ns >= 0 && t >= deadline_ns) {
-                status = CH_TIMEOUT;
-                goto done;
-            }
-            if (t - start >= SPIN_NS)
-                break;
-        }
-        cpu_relax();
+    int64_t start = now_ns(), t;
+    while ((found = watched_ready(w)) < 0) {
+        t = now_ns();
+        if ((deadline_ns >= 0 && t >= deadline_ns) || t - start >= SPIN_NS)
+            break;
+        sched_yield();
     }
-    for (;;) {
-        uint32_t w = load_acquire(wake);
-        store_relaxed(sleeping, 1);
+    while (found < 0) {
+        for (int i = 0; i < w->n; i++) {
+            uint32_t *wake = w->receiver ? &w->chs[i]->receiver_wake : &w->chs[i]->sender_wake;
+            waiters[i] = (struct futex_waitv){.val = load_acquire(wake), .uaddr = (uintptr_t)wake, .flags = FUTEX_32};
+            store_relaxed(w->receiver ? &w->chs[i]->receiver_sleeping : &w->chs[i]->sender_sleeping, 1);
+        }
         full_fence();
-        if (load_acquire(watched) != seen || load_acquire(&ch->closed))
+        if ((found = watched_ready(w)) >= 0)
             break;
-        int64_t remaining = -1;
-        if (deadline_ns >= 0) {
-            remaining = deadline_ns - now_ns();
-            if (remaining <= 0) {
-                status = CH_TIMEOUT;
+        t = now_ns();
+        if (deadline_ns >= 0 && t >= deadline_ns)
+            break;
+        int64_t nap = deadline_ns >= 0 && deadline_ns - t < SIGNAL_CHECK_NS ? deadline_ns - t : SIGNAL_CHECK_NS;
+        long r;
+        if (w->n == 1) {
+            r = futex_wait((uint32_t *)(uintptr_t)waiters[0].uaddr, (uint32_t)waiters[0].val, nap);
+        } else {
+            struct timespec until = {.tv_sec = (t + nap) / 1000000000, .tv_nsec = (t + nap) % 1000000000};
+            r = syscall(SYS_futex_waitv, waiters, (unsigned)w->n, 0, &until, CLOCK_MONOTONIC);
+            if (r < 0 && errno == ENOSYS)
+                r = futex_wait((uint32_t *)(uintptr_t)waiters[0].uaddr, (uint32_t)waiters[0].val, 1000000);
+        }
+        if (r < 0 && (errno == EINTR || errno == ETIMEDOUT)) {
+            /* A signal, or SIGNAL_CHECK_NS gone by: let Python run its handlers, which may raise. */
+            PyEval_RestoreThread(gil);
+            int raised = PyErr_CheckSignals() < 0;
+            gil = PyEval_SaveThread();
+            if (raised) {
+                found = -2;
                 break;
             }
         }
-        if (futex_wait(wake, w, remaining) == 0 || errno == EAGAIN)
-            continue;  /* woken, or bumped before we slept: look again */
-        if (errno == ETIMEDOUT) {
-            status = CH_TIMEOUT;
-            break;
-        }
-        if (errno == EINTR) {
-            store_relaxed(sleeping, 0);
-            PyEval_RestoreThread(gil);
-            if (PyErr_CheckSignals() < 0)
-                return -1;
-            gil = PyEval_SaveThread();
-            continue;
-        }
-        break;  /* no other error is possible on a valid word; look again rather than spin on it */
+        found = watched_ready(w);
     }
-    store_relaxed(sleeping, 0);
-done:
+    for (int i = 0; i < w->n; i++)
+        store_relaxed(w->receiver ? &w->chs[i]->receiver_sleeping : &w->chs[i]->sender_sleeping, 0);
     PyEval_RestoreThread(gil);
-    return status;
+    return found;
 }
 
 /* The channel at `offset` of the arena buffer, checked against the caller's capacity; NULL with an exception. */
@@ -228,8 +258,9 @@ static struct channel *channel_at(Py_buffer *arena, PyObject *offset_obj, PyObje
     return (struct channel *)((char *)arena->buf + offset);
 }
 
+/* args[0..3]: arena, offset, capacity, serial.  The serial is checked by the caller (live()). */
 static int parse(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name, Py_buffer *arena,
-                 struct channel **ch, uint64_t *capacity)
+                 struct channel **ch, uint64_t *capacity, uint64_t *serial)
 {
     if (nargs != want) {
         PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", name, want);
@@ -238,11 +269,23 @@ static int parse(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const
     if (PyObject_GetBuffer(args[0], arena, PyBUF_WRITABLE) < 0)
         return -1;
     *ch = channel_at(arena, args[1], args[2], capacity);
+    if (*ch != NULL && serial != NULL) {
+        *serial = PyLong_AsUnsignedLongLong(args[3]);
+        if (PyErr_Occurred())
+            *ch = NULL;
+    }
     if (*ch == NULL) {
         PyBuffer_Release(arena);
         return -1;
     }
     return 0;
+}
+
+/* The channel is still the one the caller opened: not released, not released and made again. */
+static int live(struct channel *ch, uint64_t capacity, uint64_t serial)
+{
+    return load_acquire(&ch->magic) == CHANNEL_MAGIC && load_relaxed(&ch->capacity) == capacity &&
+           load_relaxed(&ch->serial) == serial;
 }
 
 static int64_t deadline_of(PyObject *timeout)
@@ -262,27 +305,41 @@ static int64_t deadline_of(PyObject *timeout)
 }
 
 /*
- * This thread's token: its tid, asked of the kernel once per thread.  A
- * forked child's one thread has the forking thread's cache, so the child
- * forgets it (forget_tid, registered with pthread_atfork).
+ * This thread's token: pid << 32 | tid, asked of the kernel once per
+ * thread.  A forked child's one thread has the forking thread's cache, so
+ * the child forgets it (forget_token, registered with pthread_atfork).
  */
-static __thread uint64_t my_tid;
+static __thread uint64_t my_token;
 
-static void forget_tid(void)
+static void forget_token(void)
 {
-    my_tid = 0;
+    my_token = 0;
 }
 
-/* Claim `*claim` for this thread, or see that it is ours: one load once claimed. */
+static uint64_t token(void)
+{
+    if (my_token == 0)
+        my_token = (uint64_t)getpid() << 32 | (uint32_t)syscall(SYS_gettid);
+    return my_token;
+}
+
+/* The thread behind a token has exited (its process may be alive): its claim may pass on. */
+static int token_gone(uint64_t t)
+{
+    return syscall(SYS_tgkill, (pid_t)(t >> 32), (pid_t)(uint32_t)t, 0) < 0 && errno == ESRCH;
+}
+
+/*
+ * Claim `*claim` for this thread, or see that it is ours: one load once
+ * claimed.  A claim whose thread has exited is taken over, with one
+ * compare-and-swap so that two takers cannot both win.
+ */
 static int claimed(uint64_t *claim)
 {
-    if (my_tid == 0)
-        my_tid = (uint64_t)syscall(SYS_gettid);
-    uint64_t me = my_tid;
-    uint64_t owner = load_acquire(claim);
+    uint64_t me = token(), owner = load_acquire(claim);
     if (owner == me)
         return 1;
-    if (owner != 0)
+    if (owner != 0 && !token_gone(owner))
         return 0;
     return __atomic_compare_exchange_n(claim, &owner, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
@@ -292,56 +349,62 @@ static PyObject *result(uint64_t count, int status)
     return Py_BuildValue("(Ki)", (unsigned long long)count, status);
 }
 
-/* init(arena, offset, capacity): a fresh, empty, unclaimed channel. */
+/* init(arena, offset, capacity, serial): a fresh, empty, unclaimed channel. */
 static PyObject *channel_init(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer arena;
     struct channel *ch;
-    uint64_t capacity;
+    uint64_t capacity, serial;
     (void)self;
-    if (parse(args, nargs, 3, "init", &arena, &ch, &capacity) < 0)
+    if (parse(args, nargs, 4, "init", &arena, &ch, &capacity, &serial) < 0)
         return NULL;
     memset(ch, 0, sizeof *ch);
     ch->capacity = capacity;
+    ch->serial = serial;
     store_release(&ch->magic, CHANNEL_MAGIC);
     PyBuffer_Release(&arena);
     Py_RETURN_NONE;
 }
 
-/* valid(arena, offset, capacity): the header is a channel of that capacity. */
-static PyObject *channel_valid(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* serial(arena, offset, capacity) -> the channel's serial, or None when no channel of that capacity is there. */
+static PyObject *channel_serial(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer arena;
     struct channel *ch;
     uint64_t capacity;
     (void)self;
-    if (parse(args, nargs, 3, "valid", &arena, &ch, &capacity) < 0)
+    if (parse(args, nargs, 3, "serial", &arena, &ch, &capacity, NULL) < 0)
         return NULL;
     int ok = load_acquire(&ch->magic) == CHANNEL_MAGIC && load_relaxed(&ch->capacity) == capacity;
+    uint64_t serial = load_relaxed(&ch->serial);
     PyBuffer_Release(&arena);
-    return PyBool_FromLong(ok);
+    if (!ok)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(serial);
 }
 
 /*
- * send(arena, offset, capacity, handles, timeout) -> (sent, status).  Copies
- * the handles (an 8-byte buffer) into the ring as room allows, publishing
- * each run with one head store; waits for room.  Stops early on a timeout
- * or a closed channel; then `sent` says how many went.
+ * send(arena, offset, capacity, serial, handles, timeout) -> (sent, status).
+ * Copies the handles (an 8-byte buffer) into the ring as room allows,
+ * publishing each run with one head store; waits for room.  Stops early on
+ * a timeout or a closed channel; then `sent` says how many went.
+ * "Went" means published: a receiver that closes the channel takes no more,
+ * and what it left in the ring is the last len(channel) handles sent.
  */
 static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer arena, items;
     struct channel *ch;
-    uint64_t capacity, sent = 0;
+    uint64_t capacity, serial, sent = 0;
     int status = CH_OK;
     (void)self;
-    if (parse(args, nargs, 5, "send", &arena, &ch, &capacity) < 0)
+    if (parse(args, nargs, 6, "send", &arena, &ch, &capacity, &serial) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[3], &items, PyBUF_SIMPLE) < 0) {
+    if (PyObject_GetBuffer(args[4], &items, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&arena);
         return NULL;
     }
-    int64_t deadline = deadline_of(args[4]);
+    int64_t deadline = deadline_of(args[5]);
     if (deadline == -2 || items.len % 8 != 0) {
         if (deadline != -2)
             PyErr_SetString(PyExc_ValueError, "send: the handles' buffer is not whole 8-byte items");
@@ -349,6 +412,16 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     const uint64_t *src = items.buf;
     uint64_t n = (uint64_t)items.len / 8, mask = capacity - 1;
+    if (!live(ch, capacity, serial)) {
+        status = CH_STALE;
+        goto out;
+    }
+    if (load_acquire(&ch->closed)) {  /* before the claim: a send to a closed channel fails, empty or not */
+        status = CH_CLOSED;
+        goto out;
+    }
+    if (n == 0)
+        goto out;
     if (!claimed(&ch->sender)) {
         status = CH_IN_USE;
         goto out;
@@ -362,10 +435,16 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
         uint64_t head = load_relaxed(&ch->head), tail = load_acquire(&ch->tail);
         uint64_t used = head - tail, room = used < capacity ? capacity - used : 0;
         if (room == 0) {
-            int w = wait_for(ch, &ch->tail, tail, &ch->sender_sleeping, &ch->sender_wake, deadline);
-            if (w < 0)
+            if (deadline == -1 && load_relaxed(&ch->receiver) == token()) {
+                status = CH_SELF;  /* this thread is the receiver too: the wait would never end */
+                break;
+            }
+            struct channel *one[1] = {ch};
+            struct watch w = {one, 1, 0, &tail};
+            int r = sleep_until(&w, deadline);
+            if (r == -2)
                 goto fail;
-            if (w == CH_TIMEOUT) {
+            if (r == -1) {
                 status = CH_TIMEOUT;
                 break;
             }
@@ -390,32 +469,36 @@ fail:
 }
 
 /*
- * recv(arena, offset, capacity, out, timeout) -> (count, status).  Waits
- * until at least one handle is in the ring, then copies up to len(out)
- * into the writable 8-byte buffer `out` and frees their slots with one
- * tail store.  A closed channel still yields what was sent before it
- * closed; once empty, (0, CH_CLOSED).
+ * recv(arena, offset, capacity, serial, out, timeout) -> (count, status).
+ * Waits until at least one handle is in the ring, then copies up to
+ * len(out) into the writable 8-byte buffer `out` and frees their slots
+ * with one tail store.  A closed channel still yields what was sent before
+ * it closed; once empty, (0, CH_CLOSED).
  */
 static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer arena, out;
     struct channel *ch;
-    uint64_t capacity, got = 0;
+    uint64_t capacity, serial, got = 0;
     int status = CH_OK;
     (void)self;
-    if (parse(args, nargs, 5, "recv", &arena, &ch, &capacity) < 0)
+    if (parse(args, nargs, 6, "recv", &arena, &ch, &capacity, &serial) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[3], &out, PyBUF_WRITABLE) < 0) {
+    if (PyObject_GetBuffer(args[4], &out, PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&arena);
         return NULL;
     }
-    int64_t deadline = deadline_of(args[4]);
+    int64_t deadline = deadline_of(args[5]);
     if (deadline == -2 || out.len % 8 != 0 || out.len == 0) {
         if (deadline != -2)
             PyErr_SetString(PyExc_ValueError, "recv: the output buffer is not one or more 8-byte items");
         goto fail;
     }
     uint64_t *dst = out.buf, max = (uint64_t)out.len / 8, mask = capacity - 1;
+    if (!live(ch, capacity, serial)) {
+        status = CH_STALE;
+        goto done;
+    }
     if (!claimed(&ch->receiver)) {
         status = CH_IN_USE;
         goto done;
@@ -441,10 +524,16 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
             status = CH_CLOSED;
             break;
         }
-        int w = wait_for(ch, &ch->head, head, &ch->receiver_sleeping, &ch->receiver_wake, deadline);
-        if (w < 0)
+        if (deadline == -1 && load_relaxed(&ch->sender) == token()) {
+            status = CH_SELF;  /* this thread is the sender too: the wait would never end */
+            break;
+        }
+        struct channel *one[1] = {ch};
+        struct watch w = {one, 1, 1, &head};
+        int r = sleep_until(&w, deadline);
+        if (r == -2)
             goto fail;
-        if (w == CH_TIMEOUT) {
+        if (r == -1) {
             status = CH_TIMEOUT;
             break;
         }
@@ -459,6 +548,70 @@ fail:
     return NULL;
 }
 
+/*
+ * wait_any(arena, ((offset, capacity, serial), ...), timeout) -> index, or
+ * -1 on timeout.  A receiver's wait on several channels at once (one per
+ * producer): the index of the first that is ready (has handles, or is
+ * closed), or of the first that is no longer the channel it was (released:
+ * its recv says so).  Takes nothing.
+ */
+static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer arena;
+    struct channel *chs[FUTEX_WAITV_MAX];
+    uint64_t capacity;
+    int found = -1;
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "wait_any() takes 3 arguments");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[1], "wait_any: channels must be a sequence of (offset, capacity, serial)");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > FUTEX_WAITV_MAX) {
+        PyErr_Format(PyExc_ValueError, "wait_any: 1 to %d channels, not %zd", FUTEX_WAITV_MAX, n);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &arena, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_SetString(PyExc_TypeError, "wait_any: each channel is an (offset, capacity, serial) tuple");
+            goto fail;
+        }
+        chs[i] = channel_at(&arena, PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1), &capacity);
+        if (chs[i] == NULL)
+            goto fail;
+        uint64_t serial = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 2));
+        if (PyErr_Occurred())
+            goto fail;
+        if (found < 0 && !live(chs[i], capacity, serial))
+            found = (int)i;
+    }
+    int64_t deadline = deadline_of(args[2]);
+    if (deadline == -2)
+        goto fail;
+    if (found < 0) {
+        struct watch w = {chs, (int)n, 1, NULL};
+        found = sleep_until(&w, deadline);
+        if (found == -2)
+            goto fail;
+    }
+    PyBuffer_Release(&arena);
+    Py_DECREF(seq);
+    return PyLong_FromLong(found);
+fail:
+    PyBuffer_Release(&arena);
+    Py_DECREF(seq);
+    return NULL;
+}
+
 /* close(arena, offset, capacity): no more sends; wakes both sides. */
 static PyObject *channel_close(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -466,7 +619,7 @@ static PyObject *channel_close(PyObject *self, PyObject *const *args, Py_ssize_t
     struct channel *ch;
     uint64_t capacity;
     (void)self;
-    if (parse(args, nargs, 3, "close", &arena, &ch, &capacity) < 0)
+    if (parse(args, nargs, 3, "close", &arena, &ch, &capacity, NULL) < 0)
         return NULL;
     store_release(&ch->closed, 1);
     wake_both(ch);
@@ -474,19 +627,36 @@ static PyObject *channel_close(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
-/* state(arena, offset, capacity) -> (head, tail, closed, sender, receiver): for repr, stats and tests. */
+/* retire(arena, offset, capacity): closed, and no longer a channel (before its object is released). */
+static PyObject *channel_retire(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer arena;
+    struct channel *ch;
+    uint64_t capacity;
+    (void)self;
+    if (parse(args, nargs, 3, "retire", &arena, &ch, &capacity, NULL) < 0)
+        return NULL;
+    store_release(&ch->closed, 1);
+    store_release(&ch->magic, 0);
+    wake_both(ch);
+    PyBuffer_Release(&arena);
+    Py_RETURN_NONE;
+}
+
+/* state(arena, offset, capacity) -> (head, tail, closed, sender, receiver, receiver_sleeping, sender_sleeping). */
 static PyObject *channel_state(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer arena;
     struct channel *ch;
     uint64_t capacity;
     (void)self;
-    if (parse(args, nargs, 3, "state", &arena, &ch, &capacity) < 0)
+    if (parse(args, nargs, 3, "state", &arena, &ch, &capacity, NULL) < 0)
         return NULL;
-    PyObject *r = Py_BuildValue("(KKiKK)", (unsigned long long)load_acquire(&ch->head),
+    PyObject *r = Py_BuildValue("(KKiKKii)", (unsigned long long)load_acquire(&ch->head),
                                 (unsigned long long)load_acquire(&ch->tail), (int)load_acquire(&ch->closed),
                                 (unsigned long long)load_acquire(&ch->sender),
-                                (unsigned long long)load_acquire(&ch->receiver));
+                                (unsigned long long)load_acquire(&ch->receiver),
+                                (int)load_acquire(&ch->receiver_sleeping), (int)load_acquire(&ch->sender_sleeping));
     PyBuffer_Release(&arena);
     return r;
 }
@@ -494,12 +664,17 @@ static PyObject *channel_state(PyObject *self, PyObject *const *args, Py_ssize_t
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 
 static PyMethodDef channel_methods[] = {
-    {"init", FASTCALL(channel_init), "init(arena, offset, capacity): a fresh, empty, unclaimed channel."},
-    {"valid", FASTCALL(channel_valid), "valid(arena, offset, capacity): a channel of that capacity is there."},
-    {"send", FASTCALL(channel_send), "send(arena, offset, capacity, handles, timeout) -> (sent, status)."},
-    {"recv", FASTCALL(channel_recv), "recv(arena, offset, capacity, out, timeout) -> (count, status)."},
+    {"init", FASTCALL(channel_init), "init(arena, offset, capacity, serial): a fresh, empty, unclaimed channel."},
+    {"serial", FASTCALL(channel_serial),
+     "serial(arena, offset, capacity): the channel's serial, or None when no channel of that capacity is there."},
+    {"send", FASTCALL(channel_send), "send(arena, offset, capacity, serial, handles, timeout) -> (sent, status)."},
+    {"recv", FASTCALL(channel_recv), "recv(arena, offset, capacity, serial, out, timeout) -> (count, status)."},
+    {"wait_any", FASTCALL(channel_wait_any),
+     "wait_any(arena, ((offset, capacity, serial), ...), timeout) -> index of the first ready channel, or -1."},
     {"close", FASTCALL(channel_close), "close(arena, offset, capacity): no more sends; wakes both sides."},
-    {"state", FASTCALL(channel_state), "state(arena, offset, capacity) -> (head, tail, closed, sender, receiver)."},
+    {"retire", FASTCALL(channel_retire), "retire(arena, offset, capacity): closed and no longer a channel."},
+    {"state", FASTCALL(channel_state),
+     "state(arena, offset, capacity) -> (head, tail, closed, sender, receiver, receiver_sleeping, sender_sleeping)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -514,13 +689,15 @@ PyMODINIT_FUNC PyInit__channel(void)
     PyObject *m = PyModule_Create(&channel_module);
     if (m == NULL)
         return NULL;
-    if (pthread_atfork(NULL, NULL, forget_tid) != 0) {
+    if (pthread_atfork(NULL, NULL, forget_token) != 0) {
         Py_DECREF(m);
         return PyErr_NoMemory();
     }
     if (PyModule_AddIntConstant(m, "HEADER", sizeof(struct channel)) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_WAIT_ANY", FUTEX_WAITV_MAX) < 0 ||
         PyModule_AddIntConstant(m, "OK", CH_OK) < 0 || PyModule_AddIntConstant(m, "TIMEOUT", CH_TIMEOUT) < 0 ||
-        PyModule_AddIntConstant(m, "CLOSED", CH_CLOSED) < 0 || PyModule_AddIntConstant(m, "IN_USE", CH_IN_USE) < 0) {
+        PyModule_AddIntConstant(m, "CLOSED", CH_CLOSED) < 0 || PyModule_AddIntConstant(m, "IN_USE", CH_IN_USE) < 0 ||
+        PyModule_AddIntConstant(m, "STALE", CH_STALE) < 0 || PyModule_AddIntConstant(m, "SELF", CH_SELF) < 0) {
         Py_DECREF(m);
         return NULL;
     }

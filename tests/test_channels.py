@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -28,6 +29,15 @@ def _sender_and_receiver(address: str, handle: int, count: int, limit: int) -> t
     for p in procs:
         p.start()
     return procs, collect_spawned(procs, queue)
+
+
+def _until_asleep(channel, side: str = "receiver", seconds: float = 60) -> None:
+    """Poll until the channel's receiver (or sender) has set its sleeping flag: it is past its spin, in the futex."""
+    index = 5 if side == "receiver" else 6
+    deadline = time.monotonic() + seconds
+    while not channel._state()[index]:
+        assert time.monotonic() < deadline, f"the {side} never went to sleep"
+        time.sleep(0.005)
 
 
 def test_handles_cross_processes_in_order_through_a_small_ring(daemon, heap):
@@ -124,7 +134,7 @@ def test_close_wakes_a_process_blocked_without_a_timeout(daemon, heap, side):
     proc.start()
     try:
         assert queue.get(timeout=60) == "waiting"
-        time.sleep(0.3)  # past the spin: asleep on its futex
+        _until_asleep(channel, "receiver" if side == "recv" else "sender")
         assert proc.is_alive() and queue.empty()
         assert len(channel) == (16 if side == "send" else 0)
         channel.close()
@@ -133,7 +143,9 @@ def test_close_wakes_a_process_blocked_without_a_timeout(daemon, heap, side):
         proc.join(60)
         if proc.is_alive():
             proc.kill()
+            proc.join()
     assert proc.exitcode == 0
+    assert channel._state()[5:] == (0, 0)  # the flags cleared on the way out
 
 
 def test_a_waiting_receiver_lets_other_threads_run(heap):
@@ -142,7 +154,7 @@ def test_a_waiting_receiver_lets_other_threads_run(heap):
     got: list[int] = []
     receiver = threading.Thread(target=lambda: got.append(channel.recv(timeout=60)))
     receiver.start()
-    time.sleep(0.1)
+    _until_asleep(channel)  # while this thread runs: the receiver does not hold the GIL
     channel.send(42)  # this thread: the sender; the receiver thread holds the receive claim
     receiver.join(60)
     assert got == [42]
@@ -183,14 +195,13 @@ def test_one_sender_and_one_receiver_per_channel(daemon, heap):
     t = threading.Thread(target=other_thread)
     t.start()
     t.join()
-    tid = threading.get_native_id()
-    assert errors == [f"cannot send to channel {channel.handle:#x} (16 slots): thread {tid} is its sender "
-                      "(one per channel)",
-                      f"cannot receive from channel {channel.handle:#x} (16 slots): thread {tid} is its receiver "
+    me = f"thread {threading.get_native_id()} of process {os.getpid()}"
+    assert errors == [f"cannot send to channel {channel.handle:#x} (16 slots): {me} is its sender (one per channel)",
+                      f"cannot receive from channel {channel.handle:#x} (16 slots): {me} is its receiver "
                       "(one per channel)"]
     _procs, [out] = run_spawned(workers.channel_claims, [(daemon.address, channel.handle)])
     assert [line.split(":")[0] for line in out] == ["send", "recv"]
-    assert all("ChannelInUse" not in line and f"thread {tid} is its" in line for line in out)
+    assert all(f"{me} is its" in line for line in out), out
     assert len(channel) == 0  # nothing of the refused calls went in
 
 
@@ -236,8 +247,6 @@ def test_a_stray_write_to_the_header_cannot_reach_past_the_ring(heap):
 
 def test_a_forked_child_is_not_its_parents_sender(heap):
     """After fork the child's thread is another thread: the parent's claim does not pass to it."""
-    import os
-
     channel = heap.channel(16)
     channel.send(1)
     pid = os.fork()
@@ -252,3 +261,106 @@ def test_a_forked_child_is_not_its_parents_sender(heap):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert list(channel.recv_many(16, timeout=0)) == [1]
+
+
+def test_one_receiver_waits_on_several_senders_at_once(daemon, heap):
+    """Three sender processes, a channel each, one receiver process in wait_any: all arrive, each in order."""
+    links = [heap.channel(32) for _ in range(3)]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=workers.channel_fan_in, args=(daemon.address, [c.handle for c in links], 6000, queue))]
+    procs += [ctx.Process(target=workers.channel_counter, args=(daemon.address, c.handle, 2000, queue)) for c in links]
+    for p in procs:
+        p.start()
+    results = collect_spawned(procs, queue)
+    assert sorted(results, key=str) == [(6000, 6000), "sent", "sent", "sent"]
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+
+
+def test_wait_any_returns_the_ready_channel_and_times_out(heap):
+    a, b, c = (heap.channel(16) for _ in range(3))
+    with pytest.raises(slitter.ChannelTimeout, match=f"channels {a.handle:#x}, {b.handle:#x}, {c.handle:#x}"):
+        slitter.Channel.wait_any([a, b, c], timeout=0.05)
+    b.send(9)
+    assert slitter.Channel.wait_any([a, b, c], timeout=0) is b
+    assert b.recv() == 9
+    c.close()  # closed counts as ready: the receiver learns it there
+    assert slitter.Channel.wait_any([a, b, c]) is c
+    with pytest.raises(ValueError, match="at least one"):
+        slitter.Channel.wait_any([])
+
+
+def test_wait_any_sleeps_until_a_sender_in_another_thread_sends(heap):
+    """Past its spin the receiver sleeps on every channel's futex word; a send to any of them wakes it."""
+    links = [heap.channel(16) for _ in range(4)]
+    woke: list = []
+    waiter = threading.Thread(target=lambda: woke.append(slitter.Channel.wait_any(links, timeout=60)))
+    waiter.start()
+    for link in links:
+        _until_asleep(link)  # one sleep on all four words
+    links[2].send(5)
+    waiter.join(60)
+    assert woke == [links[2]]
+
+
+def test_a_claim_passes_on_when_its_thread_has_exited(heap):
+    """A sender thread that ends does not lock the channel: the next thread to send takes the claim over."""
+    channel = heap.channel(16)
+    first = threading.Thread(target=channel.send, args=(1,))
+    first.start()
+    first.join()
+    channel.send(2)  # this thread, after the first has exited
+    assert list(channel.recv_many(16, timeout=0)) == [1, 2]
+    assert channel._state()[3] == os.getpid() << 32 | threading.get_native_id()
+
+
+def test_a_released_channel_refuses_every_channel_of_it(heap):
+    """Release retires the header: a stale Channel fails, even once the object is a new channel."""
+    a = heap.channel(16)
+    stale = heap.open_channel(a.handle)
+    a.release()
+    for call in (lambda: stale.send(1, timeout=0), lambda: stale.recv(timeout=0)):
+        with pytest.raises(slitter.ChannelError, match=f"channel {a.handle:#x} .*it was released"):
+            call()
+    b = heap.channel(16)  # the same object again (LIFO): a new channel, with a new serial
+    assert b.handle == a.handle
+    b.send(5)
+    with pytest.raises(slitter.ChannelError, match="it was released"):
+        stale.recv(timeout=0)
+    assert b.recv(timeout=0) == 5  # and the stale one took nothing of it
+
+
+def test_one_thread_on_both_ends_is_told_instead_of_waiting_forever(heap):
+    channel = heap.channel(16)
+    channel.send_many(range(1, 17))
+    assert channel.recv() == 1  # this thread: sender and receiver
+    channel.send(17)
+    with pytest.raises(slitter.ChannelError, match="this thread is its receiver too.*; 0 sent") as info:
+        channel.send(18)  # full, and no timeout: nobody else may receive
+    assert type(info.value) is slitter.ChannelError
+    assert len(channel.recv_many()) == 16
+    with pytest.raises(slitter.ChannelError, match="this thread is its sender too"):
+        channel.recv()
+
+
+def test_send_many_refuses_bytes_and_an_empty_send_to_a_closed_channel(heap):
+    channel = heap.channel(16)
+    with pytest.raises(TypeError, match="not a bytes-like object"):
+        channel.send_many(b"\x01" * 8)
+    channel.close()
+    with pytest.raises(slitter.ChannelClosed):
+        channel.send_many([])
+    assert channel._state()[3] == 0  # and claimed nothing
+
+
+def test_a_header_of_another_capacity_or_a_stray_tail_is_contained(heap):
+    channel = heap.channel(16)
+    words = heap.view(channel.handle).cast("Q")
+    words[1] = 32  # the header's capacity no longer matches the class's
+    with pytest.raises(slitter.ChannelError, match="released"):
+        channel.send(1, timeout=0)
+    words[1] = 16
+    words[16] = 5  # tail (line 2's first word) past head: the ring looks over-full to the sender
+    with pytest.raises(slitter.ChannelTimeout, match="0 sent"):
+        channel.send(1, timeout=0)
+    words.release()

@@ -1203,3 +1203,34 @@ def channel_claims(address, handle, queue):
             except slitter.ChannelInUse as exc:
                 out.append(f"{name}: {exc}")
     queue.put(out)
+
+
+def channel_fan_in(address, handles, count, queue):
+    """One receiver of several senders' channels: wait_any, then take; (count, per-channel in order, closed seen)."""
+    with slitter.connect(address, name="fan-in") as heap:
+        links = [heap.open_channel(h) for h in handles]
+        expected = {link.handle: 0 for link in links}
+        got = in_order = 0
+        open_links = list(links)
+        while open_links:
+            link = slitter.Channel.wait_any(open_links, timeout=60)
+            try:
+                batch = link.recv_many(1000, timeout=0)
+            except slitter.ChannelClosed:
+                open_links.remove(link)
+                continue
+            for value in batch:
+                in_order += value == expected[link.handle]
+                expected[link.handle] += 1
+            got += len(batch)
+        queue.put((got, in_order))
+
+
+def channel_counter(address, handle, count, queue):
+    """Send 0 .. count-1 (plain integers) in batches of 50, then close."""
+    with slitter.connect(address) as heap:
+        link = heap.open_channel(handle)
+        for first in range(0, count, 50):
+            link.send_many(range(first, min(first + 50, count)))
+        link.close()
+        queue.put("sent")
