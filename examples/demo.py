@@ -3,9 +3,11 @@
 A private, ephemeral slitterd is started; WORKERS processes attach to it
 (freshly, with the "spawn" start method), each registers two classes and,
 round after round, allocates objects, fills them with a verifiable payload
-through ``heap.view`` and hands the bare handles (plain ints) to the next
-worker in the ring.  The receiver checks every byte and releases each handle
-with its class's ``release``.  The parent then prints the daemon's per-class
+through ``heap.view`` and hands the bare handles to the next worker in the
+ring through a slitter channel (a ring of handles in the arena itself).
+The handle is all that travels: the receiver reads the object's header to
+learn its class and sequence number, checks every byte and releases the
+handle with its class's ``release``.  The parent then prints the daemon's per-class
 figures, checks ``carved == live + cached + free``, stops the daemon and
 checks that its shared-memory segments are gone.
 
@@ -50,6 +52,9 @@ CLASSES = {  # name: (size, zero_init, tag)
     "trade": (1024, False, 2),
 }
 TIMEOUT = 30.0  # seconds a worker waits for its neighbour before giving up
+# Each channel holds every handle a worker sends in the whole run, so no send ever waits and the
+# ring of workers cannot deadlock, each sending to a neighbour that is itself sending.
+CHANNEL_CAPACITY = 16384
 
 # Payload: header | pattern | crc32(header + pattern).
 HEADER = struct.Struct("<4sBBHI")  # magic, class tag, sender, 0, sequence number
@@ -65,36 +70,41 @@ def payload(tag: int, sender: int, seq: int, size: int) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def worker(i: int, address: str, inbox: mp.Queue, outbox: mp.Queue, results: mp.Queue) -> None:
+def worker(i: int, address: str, inbox_handle: int, outbox_handle: int, results: mp.Queue) -> None:
     counts = {"worker": i, "sent": 0, "received": 0, "verified": 0, "mismatches": 0,
               "not_zeroed": 0, "error": None}
     sender = (i - 1) % WORKERS
     expect_seq = dict.fromkeys(CLASSES, 0)
+    by_tag = {tag: name for name, (_size, _zi, tag) in CLASSES.items()}
+    outbox = None
     try:
         with slitter.connect(address, name=f"worker-{i}") as heap:
             classes = {name: heap.register_class(name, size, zero_init=zi)
                        for name, (size, zi, _tag) in CLASSES.items()}
+            inbox, outbox = heap.open_channel(inbox_handle), heap.open_channel(outbox_handle)
 
-            def receive() -> bool:
-                """Verify and release one batch from the previous worker; False at its end."""
-                batch = inbox.get(timeout=TIMEOUT)
-                if batch is None:
-                    return False
-                for name, seq, handle in batch:
-                    cls = classes[name]
-                    size, _zi, tag = CLASSES[name]
-                    counts["received"] += 1
-                    ok = seq == expect_seq[name]
+            def verify(handle: int) -> None:
+                """Check one object from the previous worker by its own header, then release it."""
+                counts["received"] += 1
+                view = heap.view(handle)
+                magic, tag, from_, _zero, seq = HEADER.unpack_from(view)
+                name = by_tag.get(tag) if magic == MAGIC else None
+                ok = name is not None and from_ == sender and seq == expect_seq[name]
+                if name is not None:
+                    size = CLASSES[name][0]
                     expect_seq[name] = seq + 1
-                    view = heap.view(handle)
                     ok = ok and len(view) == size and view.tobytes() == payload(tag, sender, seq, size)
-                    view.release()
-                    if ok:
-                        counts["verified"] += 1
-                    else:
-                        counts["mismatches"] += 1
-                    cls.release(handle)
-                return True
+                view.release()
+                counts["verified" if ok else "mismatches"] += 1
+                if name is not None:
+                    classes[name].release(handle)
+
+            def receive(count: int) -> None:
+                """Verify and release the next ``count`` objects from the previous worker."""
+                while count:
+                    for handle in inbox.recv_many(count, timeout=TIMEOUT):
+                        verify(handle)
+                        count -= 1
 
             seq = dict.fromkeys(CLASSES, 0)
             for round_ in range(ROUNDS):
@@ -108,42 +118,50 @@ def worker(i: int, address: str, inbox: mp.Queue, outbox: mp.Queue, results: mp.
                             counts["not_zeroed"] += 1
                         view[:] = payload(tag, i, seq[name], size)
                         view.release()
-                        batch.append((name, seq[name], handle))
+                        batch.append(handle)
                         seq[name] += 1
-                outbox.put(batch)
+                outbox.send_many(batch, timeout=TIMEOUT)
                 counts["sent"] += len(batch)
-                receive()
-            outbox.put(None)
-            while receive():
+                receive(batch_size(sender, round_) * len(CLASSES))  # the previous worker's round
+            outbox.close()
+            try:  # the previous worker closed its end after its last round: nothing more may come
+                inbox.recv(timeout=TIMEOUT)
+                counts["mismatches"] += 1
+            except slitter.ChannelClosed:
                 pass
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the run
         counts["error"] = f"{type(exc).__name__}: {exc}"
-        outbox.put(None)  # let the next worker finish instead of waiting for its timeout
+        if outbox is not None:
+            outbox.close()  # let the next worker finish instead of waiting for its timeout
     results.put(counts)
 
 
 def run_workers(address: str) -> list[dict]:
     ctx = mp.get_context("spawn")
-    rings = [ctx.Queue() for _ in range(WORKERS)]
     results = ctx.Queue()
-    procs = [ctx.Process(target=worker, name=f"worker-{i}",
-                         args=(i, address, rings[i], rings[(i + 1) % WORKERS], results))
-             for i in range(WORKERS)]
-    for p in procs:
-        p.start()
-    reports = []
-    deadline = time.monotonic() + 2 * TIMEOUT + 30
-    while len(reports) < WORKERS and time.monotonic() < deadline:
-        try:
-            reports.append(results.get(timeout=1.0))
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs) and results.empty():
-                break
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.terminate()
-            p.join()
+    with slitter.connect(address, name="demo-channels") as heap:
+        # Channel i carries worker i-1's objects to worker i.
+        rings = [heap.channel(CHANNEL_CAPACITY) for _ in range(WORKERS)]
+        procs = [ctx.Process(target=worker, name=f"worker-{i}",
+                             args=(i, address, rings[i].handle, rings[(i + 1) % WORKERS].handle, results))
+                 for i in range(WORKERS)]
+        for p in procs:
+            p.start()
+        reports = []
+        deadline = time.monotonic() + 2 * TIMEOUT + 30
+        while len(reports) < WORKERS and time.monotonic() < deadline:
+            try:
+                reports.append(results.get(timeout=1.0))
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs) and results.empty():
+                    break
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        for ring in rings:
+            ring.release()
     seen = {r["worker"] for r in reports}
     for i, p in enumerate(procs):
         if i not in seen:
@@ -165,7 +183,7 @@ def workers_table(reports: list[dict]) -> Table:
 def main() -> int:
     console = Console()
     if not console.is_terminal:  # piped: rich would assume 80 columns and squeeze the stats table
-        console = Console(width=120)
+        console = Console(width=140)
     failures: list[str] = []
 
     daemon = slitter.spawn_daemon()
@@ -190,7 +208,8 @@ def main() -> int:
             if r["mismatches"] or r["not_zeroed"]:
                 failures.append(f"{w}: {r['mismatches']} mismatches, {r['not_zeroed']} objects not zeroed")
 
-        # Every worker has closed its heap; this connection allocates nothing, so caches nothing.
+        # Every worker, and the connection that made the channels, has closed its heap; this
+        # connection allocates nothing, so caches nothing.
         with slitter.connect(address, name="demo-parent") as heap:
             stats = heap.stats()
         console.print(slitterd.ctl.stats_table(stats, title=f"slitter instance '{stats['instance']['name']}'"))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import slitter
 from slitter import _channel
 import workers
-from conftest import collect_spawned, run_spawned
+from conftest import collect_spawned, run_spawned, wait_reclaimed
 
 
 def _sender_and_receiver(address: str, handle: int, count: int, limit: int) -> tuple[list, list]:
@@ -364,3 +364,32 @@ def test_a_header_of_another_capacity_or_a_stray_tail_is_contained(heap):
     with pytest.raises(slitter.ChannelTimeout, match="0 sent"):
         channel.send(1, timeout=0)
     words.release()
+
+
+def test_objects_in_the_ring_outlive_a_sender_killed_with_sigkill(daemon, heap):
+    """The sender dies with its objects in the channel: the daemon reclaims only what it cached, and the
+    receiver still gets, checks and releases every object it was sent."""
+    channel = heap.channel(1024)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=workers.channel_send_then_hang, args=(daemon.address, channel.handle, 500, queue))
+    proc.start()
+    try:
+        assert queue.get(timeout=60) == ("sent", 500)
+        since = time.monotonic()
+        proc.kill()
+        proc.join(60)
+        _latency, stats = wait_reclaimed(heap, proc.pid, since)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    item = stats["classes"]["item"]
+    assert item["live"] == 500 and item["cached"] == 0  # the ring's 500 stay live: they were handed out
+    cls = heap.register_class("item", size=workers.CHANNEL_ITEM)
+    got = channel.recv_many(1024, timeout=0)
+    cls.check(got)
+    assert [int.from_bytes(heap.view(h)[:8], "little") for h in got] == list(range(500))
+    cls.release_many(got)
+    item = heap.stats()["classes"]["item"]
+    assert item["live"] == 0 and item["carved"] == item["live"] + item["cached"] + item["free"]

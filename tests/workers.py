@@ -1234,3 +1234,19 @@ def channel_counter(address, handle, count, queue):
             link.send_many(range(first, min(first + 50, count)))
         link.close()
         queue.put("sent")
+
+
+def channel_send_then_hang(address, handle, count, queue):
+    """Allocate and send ``count`` stamped objects, keep a few more cached, report, then wait to be killed."""
+    import time
+
+    heap = slitter.connect(address, name="doomed-sender")
+    cls = heap.register_class("item", size=CHANNEL_ITEM)
+    channel = heap.open_channel(handle)
+    batch = cls.allocate_many(count)
+    for seq, h in enumerate(batch):
+        heap.view(h)[:8] = seq.to_bytes(8, "little")
+    channel.send_many(batch)
+    cls.release_many(cls.allocate_many(100))  # objects in its magazines: the daemon takes those back
+    queue.put(("sent", count))
+    time.sleep(600)
