@@ -187,7 +187,7 @@ class Channel:
         """
         self._class.check(array("Q", [self.handle]))  # refuses a released channel before touching its header
         if _channel.serial(self._arena, self.handle, self.capacity) == self._serial:
-            _channel.retire(self._arena, self.handle, self.capacity)
+            _channel.close(self._arena, self.handle, self.capacity, True)  # and no longer a channel
         self._class.release(self.handle)
 
     @property

@@ -344,9 +344,56 @@ static int claimed(uint64_t *claim)
     return __atomic_compare_exchange_n(claim, &owner, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
-static PyObject *result(uint64_t count, int status)
+/*
+ * One side's wait on one channel until the other side's index moves from
+ * `seen` (or the channel closes).  CH_OK: look again; CH_TIMEOUT; CH_SELF
+ * when this thread holds the other side's claim too and there is no
+ * timeout, so that nothing but itself could end the wait; -2 with a
+ * Python exception set.
+ */
+static int wait_one(struct channel *ch, int receiver, uint64_t seen, int64_t deadline)
 {
-    return Py_BuildValue("(Ki)", (unsigned long long)count, status);
+    if (deadline == -1 && load_relaxed(receiver ? &ch->sender : &ch->receiver) == token())
+        return CH_SELF;
+    struct channel *one[1] = {ch};
+    struct watch w = {one, 1, receiver, &seen};
+    int r = sleep_until(&w, deadline);
+    return r == -2 ? -2 : r == -1 ? CH_TIMEOUT : CH_OK;
+}
+
+/* Release the call's two buffers and return (count, status), or NULL (fail: an exception is set). */
+static PyObject *finish(Py_buffer *handles, Py_buffer *arena, int fail, uint64_t count, int status)
+{
+    PyBuffer_Release(handles);
+    PyBuffer_Release(arena);
+    return fail ? NULL : Py_BuildValue("(Ki)", (unsigned long long)count, status);
+}
+
+/*
+ * The arguments of send and recv: (arena, offset, capacity, serial, buffer,
+ * timeout).  The buffer holds whole 8-byte handles (recv's is writable and
+ * not empty).  -1 with an exception and nothing held; 0 with both buffers held.
+ */
+static int parse_transfer(PyObject *const *args, Py_ssize_t nargs, const char *name, int writable, Py_buffer *arena,
+                          struct channel **ch, uint64_t *capacity, uint64_t *serial, Py_buffer *buf,
+                          int64_t *deadline)
+{
+    if (parse(args, nargs, 6, name, arena, ch, capacity, serial) < 0)
+        return -1;
+    if (PyObject_GetBuffer(args[4], buf, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(arena);
+        return -1;
+    }
+    *deadline = deadline_of(args[5]);
+    if (*deadline != -2 && (buf->len % 8 != 0 || (writable && buf->len == 0))) {
+        PyErr_Format(PyExc_ValueError, "%s: the buffer is not %s8-byte handles", name, writable ? "one or more " : "whole ");
+        *deadline = -2;
+    }
+    if (*deadline == -2) {
+        finish(buf, arena, 1, 0, 0);
+        return -1;
+    }
+    return 0;
 }
 
 /* init(arena, offset, capacity, serial): a fresh, empty, unclaimed channel. */
@@ -396,20 +443,11 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_buffer arena, items;
     struct channel *ch;
     uint64_t capacity, serial, sent = 0;
+    int64_t deadline;
     int status = CH_OK;
     (void)self;
-    if (parse(args, nargs, 6, "send", &arena, &ch, &capacity, &serial) < 0)
+    if (parse_transfer(args, nargs, "send", 0, &arena, &ch, &capacity, &serial, &items, &deadline) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[4], &items, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&arena);
-        return NULL;
-    }
-    int64_t deadline = deadline_of(args[5]);
-    if (deadline == -2 || items.len % 8 != 0) {
-        if (deadline != -2)
-            PyErr_SetString(PyExc_ValueError, "send: the handles' buffer is not whole 8-byte items");
-        goto fail;
-    }
     const uint64_t *src = items.buf;
     uint64_t n = (uint64_t)items.len / 8, mask = capacity - 1;
     if (!live(ch, capacity, serial)) {
@@ -435,17 +473,11 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
         uint64_t head = load_relaxed(&ch->head), tail = load_acquire(&ch->tail);
         uint64_t used = head - tail, room = used < capacity ? capacity - used : 0;
         if (room == 0) {
-            if (deadline == -1 && load_relaxed(&ch->receiver) == token()) {
-                status = CH_SELF;  /* this thread is the receiver too: the wait would never end */
-                break;
-            }
-            struct channel *one[1] = {ch};
-            struct watch w = {one, 1, 0, &tail};
-            int r = sleep_until(&w, deadline);
+            int r = wait_one(ch, 0, tail, deadline);
             if (r == -2)
                 goto fail;
-            if (r == -1) {
-                status = CH_TIMEOUT;
+            if (r != CH_OK) {
+                status = r;
                 break;
             }
             continue;
@@ -459,13 +491,9 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
         wake_if_sleeping(&ch->receiver_sleeping, &ch->receiver_wake);
     }
 out:
-    PyBuffer_Release(&items);
-    PyBuffer_Release(&arena);
-    return result(sent, status);
+    return finish(&items, &arena, 0, sent, status);
 fail:
-    PyBuffer_Release(&items);
-    PyBuffer_Release(&arena);
-    return NULL;
+    return finish(&items, &arena, 1, 0, 0);
 }
 
 /*
@@ -480,20 +508,11 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_buffer arena, out;
     struct channel *ch;
     uint64_t capacity, serial, got = 0;
+    int64_t deadline;
     int status = CH_OK;
     (void)self;
-    if (parse(args, nargs, 6, "recv", &arena, &ch, &capacity, &serial) < 0)
+    if (parse_transfer(args, nargs, "recv", 1, &arena, &ch, &capacity, &serial, &out, &deadline) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[4], &out, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&arena);
-        return NULL;
-    }
-    int64_t deadline = deadline_of(args[5]);
-    if (deadline == -2 || out.len % 8 != 0 || out.len == 0) {
-        if (deadline != -2)
-            PyErr_SetString(PyExc_ValueError, "recv: the output buffer is not one or more 8-byte items");
-        goto fail;
-    }
     uint64_t *dst = out.buf, max = (uint64_t)out.len / 8, mask = capacity - 1;
     if (!live(ch, capacity, serial)) {
         status = CH_STALE;
@@ -524,28 +543,18 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
             status = CH_CLOSED;
             break;
         }
-        if (deadline == -1 && load_relaxed(&ch->sender) == token()) {
-            status = CH_SELF;  /* this thread is the sender too: the wait would never end */
-            break;
-        }
-        struct channel *one[1] = {ch};
-        struct watch w = {one, 1, 1, &head};
-        int r = sleep_until(&w, deadline);
+        int r = wait_one(ch, 1, head, deadline);
         if (r == -2)
             goto fail;
-        if (r == -1) {
-            status = CH_TIMEOUT;
+        if (r != CH_OK) {
+            status = r;
             break;
         }
     }
 done:
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&arena);
-    return result(got, status);
+    return finish(&out, &arena, 0, got, status);
 fail:
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&arena);
-    return NULL;
+    return finish(&out, &arena, 1, 0, 0);
 }
 
 /*
@@ -612,32 +621,24 @@ fail:
     return NULL;
 }
 
-/* close(arena, offset, capacity): no more sends; wakes both sides. */
+/*
+ * close(arena, offset, capacity[, retire]): no more sends; wakes both
+ * sides.  retire true: the channel's object is about to be released, so
+ * its header stops being a channel's (every later call, from any Channel
+ * of it, gets CH_STALE).
+ */
 static PyObject *channel_close(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer arena;
     struct channel *ch;
     uint64_t capacity;
     (void)self;
-    if (parse(args, nargs, 3, "close", &arena, &ch, &capacity, NULL) < 0)
+    int retire = nargs == 4 ? PyObject_IsTrue(args[3]) : 0;
+    if (retire < 0 || parse(args, nargs, nargs == 4 ? 4 : 3, "close", &arena, &ch, &capacity, NULL) < 0)
         return NULL;
     store_release(&ch->closed, 1);
-    wake_both(ch);
-    PyBuffer_Release(&arena);
-    Py_RETURN_NONE;
-}
-
-/* retire(arena, offset, capacity): closed, and no longer a channel (before its object is released). */
-static PyObject *channel_retire(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer arena;
-    struct channel *ch;
-    uint64_t capacity;
-    (void)self;
-    if (parse(args, nargs, 3, "retire", &arena, &ch, &capacity, NULL) < 0)
-        return NULL;
-    store_release(&ch->closed, 1);
-    store_release(&ch->magic, 0);
+    if (retire)
+        store_release(&ch->magic, 0);
     wake_both(ch);
     PyBuffer_Release(&arena);
     Py_RETURN_NONE;
@@ -671,8 +672,8 @@ static PyMethodDef channel_methods[] = {
     {"recv", FASTCALL(channel_recv), "recv(arena, offset, capacity, serial, out, timeout) -> (count, status)."},
     {"wait_any", FASTCALL(channel_wait_any),
      "wait_any(arena, ((offset, capacity, serial), ...), timeout) -> index of the first ready channel, or -1."},
-    {"close", FASTCALL(channel_close), "close(arena, offset, capacity): no more sends; wakes both sides."},
-    {"retire", FASTCALL(channel_retire), "retire(arena, offset, capacity): closed and no longer a channel."},
+    {"close", FASTCALL(channel_close),
+     "close(arena, offset, capacity[, retire]): no more sends; wakes both sides; retire: no longer a channel."},
     {"state", FASTCALL(channel_state),
      "state(arena, offset, capacity) -> (head, tail, closed, sender, receiver, receiver_sleeping, sender_sleeping)."},
     {NULL, NULL, 0, NULL},

@@ -306,9 +306,15 @@ def test_wait_any_sleeps_until_a_sender_in_another_thread_sends(heap):
 def test_a_claim_passes_on_when_its_thread_has_exited(heap):
     """A sender thread that ends does not lock the channel: the next thread to send takes the claim over."""
     channel = heap.channel(16)
-    first = threading.Thread(target=channel.send, args=(1,))
+    tids: list[int] = []
+    first = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), channel.send(1)))
     first.start()
     first.join()
+    # join() returns before the OS thread has quite gone; the claim passes once the kernel says so.
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/self/task/{tids[0]}"):
+        assert time.monotonic() < deadline, "the first thread never exited"
+        time.sleep(0.005)
     channel.send(2)  # this thread, after the first has exited
     assert list(channel.recv_many(16, timeout=0)) == [1, 2]
     assert channel._state()[3] == os.getpid() << 32 | threading.get_native_id()
