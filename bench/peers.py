@@ -31,11 +31,13 @@ they all wait on one barrier, and the timed windows start there.
    object was touched through a call, and one field through
    ``struct.pack_into``/``unpack_from``: 25-70 ns more an object on
    each side, for every peer.)
-   Objects travel in batches of 64, at most 4 batches unconsumed. How a
-   batch travels is each peer's best way:
+   Objects travel in batches of 64, at most 4 batches in flight (written
+   or being written, and not yet consumed). How a batch travels is each
+   peer's best way:
    - slitter, and the control: through a slitter channel
-     (``heap.channel(256)``, ``send_many`` / ``recv_many``), the library's
-     way to pass handles (``doc/design.md`` (f)).
+     (``heap.channel(128)``, ``send_many`` / ``recv_many``), the library's
+     way to pass handles (``doc/design.md`` (f)). Its 2 batches, the one
+     being read and the one being written make the 4.
    - every other peer: ``send_bytes`` of the batch's 64 names or wrappers
      on a Pipe, with a semaphore the consumer releases per batch holding
      the window. Their handles are not 8-byte integers, so a channel
@@ -71,8 +73,8 @@ they all wait on one barrier, and the timed windows start there.
      which the library would otherwise leak. The producer frees the 64 blocks
      when the batch is acked, since only the creating process can free them.
    - Slots, no allocator: a control rather than a peer. The producer writes
-     into fixed slots of one SharedMemory, taken in turn (six batches'
-     worth: four in the channel, one being read and one being written),
+     into fixed slots of one SharedMemory, taken in turn (five batches'
+     worth: the four in flight and one to spare),
      and passes their offsets through a channel as slitter passes handles. Nothing is
      allocated, checked or released: what the control costs is the
      workers' own Python and the hand-off. It runs right after slitter in
@@ -103,10 +105,11 @@ they all wait on one barrier, and the timed windows start there.
    record and checks the sequence number of each batch's first record.
    - slitter: the producer calls ``allocate_many(64)``, writes each record
      through ``heap.arena`` at its handle, and sends the 64 handles through
-     its own slitter channel (``send_many``; 256 slots, so at most 4
-     batches unconsumed, as the ring's window). The consumer waits on
-     every producer's channel at once (``Channel.wait_any``), takes a
-     batch (``recv_many``), checks it (``cls.check``), checksums each
+     its own slitter channel (``send_many``; 128 slots, so that with the
+     batch being written and the one being read at most 4 are in flight,
+     as the ring's window allows). The consumer waits on every producer's
+     channel at once (``Channel.wait_any``; with one producer, a plain
+     blocking ``recv_many``), takes a batch (``recv_many``), checks it (``cls.check``), checksums each
      record through ``heap.arena`` and calls ``release_many``: the objects
      pass to the consumer with their handles, and come back to producers
      through the shelf. (Until 2026-11-26 the handles went through handle
@@ -207,6 +210,10 @@ TARGETS = {
     "table": {"Manager dict": 100.0, "Manager list": 100.0, "hand-rolled table": 0.8},
     "streaming_ring_rate": 0.9,
 }
+
+# A channel peer's ring holds WINDOW - 2 batches: with the one its consumer is reading and the one its
+# producer is writing, WINDOW in flight, as the semaphore of the Pipe and ring peers allows.
+CHANNEL_WINDOW = (WINDOW - 2) * BATCH
 
 TRIAL_TIMEOUT = 300  # seconds to wait for each worker's result in a trial
 
@@ -427,7 +434,7 @@ def _channel_producer(make: Callable, address: str, channel: int, duration: floa
         deadline = perf() + duration
         seq = 0
         while perf() < deadline:
-            link.send_many(produce(seq))  # waits while WINDOW batches are unconsumed: the channel's capacity
+            link.send_many(produce(seq))  # waits while WINDOW batches are in flight: CHANNEL_WINDOW
             seq += BATCH
         link.close()
         return 0, 0
@@ -612,8 +619,8 @@ def rawarray_objects(role: str, touch: Touch):
     return consume, lambda: None
 
 
-# The control's slots: WINDOW batches in the channel, one being read and one being written.
-SLOTS = (WINDOW + 2) * BATCH
+# The control's slots: WINDOW batches in flight (CHANNEL_WINDOW), and one more to spare.
+SLOTS = (WINDOW + 1) * BATCH
 
 
 def slots_objects(name: str, role: str, touch: Touch):
@@ -675,7 +682,7 @@ def run_objects(address: str, daemon_pid: int, reps: int, duration: float, progr
                     progress(f"shared objects ({touch_name}), repetition {rep + 1}/{reps}: {name}")
                     producer, consumer = partial(make, "producer", touch), partial(make, "consumer", touch)
                     if link == "channel":
-                        channel = heap.channel(WINDOW * BATCH)
+                        channel = heap.channel(CHANNEL_WINDOW)
                         row[name] = trial([(_channel_producer, (producer, address, channel.handle, duration)),
                                            (_channel_consumer, (consumer, address, channel.handle))], servers)
                         channel.release()
@@ -922,7 +929,7 @@ def stream_slitter_producer(address: str, size: int, producer: int, channel: int
         for h in handles:
             _stream_write(arena, h, size, tmpl, seq, producer)
             seq += 1
-        link.send_many(handles)  # waits while WINDOW batches are unconsumed: the channel's capacity
+        link.send_many(handles)  # waits while WINDOW batches are in flight: CHANNEL_WINDOW
         if returned is not None:
             out += BATCH
 
@@ -1136,7 +1143,7 @@ def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: li
 def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, size: int, producers: int,
                  duration: float) -> dict[str, Any]:
     if peer in (SLITTER, SLITTER_PRODUCER_RELEASES):
-        links = [heap.channel(WINDOW * BATCH) for _ in range(producers)]
+        links = [heap.channel(CHANNEL_WINDOW) for _ in range(producers)]
         backs = [heap.channel(RETURN_CAPACITY) for _ in range(producers)] if peer == SLITTER_PRODUCER_RELEASES else []
         try:
             parts = [(stream_slitter_producer, (address, size, p, links[p].handle,

@@ -110,7 +110,10 @@ class Channel:
         if type(handles) is not array or handles.typecode != "Q":
             if isinstance(handles, (bytes, bytearray, memoryview)):
                 raise TypeError(f"channel {self.handle:#x}: send_many takes handles (ints), not a bytes-like object")
-            handles = array("Q", handles)
+            try:
+                handles = array("Q", handles)
+            except OverflowError:
+                raise ValueError(f"channel {self.handle:#x}: a handle is an int from 0 to 2**64 - 1") from None
         sent, status = _send(self._arena, self.handle, self.capacity, self._serial, handles, timeout)
         if status != _OK:
             raise self._error(status, "send to", sent)
@@ -175,7 +178,8 @@ class Channel:
         The receiver still gets what was sent before, then ChannelClosed.
         A receiver that closes gives up what is still in the ring.
         """
-        _channel.close(self._arena, self.handle, self.capacity)
+        if _channel.close(self._arena, self.handle, self.capacity, self._serial) != _OK:
+            raise self._error(_STALE, "close", 0)
 
     def release(self) -> None:
         """Close the channel and release its object: once neither side uses it again.
@@ -184,10 +188,11 @@ class Channel:
 
         Raises:
             DoubleFree: released already.
+            ChannelError: released, and its object is another channel now: nothing is released.
         """
         self._class.check(array("Q", [self.handle]))  # refuses a released channel before touching its header
-        if _channel.serial(self._arena, self.handle, self.capacity) == self._serial:
-            _channel.close(self._arena, self.handle, self.capacity, True)  # and no longer a channel
+        if _channel.close(self._arena, self.handle, self.capacity, self._serial, True) != _OK:
+            raise self._error(_STALE, "release", 0)
         self._class.release(self.handle)
 
     @property

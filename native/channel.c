@@ -62,7 +62,7 @@ struct channel {
     /* Line 1: the sender's.  head changes once per batch. */
     uint64_t head;
     uint32_t receiver_wake;    /* futex word the receiver sleeps on; bumped to wake it */
-    uint32_t receiver_sleeping;
+    uint32_t receiver_sleeping; /* how many threads sleep on receiver_wake (recv, wait_any) */
     uint8_t pad1[LINE - 16];
     /* Line 2: the receiver's. */
     uint64_t tail;
@@ -173,6 +173,11 @@ static int watched_ready(const struct watch *w)
     return -1;
 }
 
+static uint32_t *sleeping_word(const struct watch *w, int i)
+{
+    return w->receiver ? &w->chs[i]->receiver_sleeping : &w->chs[i]->sender_sleeping;
+}
+
 /*
  * Wait, without the GIL, until a watched channel is ready (its index
  * moved, or it was closed): spin up to SPIN_NS yielding the CPU, then sleep
@@ -197,11 +202,15 @@ static int sleep_until(const struct watch *w, int64_t deadline_ns)
             break;
         sched_yield();
     }
+    /* Count this waiter in each channel's sleeping word once, for the whole sleep: a count, not a flag,
+     * since a receiver in recv and a thread in wait_any may sleep on one channel at once. */
+    for (int i = 0; i < w->n; i++)
+        __atomic_fetch_add(sleeping_word(w, i), 1, __ATOMIC_RELAXED);
+    int64_t checked = now_ns();  /* when Python's signal flag was last looked at */
     while (found < 0) {
         for (int i = 0; i < w->n; i++) {
             uint32_t *wake = w->receiver ? &w->chs[i]->receiver_wake : &w->chs[i]->sender_wake;
             waiters[i] = (struct futex_waitv){.val = load_acquire(wake), .uaddr = (uintptr_t)wake, .flags = FUTEX_32};
-            store_relaxed(w->receiver ? &w->chs[i]->receiver_sleeping : &w->chs[i]->sender_sleeping, 1);
         }
         full_fence();
         if ((found = watched_ready(w)) >= 0)
@@ -210,17 +219,27 @@ static int sleep_until(const struct watch *w, int64_t deadline_ns)
         if (deadline_ns >= 0 && t >= deadline_ns)
             break;
         int64_t nap = deadline_ns >= 0 && deadline_ns - t < SIGNAL_CHECK_NS ? deadline_ns - t : SIGNAL_CHECK_NS;
+        uint32_t *first = (uint32_t *)(uintptr_t)waiters[0].uaddr;
         long r;
         if (w->n == 1) {
-            r = futex_wait((uint32_t *)(uintptr_t)waiters[0].uaddr, (uint32_t)waiters[0].val, nap);
+            r = futex_wait(first, (uint32_t)waiters[0].val, nap);
         } else {
             struct timespec until = {.tv_sec = (t + nap) / 1000000000, .tv_nsec = (t + nap) % 1000000000};
             r = syscall(SYS_futex_waitv, waiters, (unsigned)w->n, 0, &until, CLOCK_MONOTONIC);
-            if (r < 0 && errno == ENOSYS)
-                r = futex_wait((uint32_t *)(uintptr_t)waiters[0].uaddr, (uint32_t)waiters[0].val, 1000000);
         }
-        if (r < 0 && (errno == EINTR || errno == ETIMEDOUT)) {
+        int err = r < 0 ? errno : 0;
+        if (err && err != EAGAIN && err != EINTR && err != ETIMEDOUT) {
+            /* Refused: futex_waitv before Linux 5.16 (ENOSYS) or under an older seccomp profile (EPERM).
+             * A millisecond on the first word instead, or plain sleep: never a hot loop. */
+            struct timespec ms = {0, 1000000};
+            if (futex_wait(first, (uint32_t)waiters[0].val, 1000000) < 0 && errno != EAGAIN && errno != EINTR &&
+                errno != ETIMEDOUT)
+                nanosleep(&ms, NULL);
+        }
+        t = now_ns();
+        if (err == EINTR || t - checked >= SIGNAL_CHECK_NS) {
             /* A signal, or SIGNAL_CHECK_NS gone by: let Python run its handlers, which may raise. */
+            checked = t;
             PyEval_RestoreThread(gil);
             int raised = PyErr_CheckSignals() < 0;
             gil = PyEval_SaveThread();
@@ -232,7 +251,7 @@ static int sleep_until(const struct watch *w, int64_t deadline_ns)
         found = watched_ready(w);
     }
     for (int i = 0; i < w->n; i++)
-        store_relaxed(w->receiver ? &w->chs[i]->receiver_sleeping : &w->chs[i]->sender_sleeping, 0);
+        __atomic_fetch_sub(sleeping_word(w, i), 1, __ATOMIC_RELAXED);
     PyEval_RestoreThread(gil);
     return found;
 }
@@ -242,8 +261,10 @@ static struct channel *channel_at(Py_buffer *arena, PyObject *offset_obj, PyObje
                                   uint64_t *capacity)
 {
     unsigned long long offset = PyLong_AsUnsignedLongLong(offset_obj);
+    if (offset == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
     unsigned long long cap = PyLong_AsUnsignedLongLong(capacity_obj);
-    if (PyErr_Occurred())
+    if (cap == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
     if (cap == 0 || (cap & (cap - 1)) != 0 || cap > (1ULL << 32)) {
         PyErr_Format(PyExc_ValueError, "channel capacity %llu is not a power of two up to 2**32", cap);
@@ -332,7 +353,8 @@ static int token_gone(uint64_t t)
 /*
  * Claim `*claim` for this thread, or see that it is ours: one load once
  * claimed.  A claim whose thread has exited is taken over, with one
- * compare-and-swap so that two takers cannot both win.
+ * compare-and-swap so that two takers cannot both win.  0: another live
+ * thread holds it; 1: this thread held it already; 2: this call took it.
  */
 static int claimed(uint64_t *claim)
 {
@@ -341,24 +363,38 @@ static int claimed(uint64_t *claim)
         return 1;
     if (owner != 0 && !token_gone(owner))
         return 0;
-    return __atomic_compare_exchange_n(claim, &owner, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    return __atomic_compare_exchange_n(claim, &owner, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) ? 2 : 0;
+}
+
+/* A call that took the claim and then refused to wait (CH_SELF) gives it back: it did nothing. */
+static void unclaim(uint64_t *claim, int took, int status)
+{
+    if (took == 2 && status == CH_SELF)
+        store_release(claim, 0);
 }
 
 /*
  * One side's wait on one channel until the other side's index moves from
  * `seen` (or the channel closes).  CH_OK: look again; CH_TIMEOUT; CH_SELF
  * when this thread holds the other side's claim too and there is no
- * timeout, so that nothing but itself could end the wait; -2 with a
- * Python exception set.
+ * timeout, so that nothing but itself could end the wait; CH_STALE when
+ * the channel was released while it waited (the object may be another
+ * channel by now: its ring must not be touched); -2 with a Python
+ * exception set.
  */
-static int wait_one(struct channel *ch, int receiver, uint64_t seen, int64_t deadline)
+static int wait_one(struct channel *ch, int receiver, uint64_t seen, int64_t deadline, uint64_t capacity,
+                    uint64_t serial)
 {
     if (deadline == -1 && load_relaxed(receiver ? &ch->sender : &ch->receiver) == token())
         return CH_SELF;
     struct channel *one[1] = {ch};
     struct watch w = {one, 1, receiver, &seen};
     int r = sleep_until(&w, deadline);
-    return r == -2 ? -2 : r == -1 ? CH_TIMEOUT : CH_OK;
+    if (r == -2)
+        return -2;
+    if (!live(ch, capacity, serial))
+        return CH_STALE;
+    return r == -1 ? CH_TIMEOUT : CH_OK;
 }
 
 /* Release the call's two buffers and return (count, status), or NULL (fail: an exception is set). */
@@ -460,7 +496,8 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     if (n == 0)
         goto out;
-    if (!claimed(&ch->sender)) {
+    int took = claimed(&ch->sender);
+    if (!took) {
         status = CH_IN_USE;
         goto out;
     }
@@ -473,11 +510,12 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
         uint64_t head = load_relaxed(&ch->head), tail = load_acquire(&ch->tail);
         uint64_t used = head - tail, room = used < capacity ? capacity - used : 0;
         if (room == 0) {
-            int r = wait_one(ch, 0, tail, deadline);
+            int r = wait_one(ch, 0, tail, deadline, capacity, serial);
             if (r == -2)
                 goto fail;
             if (r != CH_OK) {
                 status = r;
+                unclaim(&ch->sender, took, r);
                 break;
             }
             continue;
@@ -518,7 +556,8 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
         status = CH_STALE;
         goto done;
     }
-    if (!claimed(&ch->receiver)) {
+    int took = claimed(&ch->receiver);
+    if (!took) {
         status = CH_IN_USE;
         goto done;
     }
@@ -543,11 +582,12 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
             status = CH_CLOSED;
             break;
         }
-        int r = wait_one(ch, 1, head, deadline);
+        int r = wait_one(ch, 1, head, deadline, capacity, serial);
         if (r == -2)
             goto fail;
         if (r != CH_OK) {
             status = r;
+            unclaim(&ch->receiver, took, r);
             break;
         }
     }
@@ -622,26 +662,32 @@ fail:
 }
 
 /*
- * close(arena, offset, capacity[, retire]): no more sends; wakes both
- * sides.  retire true: the channel's object is about to be released, so
- * its header stops being a channel's (every later call, from any Channel
- * of it, gets CH_STALE).
+ * close(arena, offset, capacity, serial[, retire]) -> status.  No more
+ * sends; wakes both sides.  retire true: the channel's object is about to
+ * be released, so its header stops being a channel's (every later call,
+ * from any Channel of it, gets CH_STALE).  CH_STALE, and nothing written,
+ * when the channel is not the caller's any more.
  */
 static PyObject *channel_close(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer arena;
     struct channel *ch;
-    uint64_t capacity;
+    uint64_t capacity, serial;
     (void)self;
-    int retire = nargs == 4 ? PyObject_IsTrue(args[3]) : 0;
-    if (retire < 0 || parse(args, nargs, nargs == 4 ? 4 : 3, "close", &arena, &ch, &capacity, NULL) < 0)
+    int retire = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
+    if (retire < 0 || parse(args, nargs, nargs == 5 ? 5 : 4, "close", &arena, &ch, &capacity, &serial) < 0)
         return NULL;
-    store_release(&ch->closed, 1);
-    if (retire)
-        store_release(&ch->magic, 0);
-    wake_both(ch);
+    int status = CH_OK;
+    if (!live(ch, capacity, serial)) {
+        status = CH_STALE;
+    } else {
+        store_release(&ch->closed, 1);
+        if (retire)
+            store_release(&ch->magic, 0);
+        wake_both(ch);
+    }
     PyBuffer_Release(&arena);
-    Py_RETURN_NONE;
+    return PyLong_FromLong(status);
 }
 
 /* state(arena, offset, capacity) -> (head, tail, closed, sender, receiver, receiver_sleeping, sender_sleeping). */
@@ -673,7 +719,8 @@ static PyMethodDef channel_methods[] = {
     {"wait_any", FASTCALL(channel_wait_any),
      "wait_any(arena, ((offset, capacity, serial), ...), timeout) -> index of the first ready channel, or -1."},
     {"close", FASTCALL(channel_close),
-     "close(arena, offset, capacity[, retire]): no more sends; wakes both sides; retire: no longer a channel."},
+     "close(arena, offset, capacity, serial[, retire]) -> status: no more sends; wakes both sides; retire: "
+     "no longer a channel."},
     {"state", FASTCALL(channel_state),
      "state(arena, offset, capacity) -> (head, tail, closed, sender, receiver, receiver_sleeping, sender_sleeping)."},
     {NULL, NULL, 0, NULL},

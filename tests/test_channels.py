@@ -167,9 +167,9 @@ def test_a_signal_handler_that_raises_interrupts_a_wait(heap):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, 0.2)
     try:
         with pytest.raises(KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
             channel.recv()  # no timeout: only the signal ends it
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -310,11 +310,7 @@ def test_a_claim_passes_on_when_its_thread_has_exited(heap):
     first = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), channel.send(1)))
     first.start()
     first.join()
-    # join() returns before the OS thread has quite gone; the claim passes once the kernel says so.
-    deadline = time.monotonic() + 60
-    while os.path.exists(f"/proc/self/task/{tids[0]}"):
-        assert time.monotonic() < deadline, "the first thread never exited"
-        time.sleep(0.005)
+    _gone(tids[0])  # the claim passes once the kernel has let the thread go
     channel.send(2)  # this thread, after the first has exited
     assert list(channel.recv_many(16, timeout=0)) == [1, 2]
     assert channel._state()[3] == os.getpid() << 32 | threading.get_native_id()
@@ -334,6 +330,77 @@ def test_a_released_channel_refuses_every_channel_of_it(heap):
     with pytest.raises(slitter.ChannelError, match="it was released"):
         stale.recv(timeout=0)
     assert b.recv(timeout=0) == 5  # and the stale one took nothing of it
+    with pytest.raises(slitter.ChannelError, match="cannot close channel .*it was released"):
+        stale.close()
+    with pytest.raises(slitter.ChannelError, match="cannot release channel .*it was released"):
+        stale.release()  # the object is b's now: nothing is closed or released
+    assert not b.closed and heap.stats()["classes"]["slitter.channel.16"]["live"] == 1
+    b.release()
+
+
+def test_a_waiter_woken_by_a_release_is_told_the_channel_is_gone(heap):
+    channel = heap.channel(16)
+    outcome: list[str] = []
+
+    def receive() -> None:
+        try:
+            channel.recv(timeout=60)
+        except slitter.ChannelError as exc:
+            outcome.append(f"{type(exc).__name__}: {exc}")
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    _until_asleep(channel)
+    other = heap.open_channel(channel.handle)
+    other.release()  # wakes the receiver, whose channel is gone: it must not read the ring again
+    receiver.join(60)
+    assert len(outcome) == 1 and outcome[0].startswith("ChannelError: ") and "it was released" in outcome[0]
+
+
+def test_two_sleepers_on_one_channel_each_count(heap):
+    """A receiver asleep in recv and another thread's wait_any on the same channel: when wait_any gives up,
+    the receiver is still counted asleep, so the next send wakes it at once."""
+    x, y = heap.channel(16), heap.channel(16)
+    got: list[int] = []
+    receiver = threading.Thread(target=lambda: got.append(x.recv(timeout=60)))
+    receiver.start()
+    _until_asleep(x)
+    with pytest.raises(slitter.ChannelTimeout):
+        slitter.Channel.wait_any([x, y], timeout=0.1)  # sleeps on x too, then leaves
+    assert x._state()[5] == 1 and receiver.is_alive()
+    x.send(7)
+    receiver.join(60)
+    assert got == [7]
+
+
+def _gone(tid: int) -> None:
+    """Wait until the kernel has let thread ``tid`` go (join() returns a little before)."""
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/self/task/{tid}"):
+        assert time.monotonic() < deadline, f"thread {tid} never exited"
+        time.sleep(0.005)
+
+
+def test_a_call_refused_for_waiting_on_itself_takes_no_claim(heap):
+    """This thread sends; the receiver's claim is free (its thread exited).  A receive with no timeout on the
+    empty ring would wait on itself: refused, and the claim it took for the call is given back."""
+    channel = heap.channel(16)
+    channel.send(1)
+    tids: list[int] = []
+    first = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), channel.recv(timeout=10)))
+    first.start()
+    first.join()
+    _gone(tids[0])
+    with pytest.raises(slitter.ChannelError, match="this thread is its sender too"):
+        channel.recv()
+    assert channel._state()[4] != os.getpid() << 32 | threading.get_native_id()
+    got: list[int] = []
+    second = threading.Thread(target=lambda: got.append(channel.recv(timeout=60)))
+    second.start()
+    _until_asleep(channel)
+    channel.send(2)
+    second.join(60)
+    assert got == [2]
 
 
 def test_one_thread_on_both_ends_is_told_instead_of_waiting_forever(heap):
