@@ -48,10 +48,11 @@ def channel_size(capacity: int) -> int:
 class Channel:
     """A one-way ring of handles.  Make one with ``Heap.channel``, open it elsewhere with ``Heap.open_channel``."""
 
-    __slots__ = ("_arena", "_class", "_serial", "capacity", "handle")
+    __slots__ = ("_arena", "_class", "_heap", "_serial", "capacity", "handle")
 
     def __init__(self, cls: Class, handle: int, capacity: int, serial: int) -> None:
         self._class = cls
+        self._heap = cls._heap
         self._arena = cls._heap.arena
         self._serial = serial
         self.handle = handle
@@ -114,6 +115,8 @@ class Channel:
                 handles = array("Q", handles)
             except OverflowError:
                 raise ValueError(f"channel {self.handle:#x}: a handle is an int from 0 to 2**64 - 1") from None
+        if self._heap._closed:  # the mapping outlives the heap; the channel does not
+            raise self._heap._closed_error()
         sent, status = _send(self._arena, self.handle, self.capacity, self._serial, handles, timeout)
         if status != _OK:
             raise self._error(status, "send to", sent)
@@ -137,6 +140,8 @@ class Channel:
         """
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(f"channel {self.handle:#x}: recv_many(limit) needs an int limit >= 1, not {limit!r}")
+        if self._heap._closed:
+            raise self._heap._closed_error()
         out = _ZERO * min(limit, self.capacity)  # never more than the ring holds
         got, status = _recv(self._arena, self.handle, self.capacity, self._serial, out, timeout)
         if status != _OK:
@@ -151,7 +156,8 @@ class Channel:
 
         For one consumer of several producers, a channel each: wait, then
         ``recv_many(limit, timeout=0)`` from the channel returned.  It takes
-        nothing; up to 128 channels of one heap.  Sleeps on all of them at
+        nothing; up to 128 channels of one heap.  A channel released
+        meanwhile is returned too: its ``recv_many`` raises ChannelError.  Sleeps on all of them at
         once (Linux 5.16's futex_waitv) after the same short spin as ``recv``.
 
         Raises:

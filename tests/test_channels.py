@@ -466,3 +466,13 @@ def test_objects_in_the_ring_outlive_a_sender_killed_with_sigkill(daemon, heap):
     cls.release_many(got)
     item = heap.stats()["classes"]["item"]
     assert item["live"] == 0 and item["carved"] == item["live"] + item["cached"] + item["free"]
+
+
+def test_a_channel_of_a_closed_heap_refuses_to_send_or_receive(daemon):
+    heap = slitter.connect(daemon.address)
+    channel = heap.channel(16)
+    channel.send(1)
+    heap.close()  # the arena stays mapped while the Channel holds it: the heap's close still counts
+    for call in (lambda: channel.send(2), lambda: channel.recv(timeout=0)):
+        with pytest.raises(slitter.SlitterError, match="closed"):
+            call()
