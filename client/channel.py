@@ -34,8 +34,12 @@ _CLASS_RE = re.compile(r"slitter\.channel\.(\d+)")
 MIN_CAPACITY, MAX_CAPACITY = 16, 1 << 20
 DEFAULT_CAPACITY = 1024
 
-_send, _recv = _channel.send, _channel.recv
+_send, _recv, _wait_any = _channel.send, _channel.recv, _channel.wait_any
 _ZERO = array("Q", [0])
+# wait_any's last arguments: (channels, arena, [(handle, capacity, serial), ...]).  A consumer waits on the
+# same channels batch after batch; rebuilding the list cost about 1 us a call for four of them.  It holds
+# the last channels alive, as their consumer does.
+_last_wait: tuple = ((), None, None)
 _OK, _TIMEOUT, _CLOSED, _IN_USE, _STALE, _SELF = (_channel.OK, _channel.TIMEOUT, _channel.CLOSED, _channel.IN_USE,
                                                   _channel.STALE, _channel.SELF)
 
@@ -157,19 +161,27 @@ class Channel:
         For one consumer of several producers, a channel each: wait, then
         ``recv_many(limit, timeout=0)`` from the channel returned.  It takes
         nothing; up to 128 channels of one heap.  A channel released
-        meanwhile is returned too: its ``recv_many`` raises ChannelError.  Sleeps on all of them at
-        once (Linux 5.16's futex_waitv) after the same short spin as ``recv``.
+        meanwhile is returned too: its ``recv_many`` raises ChannelError.
+        Sleeps on all of them at once (Linux 5.16's futex_waitv) after the
+        same short spin as ``recv``.
 
         Raises:
             ChannelTimeout: none was ready within ``timeout`` seconds.
         """
-        channels = list(channels)
+        global _last_wait
+        channels = tuple(channels)
         if not channels:
             raise ValueError("wait_any needs at least one channel")
-        arena = channels[0]._arena
-        if any(c._arena is not arena for c in channels):
-            raise ValueError("wait_any: the channels must be of one heap")
-        index = _channel.wait_any(arena, [(c.handle, c.capacity, c._serial) for c in channels], timeout)
+        if channels[0]._heap._closed:
+            raise channels[0]._heap._closed_error()
+        last, arena, args = _last_wait
+        if channels != last:  # element by element, identity first: a few ns a channel
+            arena = channels[0]._arena
+            if any(c._arena is not arena for c in channels):
+                raise ValueError("wait_any: the channels must be of one heap")
+            args = [(c.handle, c.capacity, c._serial) for c in channels]
+            _last_wait = (channels, arena, args)
+        index = _wait_any(arena, args, timeout)
         if index < 0:
             names = ", ".join(f"{c.handle:#x}" for c in channels)
             raise errors.ChannelTimeout(f"channels {names}: timed out waiting for a handle",

@@ -476,3 +476,17 @@ def test_a_channel_of_a_closed_heap_refuses_to_send_or_receive(daemon):
     for call in (lambda: channel.send(2), lambda: channel.recv(timeout=0)):
         with pytest.raises(slitter.SlitterError, match="closed"):
             call()
+
+
+def test_wait_any_follows_the_channels_it_is_given(heap):
+    """It keeps the last call's arguments for speed: a call with other channels, or another order, is not served
+    from them."""
+    a, b = heap.channel(16), heap.channel(16)
+    b.send(1)
+    assert slitter.Channel.wait_any([a, b], timeout=0) is b
+    with pytest.raises(slitter.ChannelTimeout):
+        slitter.Channel.wait_any([a], timeout=0)  # b is not among these
+    a.send(2)
+    assert slitter.Channel.wait_any([a, b], timeout=0) is a  # the first ready, in the order given
+    assert slitter.Channel.wait_any((b, a), timeout=0) is b
+    assert slitter.Channel.wait_any(iter([a]), timeout=0) is a
