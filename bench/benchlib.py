@@ -6,11 +6,15 @@ so `import benchlib` finds this file.
 
 from __future__ import annotations
 
+import gc
+import multiprocessing as mp
 import os
 import platform
 import statistics
+import time
+import traceback
 from time import perf_counter_ns as perf_ns
-from typing import Any
+from typing import Any, Callable
 
 import slitter
 from slitter._native import lib
@@ -229,3 +233,92 @@ def echo_server(endpoint: str, ready, stop) -> None:
                 sock.send_multipart(frames)
     sock.close(0)
     ctx.term()
+
+
+CTX = mp.get_context("fork")
+TRIAL_TIMEOUT = 300  # seconds to wait for each worker's result in a trial
+
+# -- worker trials: forked workers, one timed window, CPU of every process -----------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process, all threads, in seconds (10 ms resolution)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+
+Setup = Callable[..., tuple[Callable[[], tuple[int, int]], Callable[[], None]]]
+
+
+def _child(index: int, setup: Setup, args: tuple, barrier, results, done) -> None:
+    try:
+        work, cleanup = setup(*args)
+        gc.collect()
+        gc.disable()
+        barrier.wait(120)
+        c0, t0 = time.process_time(), time.perf_counter()
+        records, errors = work()
+        t1, c1 = time.perf_counter(), time.process_time()
+        results.put((index, {"records": records, "errors": errors, "cpu": c1 - c0, "t0": t0, "t1": t1}))
+    except BaseException:
+        results.put((index, {"error": traceback.format_exc()}))
+        barrier.abort()
+        return
+    done.wait(300)
+    cleanup()
+
+
+def trial(parts: list[tuple[Setup, tuple]], servers: list[int | None]) -> dict[str, Any]:
+    """Run each (setup, args) in a forked worker; one timed window for all of them.
+
+    ``setup(*args)`` returns ``(work, cleanup)``; ``work()`` returns
+    ``(records, errors)``.  The window runs from the first worker's start
+    to the last one's end; CPU counts every worker, every ``servers`` pid
+    and this process over it.
+    """
+    servers = [pid for pid in servers if pid]
+    barrier = CTX.Barrier(len(parts) + 1)
+    results = CTX.Queue()
+    done = CTX.Event()
+    procs = [CTX.Process(target=_child, args=(i, setup, args, barrier, results, done), daemon=True)
+             for i, (setup, args) in enumerate(parts)]
+    for p in procs:
+        p.start()
+    out: dict[int, dict] = {}
+    try:
+        try:
+            barrier.wait(120)
+        except Exception:
+            pass  # a worker failed during setup: its traceback is in the queue
+        s0, p0 = sum(proc_cpu(pid) for pid in servers), time.process_time()
+        while len(out) < len(parts):
+            i, r = results.get(timeout=TRIAL_TIMEOUT)
+            if "error" in r:
+                raise RuntimeError(f"worker {i} ({parts[i][0].__name__}) failed:\n{r['error']}")
+            out[i] = r
+        s1, p1 = sum(proc_cpu(pid) for pid in servers), time.process_time()
+    finally:
+        done.set()
+        for p in procs:
+            p.join(30)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results.close()
+    rs = list(out.values())
+    records = sum(r["records"] for r in rs)
+    seconds = max(r["t1"] for r in rs) - min(r["t0"] for r in rs)
+    cpu_workers = sum(r["cpu"] for r in rs)
+    cpu_servers, cpu_parent = s1 - s0, p1 - p0
+    cpu = cpu_workers + cpu_servers + cpu_parent
+    return {"records": records, "errors": sum(r["errors"] for r in rs), "seconds": seconds,
+            "rate": records / seconds, "cpu_us": cpu / records * 1e6 if records else float("nan"),
+            "cpu_workers_s": cpu_workers, "cpu_servers_s": cpu_servers, "cpu_parent_s": cpu_parent}

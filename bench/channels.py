@@ -18,7 +18,7 @@ allocator nor the user's own code.
   "items" and a "space" semaphore (how ``bench/peers.py``'s hand-rolled
   ring synchronises).
 
-Reported: µs and CPU µs (both processes) per batch, medians of the
+Reported: µs and CPU µs (both processes and this one, ``benchlib.trial``) per batch, medians of the
 repetitions, and each peer's time per batch ÷ the channel's, per
 repetition (the transports of a repetition run back to back).
 
@@ -27,169 +27,160 @@ repetition (the transports of a repetition run back to back).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import statistics
 import sys
 import time
 from array import array
 from multiprocessing import shared_memory
-from typing import Any
+from typing import Any, Callable
 
 import slitter
-from benchlib import cli, machine
+from benchlib import CTX, cli, machine, trial
 
-CTX = mp.get_context("fork")
 BATCH = 64
 WINDOW = 4  # batches in flight
 SECONDS, REPEATS = 1.0, 5
 QUICK_SECONDS, QUICK_REPEATS = 0.3, 2
 TRANSPORTS = ("channel", "Pipe", "Queue", "ring + semaphores")
 BATCH_BYTES = array("Q", range(1 << 20, (1 << 20) + BATCH * 64, 64)).tobytes()
+RING_HEAD = 64  # bytes: the producer's published count, then the slots
+
+# Each side is a benchlib.trial setup: it returns (work, cleanup); work() returns (batches, 0).
+# A producer sends for its window, then tells its consumer it is done; only consumers count batches.
 
 
-def _timed(barrier, out, role: str, loop) -> None:
-    barrier.wait(60)
-    c0, t0 = time.process_time(), time.perf_counter()
-    batches = loop()
-    out.put((role, batches, time.perf_counter() - t0, time.process_time() - c0))
+def _producer(send: Callable[[], None], finish: Callable[[], None], seconds: float,
+              cleanup: Callable[[], None] = lambda: None) -> tuple:
+    def work() -> tuple[int, int]:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            send()
+        finish()
+        return 0, 0
+
+    return work, cleanup
 
 
-def _produce(send, seconds: float) -> int:
-    deadline = time.perf_counter() + seconds
-    n = 0
-    while time.perf_counter() < deadline:
-        send()
-        n += 1
-    return n
+def _consumer(take: Callable[[], bool], cleanup: Callable[[], None] = lambda: None) -> tuple:
+    def work() -> tuple[int, int]:
+        n = 0
+        while take():
+            n += 1
+        return n, 0
+
+    return work, cleanup
 
 
-# -- the producers and consumers of each transport ------------------------------------
-
-def channel_producer(address: str, handle: int, seconds: float, barrier, out) -> None:
-    with slitter.connect(address) as heap:
-        link, batch = heap.open_channel(handle), array("Q", BATCH_BYTES)
-
-        def loop() -> int:
-            n = _produce(lambda: link.send_many(batch), seconds)
-            link.close()
-            return n
-
-        _timed(barrier, out, "producer", loop)
+def channel_producer(address: str, handle: int, seconds: float) -> tuple:
+    heap = slitter.connect(address)
+    link, batch = heap.open_channel(handle), array("Q", BATCH_BYTES)
+    return _producer(lambda: link.send_many(batch), link.close, seconds, heap.close)
 
 
-def channel_consumer(address: str, handle: int, barrier, out) -> None:
-    with slitter.connect(address) as heap:
-        link = heap.open_channel(handle)
+def channel_consumer(address: str, handle: int) -> tuple:
+    heap = slitter.connect(address)
+    link = heap.open_channel(handle)
 
-        def loop() -> int:
-            n = 0
-            while True:
-                try:
-                    link.recv_many(BATCH)
-                except slitter.ChannelClosed:
-                    return n
-                n += 1
+    def take() -> bool:
+        try:
+            link.recv_many(BATCH)
+        except slitter.ChannelClosed:
+            return False
+        return True
 
-        _timed(barrier, out, "consumer", loop)
+    return _consumer(take, heap.close)
 
 
-def pipe_producer(conn, space, seconds: float, barrier, out) -> None:
+def pipe_producer(conn, space, seconds: float) -> tuple:
     def send() -> None:
         space.acquire()
         conn.send_bytes(BATCH_BYTES)
 
-    def loop() -> int:
-        n = _produce(send, seconds)
-        conn.send_bytes(b"")
-        return n
-
-    _timed(barrier, out, "producer", loop)
+    return _producer(send, lambda: conn.send_bytes(b""), seconds)
 
 
-def pipe_consumer(conn, space, barrier, out) -> None:
-    def loop() -> int:
-        n = 0
-        while msg := conn.recv_bytes():
-            array("Q").frombytes(msg)
-            space.release()
-            n += 1
-        return n
+def pipe_consumer(conn, space) -> tuple:
+    def take() -> bool:
+        msg = conn.recv_bytes()
+        if not msg:
+            return False
+        array("Q").frombytes(msg)
+        space.release()
+        return True
 
-    _timed(barrier, out, "consumer", loop)
-
-
-def queue_producer(q, seconds: float, barrier, out) -> None:
-    def loop() -> int:
-        n = _produce(lambda: q.put(BATCH_BYTES), seconds)
-        q.put(None)
-        return n
-
-    _timed(barrier, out, "producer", loop)
+    return _consumer(take)
 
 
-def queue_consumer(q, barrier, out) -> None:
-    def loop() -> int:
-        n = 0
-        while (msg := q.get()) is not None:
-            array("Q").frombytes(msg)
-            n += 1
-        return n
-
-    _timed(barrier, out, "consumer", loop)
+def queue_producer(q, seconds: float) -> tuple:
+    return _producer(lambda: q.put(BATCH_BYTES), lambda: q.put(None), seconds)
 
 
-RING_HEAD = 64  # bytes: the producer's published count, then the slots
+def queue_consumer(q) -> tuple:
+    def take() -> bool:
+        msg = q.get()
+        if msg is None:
+            return False
+        array("Q").frombytes(msg)
+        return True
+
+    return _consumer(take)
 
 
-def ring_producer(name: str, items, space, seconds: float, barrier, out) -> None:
+def _ring(name: str) -> tuple:
     shm = shared_memory.SharedMemory(name)
     head = shm.buf[:8].cast("Q")
-    state = {"n": 0}
+
+    def close() -> None:
+        head.release()
+        shm.close()
+
+    return shm.buf, head, close
+
+
+def _slot(n: int) -> int:
+    return RING_HEAD + n % WINDOW * len(BATCH_BYTES)
+
+
+def ring_producer(name: str, items, space, seconds: float) -> tuple:
+    buf, head, close = _ring(name)
+    sent = [0]
 
     def send() -> None:
         space.acquire()
-        slot = RING_HEAD + state["n"] % WINDOW * len(BATCH_BYTES)
-        shm.buf[slot:slot + len(BATCH_BYTES)] = BATCH_BYTES
-        state["n"] += 1
-        head[0] = state["n"]  # publish: one aligned 8-byte store
+        slot = _slot(sent[0])
+        buf[slot:slot + len(BATCH_BYTES)] = BATCH_BYTES
+        sent[0] += 1
+        head[0] = sent[0]  # publish: one aligned 8-byte store
         items.release()
 
-    def loop() -> int:
-        n = _produce(send, seconds)
-        head[0] = n | 1 << 63  # done
+    def finish() -> None:
+        head[0] = sent[0] | 1 << 63  # done
         items.release()
-        return n
 
-    _timed(barrier, out, "producer", loop)
-    head.release()
-    shm.close()
+    return _producer(send, finish, seconds, close)
 
 
-def ring_consumer(name: str, items, space, barrier, out) -> None:
-    shm = shared_memory.SharedMemory(name)
-    head = shm.buf[:8].cast("Q")
+def ring_consumer(name: str, items, space) -> tuple:
+    buf, head, close = _ring(name)
+    taken = [0]
 
-    def loop() -> int:
-        n = 0
-        while True:
-            items.acquire()
-            if head[0] >> 63 and n == head[0] & ~(1 << 63):
-                return n
-            slot = RING_HEAD + n % WINDOW * len(BATCH_BYTES)
-            array("Q").frombytes(shm.buf[slot:slot + len(BATCH_BYTES)])
-            n += 1
-            space.release()
+    def take() -> bool:
+        items.acquire()
+        if head[0] >> 63 and taken[0] == head[0] & ~(1 << 63):
+            return False
+        slot = _slot(taken[0])
+        array("Q").frombytes(buf[slot:slot + len(BATCH_BYTES)])
+        taken[0] += 1
+        space.release()
+        return True
 
-    _timed(barrier, out, "consumer", loop)
-    head.release()
-    shm.close()
+    return _consumer(take, close)
 
 
 # -- one trial ------------------------------------------------------------------------
 
-def trial(transport: str, heap: slitter.Heap, address: str, seconds: float) -> dict[str, float]:
-    barrier, out = CTX.Barrier(2), CTX.Queue()
-    cleanup = []
+def one_trial(transport: str, heap: slitter.Heap, address: str, seconds: float) -> dict[str, float]:
+    cleanup: list[Callable[[], None]] = []
     if transport == "channel":
         link = heap.channel((WINDOW - 2) * BATCH)
         cleanup.append(link.release)
@@ -209,21 +200,13 @@ def trial(transport: str, heap: slitter.Heap, address: str, seconds: float) -> d
         items, space = CTX.Semaphore(0), CTX.Semaphore(WINDOW)
         cleanup += [shm.close, shm.unlink]
         parts = [(ring_producer, (shm.name, items, space, seconds)), (ring_consumer, (shm.name, items, space))]
-    procs = [CTX.Process(target=target, args=(*args, barrier, out), daemon=True) for target, args in parts]
     try:
-        for p in procs:
-            p.start()
-        results = {role: (n, wall, cpu) for role, n, wall, cpu in (out.get(timeout=seconds + 60) for _ in procs)}
+        r = trial(parts, [])
     finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
         for step in cleanup:
             step()
-    batches, wall, _ = results["consumer"]
-    cpu = results["consumer"][2] + results["producer"][2]
-    return {"batches": batches, "us_per_batch": wall / batches * 1e6, "cpu_us_per_batch": cpu / batches * 1e6}
+    return {"batches": r["records"], "us_per_batch": r["seconds"] / r["records"] * 1e6,
+            "cpu_us_per_batch": r["cpu_us"]}
 
 
 def run(size: str, progress) -> dict[str, Any]:
@@ -234,7 +217,7 @@ def run(size: str, progress) -> dict[str, Any]:
             row = {}
             for transport in TRANSPORTS:
                 progress(f"hand-off, repetition {rep + 1}/{repeats}: {transport}")
-                row[transport] = trial(transport, heap, address, seconds)
+                row[transport] = one_trial(transport, heap, address, seconds)
             per_rep.append(row)
     summary = {}
     for t in TRANSPORTS:

@@ -159,10 +159,8 @@ matplotlib.
 from __future__ import annotations
 
 import collections
-import gc
 import itertools
 import json
-import multiprocessing as mp
 import os
 import pickle
 import random
@@ -170,7 +168,6 @@ import statistics
 import struct
 import sys
 import time
-import traceback
 import zlib
 from array import array
 from collections.abc import Iterable
@@ -184,9 +181,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import slitter
-from benchlib import cli, machine, machine_line
+from benchlib import CTX, cli, machine, machine_line, trial
 
-CTX = mp.get_context("fork")
 perf = time.perf_counter
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -215,8 +211,6 @@ TARGETS = {
 # producer is writing, WINDOW in flight, as the semaphore of the Pipe and ring peers allows.
 CHANNEL_WINDOW = (WINDOW - 2) * BATCH
 
-TRIAL_TIMEOUT = 300  # seconds to wait for each worker's result in a trial
-
 HEAD = struct.Struct("<QQ")  # sequence number, producer id: the first 16 bytes of every record
 SEQ = struct.Struct("<Q")  # the sequence number alone
 
@@ -225,89 +219,8 @@ def template(size: int) -> bytes:
     return bytes((i * 7 + 3) & 0xFF for i in range(size))
 
 
-# -- CPU accounting ----------------------------------------------------------------
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process, all threads, in seconds (10 ms resolution)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
 def tracker_pid() -> int | None:
     return getattr(resource_tracker._resource_tracker, "_pid", None)
-
-
-# -- the harness -------------------------------------------------------------------
-
-Setup = Callable[..., tuple[Callable[[], tuple[int, int]], Callable[[], None]]]
-
-
-def _child(index: int, setup: Setup, args: tuple, barrier, results, done) -> None:
-    try:
-        work, cleanup = setup(*args)
-        gc.collect()
-        gc.disable()
-        barrier.wait(120)
-        c0, t0 = time.process_time(), perf()
-        records, errors = work()
-        t1, c1 = perf(), time.process_time()
-        results.put((index, {"records": records, "errors": errors, "cpu": c1 - c0, "t0": t0, "t1": t1}))
-    except BaseException:
-        results.put((index, {"error": traceback.format_exc()}))
-        barrier.abort()
-        return
-    done.wait(300)
-    cleanup()
-
-
-def trial(parts: list[tuple[Setup, tuple]], servers: list[int | None]) -> dict[str, Any]:
-    """Run each (setup, args) in a forked worker; one timed window for all of them."""
-    servers = [pid for pid in servers if pid]
-    barrier = CTX.Barrier(len(parts) + 1)
-    results = CTX.Queue()
-    done = CTX.Event()
-    procs = [CTX.Process(target=_child, args=(i, setup, args, barrier, results, done), daemon=True)
-             for i, (setup, args) in enumerate(parts)]
-    for p in procs:
-        p.start()
-    out: dict[int, dict] = {}
-    try:
-        try:
-            barrier.wait(120)
-        except Exception:
-            pass  # a worker failed during setup: its traceback is in the queue
-        s0, p0 = sum(proc_cpu(pid) for pid in servers), time.process_time()
-        while len(out) < len(parts):
-            i, r = results.get(timeout=TRIAL_TIMEOUT)
-            if "error" in r:
-                raise RuntimeError(f"worker {i} ({parts[i][0].__name__}) failed:\n{r['error']}")
-            out[i] = r
-        s1, p1 = sum(proc_cpu(pid) for pid in servers), time.process_time()
-    finally:
-        done.set()
-        for p in procs:
-            p.join(30)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        results.close()
-    rs = list(out.values())
-    records = sum(r["records"] for r in rs)
-    seconds = max(r["t1"] for r in rs) - min(r["t0"] for r in rs)
-    cpu_workers = sum(r["cpu"] for r in rs)
-    cpu_servers, cpu_parent = s1 - s0, p1 - p0
-    cpu = cpu_workers + cpu_servers + cpu_parent
-    return {"records": records, "errors": sum(r["errors"] for r in rs), "seconds": seconds,
-            "rate": records / seconds, "cpu_us": cpu / records * 1e6 if records else float("nan"),
-            "cpu_workers_s": cpu_workers, "cpu_servers_s": cpu_servers, "cpu_parent_s": cpu_parent}
 
 
 # -- 1. shared objects ---------------------------------------------------------------

@@ -145,15 +145,15 @@ static void wake_both(struct channel *ch)
 }
 
 /*
- * A waiter's view of what it waits on: `n` channels (several only for
- * wait_any), the index word each watches (`head` for a receiver, `tail`
- * for a sender), and the value it saw there.
+ * What a waiter waits on: `n` channels (several only for a receiver's
+ * wait_any).  A receiver waits for a handle: head past its own tail.  A
+ * sender (one channel) waits for room: tail moved from `tail_seen`.
  */
 struct watch {
     struct channel **chs;
     int n;
-    int receiver;                /* 1: wait for head to move; 0: wait for tail to move */
-    const uint64_t *seen;        /* per channel; NULL: for a receiver, "head differs from tail" */
+    int receiver;
+    uint64_t tail_seen;          /* a sender's: the tail it found the ring full at */
 };
 
 static int watched_ready(const struct watch *w)
@@ -162,13 +162,9 @@ static int watched_ready(const struct watch *w)
         struct channel *ch = w->chs[i];
         if (load_acquire(&ch->closed))
             return i;
-        if (w->receiver) {
-            uint64_t since = w->seen ? w->seen[i] : load_relaxed(&ch->tail);
-            if (load_acquire(&ch->head) != since)
-                return i;
-        } else if (load_acquire(&ch->tail) != w->seen[i]) {
+        if (w->receiver ? load_acquire(&ch->head) != load_relaxed(&ch->tail)
+                        : load_acquire(&ch->tail) != w->tail_seen)
             return i;
-        }
     }
     return -1;
 }
@@ -374,21 +370,22 @@ static void unclaim(uint64_t *claim, int took, int status)
 }
 
 /*
- * One side's wait on one channel until the other side's index moves from
- * `seen` (or the channel closes).  CH_OK: look again; CH_TIMEOUT; CH_SELF
+ * One side's wait on one channel: a receiver's for a handle, a sender's
+ * for tail to move from `tail_seen` (or for the channel to close).
+ * CH_OK: look again; CH_TIMEOUT; CH_SELF
  * when this thread holds the other side's claim too and there is no
  * timeout, so that nothing but itself could end the wait; CH_STALE when
  * the channel was released while it waited (the object may be another
  * channel by now: its ring must not be touched); -2 with a Python
  * exception set.
  */
-static int wait_one(struct channel *ch, int receiver, uint64_t seen, int64_t deadline, uint64_t capacity,
+static int wait_one(struct channel *ch, int receiver, uint64_t tail_seen, int64_t deadline, uint64_t capacity,
                     uint64_t serial)
 {
     if (deadline == -1 && load_relaxed(receiver ? &ch->sender : &ch->receiver) == token())
         return CH_SELF;
     struct channel *one[1] = {ch};
-    struct watch w = {one, 1, receiver, &seen};
+    struct watch w = {one, 1, receiver, tail_seen};
     int r = sleep_until(&w, deadline);
     if (r == -2)
         return -2;
@@ -582,7 +579,7 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
             status = CH_CLOSED;
             break;
         }
-        int r = wait_one(ch, 1, head, deadline, capacity, serial);
+        int r = wait_one(ch, 1, 0, deadline, capacity, serial);
         if (r == -2)
             goto fail;
         if (r != CH_OK) {
@@ -647,7 +644,7 @@ static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssiz
     if (deadline == -2)
         goto fail;
     if (found < 0) {
-        struct watch w = {chs, (int)n, 1, NULL};
+        struct watch w = {chs, (int)n, 1, 0};
         found = sleep_until(&w, deadline);
         if (found == -2)
             goto fail;
