@@ -746,22 +746,32 @@ static uint32_t slitter__allocate_batch(struct slitter_client *c, struct slitter
         const struct slitter__cursor k = slitter__cursor(c, class_id);
         const uint64_t *top = tc->alloc + avail;
         uint32_t take = n - got < avail ? n - got : avail;
+        /* Pop the chunk, then set the counting bit with the chunk's size
+         * (SLITTER_COUNTING): a kill inside the loop leaves the chunk at
+         * alloc[alloc_count ..), where the daemon counts the LIVE ones.
+         * Four stores a chunk, none an object. */
+        uint64_t counted = tc->counters.allocations;
+        uint32_t made = 0;
+        tc->pending = take;
+        tc->alloc_count = avail - take;
+        slitter__store_counter(&tc->counters.allocations, counted | SLITTER_COUNTING);
         for (uint32_t i = 1; i <= take; i++) {
             uint64_t handle = top[-(int64_t)i];
             int64_t obj = slitter__check_at(&k, handle);
             /* As in slitter__allocate_in: anything but our tag is dropped. */
             if (slitter_likely(obj >= 0 && __atomic_load_n(&k.live[obj], __ATOMIC_RELAXED) == tag)) {
                 __atomic_store_n(&k.live[obj], SLITTER_LIVE, __ATOMIC_RELEASE);
-                out[got++] = handle;
+                out[got + made++] = handle;
             } else {
                 corrupt++;
             }
         }
-        tc->alloc_count = avail - take;
+        slitter__store_counter(&tc->counters.allocations, counted + made);
+        tc->pending = 0;
+        got += made;
     }
     if (slitter_unlikely(corrupt != 0))
         tc->counters.errors[SLITTER_ERR_CORRUPT] += corrupt;
-    tc->counters.allocations += got;
     if (cls->flags & SLITTER_CLASS_ZERO_INIT)
         for (uint32_t i = 0; i < got; i++)
             memset(c->view.data + out[i], 0, cls->size);
@@ -850,7 +860,24 @@ static int slitter__release_many(struct slitter_client *c, struct slitter_thread
         return SLITTER_NEED_SLOW;
     if (n > room)
         n = room;
-    /* Pass 1: every check, and the live byte of each, all or none. */
+    /* Pass 1: each handle into the slot it will be pushed into (allocation
+     * magazine first, each part last handle first, so that each part pops
+     * in the order it was given: a batch that fits the allocation
+     * magazine's room comes back from allocate_many as it was, rising if it
+     * was allocated so, not reversed).  Then the counting bit with the
+     * batch's size (SLITTER_COUNTING): a kill during pass 2 leaves every
+     * handle where the daemon counts those whose bytes changed. */
+    uint32_t a = tc->alloc_count, r = tc->release_count;
+    uint32_t alloc_room = a < capacity ? capacity - a : 0;
+    uint32_t into_alloc = alloc_room < n ? alloc_room : n;
+    for (uint32_t i = 0; i < into_alloc; i++)
+        tc->alloc[a + into_alloc - 1 - i] = handles[i];
+    for (uint32_t i = into_alloc; i < n; i++)
+        tc->release[r + n - 1 - i] = handles[i];
+    uint64_t counted = tc->counters.releases;
+    tc->pending = n;
+    slitter__store_counter(&tc->counters.releases, counted | SLITTER_COUNTING);
+    /* Pass 2: every check, and the live byte of each, all or none. */
     const struct slitter__cursor k = slitter__cursor(c, class_id);
     const uint8_t tag = c->cache_tag;
     for (uint32_t first = 0; first < n; first += SLITTER__CHUNK) {
@@ -898,24 +925,19 @@ static int slitter__release_many(struct slitter_client *c, struct slitter_thread
                 if (slitter_likely(obj >= 0))
                     __atomic_store_n(&k.live[obj], SLITTER_LIVE, __ATOMIC_RELEASE);
             }
+            slitter__store_counter(&tc->counters.releases, counted);
+            tc->pending = 0;
             *done = i;
             return slitter__refuse(tc, (int)(-1 - refused));
         }
     }
-    /* Pass 2: push, allocation magazine first, each part last handle first,
-     * so that each part pops in the order it was given: a batch that fits
-     * the allocation magazine's room comes back from allocate_many as it
-     * was (rising, if it was allocated so), not reversed. */
-    uint32_t a = tc->alloc_count, r = tc->release_count;
-    uint32_t alloc_room = a < capacity ? capacity - a : 0;
-    uint32_t into_alloc = alloc_room < n ? alloc_room : n;
-    for (uint32_t i = n; i > into_alloc; i--)
-        tc->release[r++] = handles[i - 1];
-    for (uint32_t i = into_alloc; i > 0; i--)
-        tc->alloc[a++] = handles[i - 1];
-    tc->alloc_count = a;
+    /* Counted, then pushed: a kill in between leaves objects of our tag in
+     * no magazine, which the reclaim frees, counted as released. */
+    slitter__store_counter(&tc->counters.releases, counted + n);
+    tc->pending = 0;
+    tc->alloc_count = a + into_alloc;
+    r += n - into_alloc;
     tc->release_count = r;
-    tc->counters.releases += n;
     *done = n;
     if (r < capacity)
         return SLITTER_OK;
@@ -1145,16 +1167,21 @@ static inline uint32_t slitter__scanned(const struct slitter_run *run)
     return run->carved < run->nobjects ? run->carved : run->nobjects;
 }
 
-/* Whether a magazine of `tc` holds `handle` (the first `count` entries of each). */
-static int slitter__cached_in(const struct slitter_thread_class *tc, uint64_t handle)
+static int slitter__cmp_handles(const void *a, const void *b)
 {
-    const uint64_t *mags[4] = { tc->alloc, tc->release, tc->spare, tc->outgoing };
-    const uint32_t counts[4] = { tc->alloc_count, tc->release_count, tc->spare_count, tc->outgoing_count };
-    for (int m = 0; m < 4; m++)
-        for (uint32_t i = 0; i < counts[m] && i < SLITTER_MAG_CAP; i++)
-            if (mags[m][i] == handle)
-                return 1;
-    return 0;
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Sort `h[0..n)` and drop repeats; returns how many are left. */
+static uint32_t slitter__sort_unique(uint64_t *h, uint32_t n)
+{
+    qsort(h, n, sizeof *h, slitter__cmp_handles);
+    uint32_t u = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (u == 0 || h[i] != h[u - 1])
+            h[u++] = h[i];
+    return u;
 }
 
 /* The live byte of `handle` if it is an object of `class_id`, else -1. */
@@ -1165,37 +1192,110 @@ static int slitter__byte_of(const struct slitter_view *v, uint64_t handle, uint3
     return obj >= 0 && owner == class_id ? __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE) : -1;
 }
 
-uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_thread_class *tc, uint32_t class_id,
+static inline uint32_t slitter__min(uint32_t a, uint32_t b)
+{
+    return a < b ? a : b;
+}
+
+/* Append `m[from .. from + n)`, cut at the array's end, to `out`; returns the new length. */
+static uint32_t slitter__gather(uint64_t *out, uint32_t len, const uint64_t *m, uint32_t from, uint32_t n)
+{
+    from = slitter__min(from, SLITTER_MAG_CAP);
+    n = slitter__min(n, SLITTER_MAG_CAP - from);
+    memcpy(out + len, m + from, n * sizeof *m);
+    return len + n;
+}
+
+/*
+ * Thread `t`'s magazines of `class_id` in `rack`, or NULL when the thread
+ * never touched the class.  The rack is a dead client's: every word of it
+ * is untrusted, and each count is cut at its array's size where it is used.
+ */
+static struct slitter_thread_class *slitter__touched(struct slitter_rack *rack, uint32_t t, uint32_t class_id)
+{
+    struct slitter_thread_slot *slot = &rack->threads[t];
+    return (rack->threads_touched >> t & 1) && (slot->classes_touched >> class_id & 1) ? &slot->classes[class_id]
+                                                                                         : NULL;
+}
+
+uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_rack *rack, uint32_t class_id,
                                  uint8_t tag)
 {
+    if (class_id >= SLITTER_MAX_CLASSES)
+        return 0;
+    /* What the rack caches of the class: every thread's four magazines up to their counts.  An
+     * object with the rack's tag that none of them holds is one an operation under way tagged. */
+    uint32_t threads = 0, pending_ops = 0;
+    for (uint32_t t = 0; t < SLITTER_MAX_THREADS; t++) {
+        const struct slitter_thread_class *tc = slitter__touched(rack, t, class_id);
+        if (tc == NULL)
+            continue;
+        threads++;
+        pending_ops += ((tc->counters.allocations | tc->counters.releases) & SLITTER_COUNTING) != 0;
+    }
+    if (pending_ops == 0)
+        return 0;
+    uint64_t *cached = malloc((size_t)threads * 4 * SLITTER_MAG_CAP * sizeof *cached);
+    uint64_t *candidates = malloc(2 * SLITTER_MAG_CAP * sizeof *candidates);
+    if (cached == NULL || candidates == NULL) {
+        free(cached);
+        free(candidates);
+        return UINT32_MAX;
+    }
+    uint32_t ncached = 0;
+    for (uint32_t t = 0; t < SLITTER_MAX_THREADS; t++) {
+        const struct slitter_thread_class *tc = slitter__touched(rack, t, class_id);
+        if (tc == NULL)
+            continue;
+        ncached = slitter__gather(cached, ncached, tc->alloc, 0, tc->alloc_count);
+        ncached = slitter__gather(cached, ncached, tc->release, 0, tc->release_count);
+        ncached = slitter__gather(cached, ncached, tc->spare, 0, tc->spare_count);
+        ncached = slitter__gather(cached, ncached, tc->outgoing, 0, tc->outgoing_count);
+    }
+    ncached = slitter__sort_unique(cached, ncached);
+
     uint32_t settled = 0;
-    uint64_t a = __atomic_load_n(&tc->counters.allocations, __ATOMIC_RELAXED);
-    uint64_t r = __atomic_load_n(&tc->counters.releases, __ATOMIC_RELAXED);
-    uint32_t n = __atomic_load_n(&tc->alloc_count, __ATOMIC_RELAXED);
-    uint32_t cap = __atomic_load_n(&tc->capacity, __ATOMIC_RELAXED);
-    uint32_t k = __atomic_load_n(&tc->release_count, __ATOMIC_RELAXED);
-    cap = cap < SLITTER_MAG_CAP ? cap : SLITTER_MAG_CAP;
-    if (a & SLITTER_COUNTING) {
-        /* Popped (alloc_count is past it) and checked: LIVE means its store happened. */
-        a &= ~SLITTER_COUNTING;
-        if (n < SLITTER_MAG_CAP && slitter__byte_of(v, tc->alloc[n], class_id) == SLITTER_LIVE) {
-            a++;
-            settled++;
+    for (uint32_t t = 0; t < SLITTER_MAX_THREADS; t++) {
+        struct slitter_thread_class *tc = slitter__touched(rack, t, class_id);
+        if (tc == NULL)
+            continue;
+        /* A batch's size, or the one object of a single call. */
+        uint32_t span = tc->pending ? slitter__min(tc->pending, SLITTER_MAG_CAP) : 1;
+        uint64_t a = __atomic_load_n(&tc->counters.allocations, __ATOMIC_RELAXED);
+        if (a & SLITTER_COUNTING) {
+            /* Popped (above alloc_count) and checked: LIVE means its store happened.  (An entry
+             * the batch dropped as corrupt whose byte is LIVE would be counted too: only a
+             * rack written by something else than our fast path holds one.) */
+            uint32_t n = slitter__sort_unique(candidates, slitter__gather(candidates, 0, tc->alloc, tc->alloc_count, span));
+            a &= ~SLITTER_COUNTING;
+            for (uint32_t i = 0; i < n; i++)
+                if (slitter__byte_of(v, candidates[i], class_id) == SLITTER_LIVE) {
+                    a++;
+                    settled++;
+                }
+            tc->counters.allocations = a;
         }
-        tc->counters.allocations = a;
-    }
-    if (r & SLITTER_COUNTING) {
-        /* Our tag, and not pushed yet: its compare-and-swap happened.  (A
-         * refused double free of an object this very magazine caches is in
-         * a magazine, and is not counted.) */
-        r &= ~SLITTER_COUNTING;
-        const uint64_t *slot = n < cap ? &tc->alloc[n] : k < SLITTER_MAG_CAP ? &tc->release[k] : NULL;
-        if (slot != NULL && slitter__byte_of(v, *slot, class_id) == tag && !slitter__cached_in(tc, *slot)) {
-            r++;
-            settled++;
+        uint64_t r = __atomic_load_n(&tc->counters.releases, __ATOMIC_RELAXED);
+        if (r & SLITTER_COUNTING) {
+            /* In the slots it was being pushed into, with our tag, and in no magazine of the rack:
+             * its compare-and-swap happened.  Other entries there are older handles, which
+             * either hold no object of our tag or one some magazine caches (a refused double
+             * free of an object the rack caches is one of those, and is not counted). */
+            uint32_t n = slitter__gather(candidates, 0, tc->alloc, tc->alloc_count, span);
+            n = slitter__sort_unique(candidates, slitter__gather(candidates, n, tc->release, tc->release_count, span));
+            r &= ~SLITTER_COUNTING;
+            for (uint32_t i = 0; i < n; i++)
+                if (slitter__byte_of(v, candidates[i], class_id) == tag
+                    && !bsearch(&candidates[i], cached, ncached, sizeof *cached, slitter__cmp_handles)) {
+                    r++;
+                    settled++;
+                }
+            tc->counters.releases = r;
         }
-        tc->counters.releases = r;
+        tc->pending = 0;
     }
+    free(cached);
+    free(candidates);
     return settled;
 }
 

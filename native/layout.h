@@ -218,11 +218,18 @@ struct slitter_counters {
 
 /*
  * Set in `allocations` or `releases` while that operation is between its
- * live-byte change and its count: the fast path sets it, changes the byte,
- * then stores the new count, which clears it in the same store.  So a
- * client killed in between leaves it set, and its handle where the daemon
- * can find it (alloc[alloc_count], or the slot the release pushes into),
- * and the reclaim counts the operation if its byte says it happened.
+ * live-byte changes and its count: the fast path sets it, changes the
+ * bytes, then stores the new count, which clears it in the same store.  So
+ * a client killed in between leaves it set, and the handles where the
+ * daemon can find them, and the reclaim counts each one whose byte says it
+ * happened (slitter_settle_counting).  Where the handles are:
+ *
+ * - allocate: popped first, so at alloc[alloc_count ..) (`pending` of them
+ *   for a batch, one for a single allocate);
+ * - release: written to the slots they will be pushed into first, so at
+ *   alloc[alloc_count ..) and release[release_count ..) (`pending` for a
+ *   batch, one for a single release).
+ *
  * Readers mask it.
  */
 #define SLITTER_COUNTING (1ULL << 63)
@@ -252,7 +259,7 @@ struct slitter_thread_class {
     uint32_t capacity;
     uint32_t spare_count;
     uint32_t outgoing_count;
-    uint32_t reserved;
+    uint32_t pending;          /* a batch's size while its counting bit is set; else 0 (SLITTER_COUNTING) */
     struct slitter_counters counters;
     uint64_t alloc[SLITTER_MAG_CAP];
     uint64_t release[SLITTER_MAG_CAP];

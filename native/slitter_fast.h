@@ -253,12 +253,14 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, ui
 uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *adopted);
 
 /*
- * Daemon: a dead client's operation caught between its counting bit and its
- * count (SLITTER_COUNTING): count it if its handle's live byte says it
- * happened, and clear the bit.  Call before the reclaim frees the rack's
- * objects (it reads their bytes).  Returns how many it counted (0 to 2).
+ * Daemon: the operations of a dead client's threads on `class_id` caught
+ * between their counting bit and their count (SLITTER_COUNTING), a single
+ * call or a batch: count each object whose live byte says its change
+ * happened, and clear the bits.  Call before the reclaim frees the rack's
+ * objects (it reads their bytes).  Returns how many it counted, or
+ * UINT32_MAX when it could not allocate its scratch (nothing changed).
  */
-uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_thread_class *tc, uint32_t class_id,
+uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_rack *rack, uint32_t class_id,
                                  uint8_t tag);
 
 /**

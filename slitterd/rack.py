@@ -12,6 +12,7 @@ rack is clamped before it indexes anything.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -20,11 +21,14 @@ from slitter._native import ffi, lib
 
 from slitterd.arena import Arena
 
+log = logging.getLogger("slitterd")
+
 MAX_THREADS = lib.SLITTER_MAX_THREADS
 MAX_CLASSES = lib.SLITTER_MAX_CLASSES
 ERR_KINDS = lib.SLITTER_ERR_KINDS
 COUNTER_LIMIT = 1 << 48
 COUNTING = lib.SLITTER_COUNTING
+SETTLE_FAILED = 0xFFFFFFFF  # slitter_settle_counting: no memory for its scratch
 
 
 @dataclass
@@ -162,9 +166,16 @@ class Racks:
         Before the reclaim: it reads the live bytes that the reclaim resets.
         Returns how many it counted.
         """
-        view = self.arena.view
-        return sum(lib.slitter_settle_counting(view, ffi.addressof(tc), class_id, tag)
-                   for class_id, tc in self.magazines(client))
+        view, rack = self.arena.view, self.arena.rack(client.rack_index)
+        settled = 0
+        for class_id in sorted({class_id for class_id, _tc in self.magazines(client)}):
+            n = lib.slitter_settle_counting(view, rack, class_id, tag)
+            if n == SETTLE_FAILED:
+                log.warning("client %d (pid %d): no memory to settle class %d's operations under way; "
+                            "its counters may be off by those", client.id, client.pid, class_id)
+            else:
+                settled += n
+        return settled
 
     def release_rack(self, client: Client) -> None:
         """Forget the client; its rack is wiped when next handed out."""

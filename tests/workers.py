@@ -243,6 +243,34 @@ def death_decode(value: int) -> tuple[int, int]:
     return (value >> 56) - 1, value & ((1 << 56) - 1)
 
 
+BATCH_VICTIM_MAX = 3000  # the most objects batch_victim holds at once
+
+
+def batch_victim(address, seed, ready):
+    """Allocate and release random batches of class "batches" until killed; one in five releases is refused first.
+
+    The refused ``release_many`` names its first handle twice: all or none,
+    so it changes nothing, after marking and unmarking the bytes before the
+    repeat.
+    """
+    import random
+
+    rng = random.Random(seed)
+    heap = slitter.connect(address, name="batch victim")
+    cls = heap.register_class("batches", size=64)
+    ready.put("looping")
+    while True:
+        handles = cls.allocate_many(BATCH_VICTIM_MAX if rng.random() < 0.5 else rng.randint(1, BATCH_VICTIM_MAX))
+        if rng.random() < 0.2:
+            try:
+                cls.release_many(handles + handles[:1])
+            except slitter.DoubleFree:
+                pass
+            else:
+                raise AssertionError("a batch naming an object twice was released")
+        cls.release_many(handles)
+
+
 def death_loop(address, seed, record_path, slots, sizes):
     """Allocate, stamp, verify and release at random on ``sizes`` until SIGKILLed.
 
@@ -1099,23 +1127,49 @@ def killed_between_byte_and_count(address, op, changed, queue):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+WINDOW_BATCH = 20  # the batch a kill interrupts in leave_in_the_window
+WINDOW_DONE = 12  # how many of its objects' bytes had changed, when they had
+
+
 def leave_in_the_window(heap, op: str, changed: bool) -> int:
     """Set the rack up as a kill between ``op``'s live byte and its count would leave it; objects held live.
 
-    ``op`` "allocate" or "release"; ``changed``: the kill came after the
-    byte change (so the operation happened and must be counted), else
-    before it.  The fast path itself does the operation, then the steps
-    after the kill point are undone: the count goes back with the counting
-    bit set, and a released handle is popped back out of the magazine into
-    the slot it was pushed to.
+    ``op`` "allocate", "release", "allocate_many" or "release_many";
+    ``changed``: the kill came after the byte change (so the operation
+    happened and must be counted; for a batch, after WINDOW_DONE of
+    WINDOW_BATCH objects), else before it.  The fast path itself does the
+    operation, then the steps after the kill point are undone: the count
+    goes back with the counting bit set, and released handles go back out
+    of the magazine into the slots they were pushed to.
     """
     from slitter._native import lib
 
     cls = heap.register_class("window", size=64)
-    held = [cls.allocate() for _ in range(10)]
+    held = [cls.allocate() for _ in range(10 + WINDOW_BATCH)]
     cls.release(cls.allocate())  # the magazine has objects and room
     tc = heap._client.rack.threads[lib.slitter_bind(heap._client, cls.id)].classes[cls.id]
     counters, counting = tc.counters, lib.SLITTER_COUNTING
+    done = WINDOW_DONE if changed else 0
+    if op == "allocate_many":
+        cls.release_many(cls.allocate_many(WINDOW_BATCH))  # the magazine's top WINDOW_BATCH are the chunk
+        top = tc.alloc_count
+        held += cls.allocate_many(done)  # the loop takes from the top: these, then the rest
+        tc.alloc_count, tc.pending = top - WINDOW_BATCH, WINDOW_BATCH  # the chunk popped first
+        counters.allocations = (counters.allocations - done) | counting
+        return len(held)
+    if op == "release_many":
+        batch, held = held[-WINDOW_BATCH:], held[:-WINDOW_BATCH]
+        start = tc.alloc_count
+        cls.release_many(batch[:done])
+        held += batch[done:]  # their bytes had not changed: still live
+        # Every handle in its slot before the first byte changed; and in the
+        # last slot, as after a kill in the middle of a refused batch, an
+        # object this rack caches: tagged, but not by this batch.
+        for i, h in enumerate(batch[:-1] + [tc.alloc[0]]):
+            tc.alloc[start + i] = h
+        tc.alloc_count, tc.pending = start, WINDOW_BATCH
+        counters.releases = (counters.releases - done) | counting
+        return len(held)
     if op == "allocate" and changed:
         held.append(cls.allocate())  # popped, LIVE
         counters.allocations = (counters.allocations - 1) | counting
