@@ -270,8 +270,8 @@ def test_a_kill_between_an_objects_byte_and_its_count_is_counted_exactly(daemon,
     """reliability.md bug 2: the counting bit tells the reclaim an operation was under way, its bytes what happened.
 
     For a batch, the kill comes after some of its objects' bytes changed
-    (or none), and a released batch's slots also hold an object the rack
-    caches, which must not be counted.
+    (or none), and a released batch's slots also hold objects this thread
+    and another thread of the client cache, which must not be counted.
     """
     from conftest import start_spawned
 

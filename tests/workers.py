@@ -1127,6 +1127,25 @@ def killed_between_byte_and_count(address, op, changed, queue):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _cached_by_another_thread(heap, cls) -> int:
+    """A handle another thread of this client leaves in its allocation magazine."""
+    import threading
+
+    from slitter._native import lib
+
+    found = []
+
+    def cache() -> None:
+        cls.release(cls.allocate())
+        tc = heap._client.rack.threads[lib.slitter_bind(heap._client, cls.id)].classes[cls.id]
+        found.append(tc.alloc[tc.alloc_count - 1])
+
+    thread = threading.Thread(target=cache)
+    thread.start()
+    thread.join()
+    return found[0]
+
+
 WINDOW_BATCH = 20  # the batch a kill interrupts in leave_in_the_window
 WINDOW_DONE = 12  # how many of its objects' bytes had changed, when they had
 
@@ -1163,9 +1182,10 @@ def leave_in_the_window(heap, op: str, changed: bool) -> int:
         cls.release_many(batch[:done])
         held += batch[done:]  # their bytes had not changed: still live
         # Every handle in its slot before the first byte changed; and in the
-        # last slot, as after a kill in the middle of a refused batch, an
-        # object this rack caches: tagged, but not by this batch.
-        for i, h in enumerate(batch[:-1] + [tc.alloc[0]]):
+        # last two slots, as after a kill in the middle of a refused batch,
+        # objects this rack caches, in this thread's magazine and in
+        # another thread's: tagged, but not by this batch.
+        for i, h in enumerate(batch[:-2] + [tc.alloc[0], _cached_by_another_thread(heap, cls)]):
             tc.alloc[start + i] = h
         tc.alloc_count, tc.pending = start, WINDOW_BATCH
         counters.releases = (counters.releases - done) | counting
