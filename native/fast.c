@@ -830,6 +830,13 @@ int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, ui
     return slitter__check_many(c, class_id, handles, n, bad);
 }
 
+/*
+ * A release batch's `pending`: how many of its handles went to each
+ * magazine, which the daemon cannot work out again (it may have grown the
+ * capacity since).  Each is at most SLITTER_MAG_CAP.
+ */
+#define SLITTER__PENDING(into_alloc, into_release) ((uint32_t)(into_alloc) | (uint32_t)(into_release) << 16)
+
 /* release_many marks the live bytes of a chunk of handles at a time. */
 #define SLITTER__CHUNK 64
 /* A word of the live map: eight bytes, read and written with the bytes it holds. */
@@ -875,7 +882,7 @@ static int slitter__release_many(struct slitter_client *c, struct slitter_thread
     for (uint32_t i = into_alloc; i < n; i++)
         tc->release[r + n - 1 - i] = handles[i];
     uint64_t counted = tc->counters.releases;
-    tc->pending = n;
+    tc->pending = SLITTER__PENDING(into_alloc, n - into_alloc);
     slitter__store_counter(&tc->counters.releases, counted | SLITTER_COUNTING);
     /* Pass 2: every check, and the live byte of each, all or none. */
     const struct slitter__cursor k = slitter__cursor(c, class_id);
@@ -1223,19 +1230,22 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_ra
 {
     if (class_id >= SLITTER_MAX_CLASSES)
         return 0;
-    /* What the rack caches of the class: every thread's four magazines up to their counts.  An
-     * object with the rack's tag that none of them holds is one an operation under way tagged. */
-    uint32_t threads = 0, pending_ops = 0;
+    /* The rack's touched bits are read once: a live client (a detach) may change them under us. */
+    struct slitter_thread_class *tcs[SLITTER_MAX_THREADS];
+    uint32_t nt = 0, pending_ops = 0;
     for (uint32_t t = 0; t < SLITTER_MAX_THREADS; t++) {
-        const struct slitter_thread_class *tc = slitter__touched(rack, t, class_id);
-        if (tc == NULL)
-            continue;
-        threads++;
-        pending_ops += ((tc->counters.allocations | tc->counters.releases) & SLITTER_COUNTING) != 0;
+        struct slitter_thread_class *tc = slitter__touched(rack, t, class_id);
+        if (tc != NULL) {
+            tcs[nt++] = tc;
+            pending_ops += ((tc->counters.allocations | tc->counters.releases) & SLITTER_COUNTING) != 0;
+        }
     }
     if (pending_ops == 0)
         return 0;
-    uint64_t *cached = malloc((size_t)threads * 4 * SLITTER_MAG_CAP * sizeof *cached);
+    /* What the rack caches of the class: every thread's four magazines up to their counts (each gather
+     * at most SLITTER_MAG_CAP).  An object with the rack's tag that none of them holds is one an
+     * operation under way tagged. */
+    uint64_t *cached = malloc((size_t)nt * 4 * SLITTER_MAG_CAP * sizeof *cached);
     uint64_t *candidates = malloc(2 * SLITTER_MAG_CAP * sizeof *candidates);
     if (cached == NULL || candidates == NULL) {
         free(cached);
@@ -1243,10 +1253,8 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_ra
         return UINT32_MAX;
     }
     uint32_t ncached = 0;
-    for (uint32_t t = 0; t < SLITTER_MAX_THREADS; t++) {
-        const struct slitter_thread_class *tc = slitter__touched(rack, t, class_id);
-        if (tc == NULL)
-            continue;
+    for (uint32_t i = 0; i < nt; i++) {
+        const struct slitter_thread_class *tc = tcs[i];
         ncached = slitter__gather(cached, ncached, tc->alloc, 0, tc->alloc_count);
         ncached = slitter__gather(cached, ncached, tc->release, 0, tc->release_count);
         ncached = slitter__gather(cached, ncached, tc->spare, 0, tc->spare_count);
@@ -1254,22 +1262,22 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_ra
     }
     ncached = slitter__sort_unique(cached, ncached);
 
+    /* At most one thread of a client is inside a window when it dies: the fast path runs with the GIL
+     * held and calls its hooks with no bit set. */
     uint32_t settled = 0;
-    for (uint32_t t = 0; t < SLITTER_MAX_THREADS; t++) {
-        struct slitter_thread_class *tc = slitter__touched(rack, t, class_id);
-        if (tc == NULL)
-            continue;
-        /* A batch's size, or the one object of a single call. */
-        uint32_t span = tc->pending ? slitter__min(tc->pending, SLITTER_MAG_CAP) : 1;
+    for (uint32_t i = 0; i < nt; i++) {
+        struct slitter_thread_class *tc = tcs[i];
+        uint32_t pending = tc->pending;   /* 0: a single call, one object */
         uint64_t a = __atomic_load_n(&tc->counters.allocations, __ATOMIC_RELAXED);
         if (a & SLITTER_COUNTING) {
-            /* Popped (above alloc_count) and checked: LIVE means its store happened.  (An entry
-             * the batch dropped as corrupt whose byte is LIVE would be counted too: only a
-             * rack written by something else than our fast path holds one.) */
+            /* Popped (from alloc_count up) and checked: LIVE means its store happened.  (An entry
+             * the batch dropped as corrupt whose byte is LIVE would be counted too: only a rack
+             * written by something else than our fast path holds one.) */
+            uint32_t span = pending ? (pending & 0xFFFF) : 1;
             uint32_t n = slitter__sort_unique(candidates, slitter__gather(candidates, 0, tc->alloc, tc->alloc_count, span));
             a &= ~SLITTER_COUNTING;
-            for (uint32_t i = 0; i < n; i++)
-                if (slitter__byte_of(v, candidates[i], class_id) == SLITTER_LIVE) {
+            for (uint32_t j = 0; j < n; j++)
+                if (slitter__byte_of(v, candidates[j], class_id) == SLITTER_LIVE) {
                     a++;
                     settled++;
                 }
@@ -1278,15 +1286,18 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_ra
         uint64_t r = __atomic_load_n(&tc->counters.releases, __ATOMIC_RELAXED);
         if (r & SLITTER_COUNTING) {
             /* In the slots it was being pushed into, with our tag, and in no magazine of the rack:
-             * its compare-and-swap happened.  Other entries there are older handles, which
-             * either hold no object of our tag or one some magazine caches (a refused double
-             * free of an object the rack caches is one of those, and is not counted). */
-            uint32_t n = slitter__gather(candidates, 0, tc->alloc, tc->alloc_count, span);
-            n = slitter__sort_unique(candidates, slitter__gather(candidates, n, tc->release, tc->release_count, span));
+             * its compare-and-swap happened.  A single release's slot is alloc[alloc_count] or
+             * release[release_count], by a capacity the daemon may have grown since: both are
+             * looked at, and the other holds an older handle, of no object of our tag or of one a
+             * magazine caches (so is an object of a refused double free the rack caches). */
+            uint32_t into_alloc = pending ? (pending & 0xFFFF) : 1, into_release = pending ? (pending >> 16) : 1;
+            uint32_t n = slitter__gather(candidates, 0, tc->alloc, tc->alloc_count, into_alloc);
+            n = slitter__sort_unique(candidates, slitter__gather(candidates, n, tc->release, tc->release_count,
+                                                                 into_release));
             r &= ~SLITTER_COUNTING;
-            for (uint32_t i = 0; i < n; i++)
-                if (slitter__byte_of(v, candidates[i], class_id) == tag
-                    && !bsearch(&candidates[i], cached, ncached, sizeof *cached, slitter__cmp_handles)) {
+            for (uint32_t j = 0; j < n; j++)
+                if (slitter__byte_of(v, candidates[j], class_id) == tag
+                    && !bsearch(&candidates[j], cached, ncached, sizeof *cached, slitter__cmp_handles)) {
                     r++;
                     settled++;
                 }

@@ -224,11 +224,12 @@ struct slitter_counters {
  * daemon can find them, and the reclaim counts each one whose byte says it
  * happened (slitter_settle_counting).  Where the handles are:
  *
- * - allocate: popped first, so at alloc[alloc_count ..) (`pending` of them
- *   for a batch, one for a single allocate);
+ * - allocate: popped first, so at alloc[alloc_count ..): `pending` of them
+ *   for a batch, one for a single allocate;
  * - release: written to the slots they will be pushed into first, so at
- *   alloc[alloc_count ..) and release[release_count ..) (`pending` for a
- *   batch, one for a single release).
+ *   alloc[alloc_count ..) and release[release_count ..): for a batch,
+ *   `pending & 0xFFFF` and `pending >> 16` of them; for a single release,
+ *   the one slot of the two it chose.
  *
  * Readers mask it.
  */
@@ -259,7 +260,7 @@ struct slitter_thread_class {
     uint32_t capacity;
     uint32_t spare_count;
     uint32_t outgoing_count;
-    uint32_t pending;          /* a batch's size while its counting bit is set; else 0 (SLITTER_COUNTING) */
+    uint32_t pending;          /* while a batch's counting bit is set, where its handles are; else 0 (SLITTER_COUNTING) */
     struct slitter_counters counters;
     uint64_t alloc[SLITTER_MAG_CAP];
     uint64_t release[SLITTER_MAG_CAP];

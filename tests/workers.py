@@ -1153,7 +1153,8 @@ WINDOW_DONE = 12  # how many of its objects' bytes had changed, when they had
 def leave_in_the_window(heap, op: str, changed: bool) -> int:
     """Set the rack up as a kill between ``op``'s live byte and its count would leave it; objects held live.
 
-    ``op`` "allocate", "release", "allocate_many" or "release_many";
+    ``op`` "allocate", "release", "allocate_many", "release_many" or
+    "release_many split" (the batch's slots in both magazines);
     ``changed``: the kill came after the byte change (so the operation
     happened and must be counted; for a batch, after WINDOW_DONE of
     WINDOW_BATCH objects), else before it.  The fast path itself does the
@@ -1176,18 +1177,24 @@ def leave_in_the_window(heap, op: str, changed: bool) -> int:
         tc.alloc_count, tc.pending = top - WINDOW_BATCH, WINDOW_BATCH  # the chunk popped first
         counters.allocations = (counters.allocations - done) | counting
         return len(held)
-    if op == "release_many":
+    if op.startswith("release_many"):
         batch, held = held[-WINDOW_BATCH:], held[:-WINDOW_BATCH]
-        start = tc.alloc_count
+        start, release_start = tc.alloc_count, tc.release_count
         cls.release_many(batch[:done])
         held += batch[done:]  # their bytes had not changed: still live
         # Every handle in its slot before the first byte changed; and in the
         # last two slots, as after a kill in the middle of a refused batch,
         # objects this rack caches, in this thread's magazine and in
-        # another thread's: tagged, but not by this batch.
-        for i, h in enumerate(batch[:-2] + [tc.alloc[0], _cached_by_another_thread(heap, cls)]):
+        # another thread's: tagged, but not by this batch.  "split": the
+        # allocation magazine had room for 8, the rest went to the release one.
+        slots = batch[:-2] + [tc.alloc[0], _cached_by_another_thread(heap, cls)]
+        into_alloc = 8 if op == "release_many split" else WINDOW_BATCH
+        for i, h in enumerate(slots[:into_alloc]):
             tc.alloc[start + i] = h
-        tc.alloc_count, tc.pending = start, WINDOW_BATCH
+        for i, h in enumerate(slots[into_alloc:]):
+            tc.release[release_start + i] = h
+        tc.alloc_count, tc.release_count = start, release_start
+        tc.pending = into_alloc | (WINDOW_BATCH - into_alloc) << 16
         counters.releases = (counters.releases - done) | counting
         return len(held)
     if op == "allocate" and changed:
