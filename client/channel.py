@@ -40,8 +40,9 @@ _ZERO = array("Q", [0])
 # same channels batch after batch; rebuilding the list cost about 1 us a call for four of them.  It holds
 # the last channels alive, as their consumer does.
 _last_wait: tuple = ((), None, None)
-_OK, _TIMEOUT, _CLOSED, _IN_USE, _STALE, _SELF = (_channel.OK, _channel.TIMEOUT, _channel.CLOSED, _channel.IN_USE,
-                                                  _channel.STALE, _channel.SELF)
+_OK, _TIMEOUT, _CLOSED, _IN_USE, _STALE, _SELF, _PEER_GONE = (
+    _channel.OK, _channel.TIMEOUT, _channel.CLOSED, _channel.IN_USE, _channel.STALE, _channel.SELF,
+    _channel.PEER_GONE)
 
 
 def channel_size(capacity: int) -> int:
@@ -110,6 +111,7 @@ class Channel:
 
         Raises:
             ChannelTimeout, ChannelClosed, ChannelInUse (another thread sends on it),
+            ChannelPeerGone (a ChannelClosed: the ring is full and its receiver's thread has exited),
             ChannelError (released, or this thread is its receiver and would wait forever).
         """
         if type(handles) is not array or handles.typecode != "Q":
@@ -132,6 +134,8 @@ class Channel:
 
         Raises:
             ChannelClosed: the channel is closed and every handle sent before has been received.
+            ChannelPeerGone (a ChannelClosed): the ring is empty and its sender's thread has exited
+                without closing it.
             ChannelTimeout, ChannelInUse (another thread receives from it),
             ChannelError (released, or this thread is its sender and would wait forever).
         """
@@ -161,7 +165,9 @@ class Channel:
         For one consumer of several producers, a channel each: wait, then
         ``recv_many(limit, timeout=0)`` from the channel returned.  It takes
         nothing; up to 128 channels of one heap.  A channel released
-        meanwhile is returned too: its ``recv_many`` raises ChannelError.
+        meanwhile is returned too: its ``recv_many`` raises ChannelError; so
+        is one whose sender's thread has exited, once the call would sleep:
+        its ``recv_many`` raises ChannelPeerGone when it is empty.
         Sleeps on all of them at once (Linux 5.16's futex_waitv) after the
         same short spin as ``recv``.
 
@@ -242,6 +248,14 @@ class Channel:
             other = "receiver" if sending else "sender"
             return errors.ChannelError(f"cannot {verb} {where}: this thread is its {other} too, and would wait "
                                        f"forever (pass a timeout); {sent} sent", channel=self.handle, sent=sent)
+        if status == _PEER_GONE:
+            other = "receiver" if sending else "sender"
+            token = self._state()[4 if sending else 3]
+            what = f"the ring is full; {sent} sent" if sending else "everything it sent has been received"
+            return errors.ChannelPeerGone(f"cannot {verb} {where}: its {other}, thread {token & 0xFFFFFFFF} of "
+                                          f"process {token >> 32}, has exited without closing it, and {what}",
+                                          channel=self.handle, sent=sent, thread=token & 0xFFFFFFFF,
+                                          pid=token >> 32)
         side = "sender" if sending else "receiver"
         token = self._state()[3 if sending else 4]
         return errors.ChannelInUse(f"cannot {verb} {where}: thread {token & 0xFFFFFFFF} of process {token >> 32} "

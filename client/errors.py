@@ -93,6 +93,17 @@ class ChannelClosed(ChannelError):
     """
 
 
+class ChannelPeerGone(ChannelClosed):
+    """The other side's thread exited without closing the channel, so the wait for it would never end.
+
+    A receive raises it once the ring is empty (everything the sender
+    published has been received first); a send raises it when the ring is
+    full. The channel stays open: a new thread, of any process, may take
+    the other side over, and the calls go on. ``thread`` and ``pid`` name the
+    thread that exited; ``sent`` is how many handles of a ``send_many`` went.
+    """
+
+
 class ChannelTimeout(ChannelError, TimeoutError):
     """The wait for room (send) or for a handle (receive) ran past its timeout.
 

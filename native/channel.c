@@ -75,7 +75,7 @@ struct channel {
 _Static_assert(sizeof(struct channel) == 3 * LINE, "three header lines");
 
 /* Status codes, returned with a count; the Python side turns them into exceptions. */
-enum { CH_OK = 0, CH_TIMEOUT = 1, CH_CLOSED = 2, CH_IN_USE = 3, CH_STALE = 4, CH_SELF = 5 };
+enum { CH_OK = 0, CH_TIMEOUT = 1, CH_CLOSED = 2, CH_IN_USE = 3, CH_STALE = 4, CH_SELF = 5, CH_PEER_GONE = 6 };
 
 /*
  * How long a side spins before it sleeps, and how.  A futex sleep and
@@ -145,6 +145,44 @@ static void wake_both(struct channel *ch)
 }
 
 /*
+ * This thread's token: pid << 32 | tid, asked of the kernel once per
+ * thread.  A forked child's one thread has the forking thread's cache, so
+ * the child forgets it (forget_token, registered with pthread_atfork).
+ */
+static __thread uint64_t my_token;
+
+static void forget_token(void)
+{
+    my_token = 0;
+}
+
+static uint64_t token(void)
+{
+    if (my_token == 0)
+        my_token = (uint64_t)getpid() << 32 | (uint32_t)syscall(SYS_gettid);
+    return my_token;
+}
+
+/* The thread behind a token has exited (its process may be alive): its claim may pass on. */
+static int token_gone(uint64_t t)
+{
+    return syscall(SYS_tgkill, (pid_t)(t >> 32), (pid_t)(uint32_t)t, 0) < 0 && errno == ESRCH;
+}
+
+/*
+ * The other side's claim is held by a thread that has exited (a producer
+ * that crashed, or returned without closing): the wait for it would never
+ * end.  One tgkill, so it is asked only where a side sleeps or times out,
+ * never on a transfer.  0 for an unclaimed side (it has not come yet) and
+ * for our own claim (CH_SELF's case).
+ */
+static int peer_gone(struct channel *ch, int receiver)
+{
+    uint64_t peer = load_acquire(receiver ? &ch->sender : &ch->receiver);
+    return peer != 0 && peer != token() && token_gone(peer);
+}
+
+/*
  * What a waiter waits on: `n` channels (several only for a receiver's
  * wait_any).  A receiver waits for a handle: head past its own tail.  A
  * sender (one channel) waits for room: tail moved from `tail_seen`.
@@ -169,6 +207,15 @@ static int watched_ready(const struct watch *w)
     return -1;
 }
 
+/* The first watched channel whose other side has exited, or -1. */
+static int watched_gone(const struct watch *w)
+{
+    for (int i = 0; i < w->n; i++)
+        if (peer_gone(w->chs[i], w->receiver))
+            return i;
+    return -1;
+}
+
 static uint32_t *sleeping_word(const struct watch *w, int i)
 {
     return w->receiver ? &w->chs[i]->receiver_sleeping : &w->chs[i]->sender_sleeping;
@@ -179,11 +226,14 @@ static uint32_t *sleeping_word(const struct watch *w, int i)
  * moved, or it was closed): spin up to SPIN_NS yielding the CPU, then sleep
  * on the futex words (futex_waitv for several, Linux 5.16; on an older
  * kernel, on the first word for at most a millisecond at a time).
+ * Before each sleep it also asks whether a channel's other side has
+ * exited (watched_gone): then that index, with *gone set.
  * deadline_ns < 0: no deadline.  Returns the ready index, -1 on timeout,
  * or -2 with a Python exception set (a signal handler raised).
  */
-static int sleep_until(const struct watch *w, int64_t deadline_ns)
+static int sleep_until(const struct watch *w, int64_t deadline_ns, int *gone)
 {
+    *gone = 0;
     int found = watched_ready(w);
     if (found >= 0)
         return found;
@@ -211,6 +261,10 @@ static int sleep_until(const struct watch *w, int64_t deadline_ns)
         full_fence();
         if ((found = watched_ready(w)) >= 0)
             break;
+        if ((found = watched_gone(w)) >= 0) {
+            *gone = 1;
+            break;
+        }
         t = now_ns();
         if (deadline_ns >= 0 && t >= deadline_ns)
             break;
@@ -322,31 +376,6 @@ static int64_t deadline_of(PyObject *timeout)
 }
 
 /*
- * This thread's token: pid << 32 | tid, asked of the kernel once per
- * thread.  A forked child's one thread has the forking thread's cache, so
- * the child forgets it (forget_token, registered with pthread_atfork).
- */
-static __thread uint64_t my_token;
-
-static void forget_token(void)
-{
-    my_token = 0;
-}
-
-static uint64_t token(void)
-{
-    if (my_token == 0)
-        my_token = (uint64_t)getpid() << 32 | (uint32_t)syscall(SYS_gettid);
-    return my_token;
-}
-
-/* The thread behind a token has exited (its process may be alive): its claim may pass on. */
-static int token_gone(uint64_t t)
-{
-    return syscall(SYS_tgkill, (pid_t)(t >> 32), (pid_t)(uint32_t)t, 0) < 0 && errno == ESRCH;
-}
-
-/*
  * Claim `*claim` for this thread, or see that it is ours: one load once
  * claimed.  A claim whose thread has exited is taken over, with one
  * compare-and-swap so that two takers cannot both win.  0: another live
@@ -377,7 +406,9 @@ static void unclaim(uint64_t *claim, int took, int status)
  * timeout, so that nothing but itself could end the wait; CH_STALE when
  * the channel was released while it waited (the object may be another
  * channel by now: its ring must not be touched); -2 with a Python
- * exception set.
+ * exception set; CH_PEER_GONE when the other side's thread has exited
+ * and the ring is still empty (full, for a sender): seen before a sleep,
+ * or at a timeout.
  */
 static int wait_one(struct channel *ch, int receiver, uint64_t tail_seen, int64_t deadline, uint64_t capacity,
                     uint64_t serial)
@@ -386,11 +417,15 @@ static int wait_one(struct channel *ch, int receiver, uint64_t tail_seen, int64_
         return CH_SELF;
     struct channel *one[1] = {ch};
     struct watch w = {one, 1, receiver, tail_seen};
-    int r = sleep_until(&w, deadline);
+    int gone;
+    int r = sleep_until(&w, deadline, &gone);
     if (r == -2)
         return -2;
     if (!live(ch, capacity, serial))
         return CH_STALE;
+    /* A new thread may have taken the side over and sent (taken) meanwhile: then look again. */
+    if ((gone || (r == -1 && peer_gone(ch, receiver))) && watched_ready(&w) < 0)
+        return CH_PEER_GONE;
     return r == -1 ? CH_TIMEOUT : CH_OK;
 }
 
@@ -599,7 +634,8 @@ fail:
  * -1 on timeout.  A receiver's wait on several channels at once (one per
  * producer): the index of the first that is ready (has handles, or is
  * closed), or of the first that is no longer the channel it was (released:
- * its recv says so).  Takes nothing.
+ * its recv says so), or, once it would sleep, of the first whose sender
+ * has exited (its recv says that too).  Takes nothing.
  */
 static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -645,7 +681,8 @@ static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssiz
         goto fail;
     if (found < 0) {
         struct watch w = {chs, (int)n, 1, 0};
-        found = sleep_until(&w, deadline);
+        int gone;  /* its recv says so */
+        found = sleep_until(&w, deadline, &gone);
         if (found == -2)
             goto fail;
     }
@@ -742,7 +779,8 @@ PyMODINIT_FUNC PyInit__channel(void)
         PyModule_AddIntConstant(m, "MAX_WAIT_ANY", FUTEX_WAITV_MAX) < 0 ||
         PyModule_AddIntConstant(m, "OK", CH_OK) < 0 || PyModule_AddIntConstant(m, "TIMEOUT", CH_TIMEOUT) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", CH_CLOSED) < 0 || PyModule_AddIntConstant(m, "IN_USE", CH_IN_USE) < 0 ||
-        PyModule_AddIntConstant(m, "STALE", CH_STALE) < 0 || PyModule_AddIntConstant(m, "SELF", CH_SELF) < 0) {
+        PyModule_AddIntConstant(m, "STALE", CH_STALE) < 0 || PyModule_AddIntConstant(m, "SELF", CH_SELF) < 0 ||
+        PyModule_AddIntConstant(m, "PEER_GONE", CH_PEER_GONE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -490,3 +490,98 @@ def test_wait_any_follows_the_channels_it_is_given(heap):
     assert slitter.Channel.wait_any([a, b], timeout=0) is a  # the first ready, in the order given
     assert slitter.Channel.wait_any((b, a), timeout=0) is b
     assert slitter.Channel.wait_any(iter([a]), timeout=0) is a
+
+
+def _in_thread(call):
+    """Run ``call`` in a thread; a function that joins it (60 s) and returns (what it returned or raised, its tid)."""
+    box: list = []
+
+    def run() -> None:
+        box.append(threading.get_native_id())
+        try:
+            box.append(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)  # a wait that never ends must not keep pytest alive
+    thread.start()
+
+    def result():
+        thread.join(60)
+        assert not thread.is_alive(), "the call is still waiting"
+        return box[1], box[0]
+
+    return result
+
+
+@pytest.mark.parametrize("side", ["recv", "send"])
+def test_a_side_waiting_on_a_peer_killed_with_sigkill_is_told(daemon, heap, side):
+    """A receiver blocked with no timeout on an empty channel whose sender dies (or a sender on a full one whose
+    receiver dies) gets ChannelPeerGone naming the dead thread, instead of waiting forever; the channel stays
+    open, and other threads take both sides over."""
+    channel = heap.channel(16)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=workers.channel_claim_then_hang,
+                       args=(daemon.address, channel.handle, "send" if side == "recv" else "recv", queue))
+    proc.start()
+    peer_ready = threading.Event()
+    got: list = []
+
+    def our_side():
+        """One thread for all of this side's calls: one receiver (sender) per channel."""
+        if side == "recv":
+            got.extend(channel.recv_many(16, timeout=60))  # what it sent comes first
+            return channel.recv()
+        channel.send(9)  # for the peer to receive: then it holds the receiver's claim
+        assert peer_ready.wait(60)
+        channel.send_many(range(16))  # full
+        return channel.send(16)
+
+    try:
+        result = _in_thread(our_side)
+        pid, tid = queue.get(timeout=60)
+        peer_ready.set()
+        _until_asleep(channel, "receiver" if side == "recv" else "sender")
+        proc.kill()
+        proc.join(60)
+        exc, ours = result()
+    finally:
+        peer_ready.set()
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    assert isinstance(exc, slitter.ChannelPeerGone), exc
+    assert isinstance(exc, slitter.ChannelClosed)  # a loop that ends on ChannelClosed ends here too
+    assert (exc.pid, exc.thread, exc.channel, exc.sent) == (pid, tid, channel.handle, 0)
+    assert f"thread {tid} of process {pid}" in str(exc) and f"{channel.handle:#x}" in str(exc)
+    assert not channel.closed
+    _gone(ours)
+    if side == "recv":
+        assert got == [1, 2, 3]
+        channel.send(4)  # this thread takes the dead sender's side, then our exited thread's
+        assert channel.recv(timeout=10) == 4
+    else:
+        assert list(channel.recv_many(16, timeout=0)) == list(range(16))  # the dead receiver's side
+        channel.send(16)  # our exited thread's
+        assert channel.recv(timeout=0) == 16
+
+
+def test_a_sender_thread_that_returns_without_closing_ends_the_stream(heap):
+    """The receiver gets everything the thread sent, then ChannelPeerGone, at once even with timeout 0;
+    wait_any returns the channel instead of sleeping."""
+    channel, other = heap.channel(16), heap.channel(16)
+    tids: list[int] = []
+    sender = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), channel.send_many([5, 6])))
+    sender.start()
+    sender.join()
+    _gone(tids[0])
+    assert slitter.Channel.wait_any([other, channel], timeout=10) is channel  # it has handles
+    assert list(channel.recv_many(16)) == [5, 6]
+    with pytest.raises(slitter.ChannelPeerGone, match=f"thread {tids[0]} of process {os.getpid()}"):
+        channel.recv(timeout=0)
+    with pytest.raises(slitter.ChannelPeerGone):
+        channel.recv()  # no timeout: told, not left waiting
+    assert slitter.Channel.wait_any([other, channel], timeout=10) is channel
+    with pytest.raises(slitter.ChannelTimeout):
+        other.recv(timeout=0)  # nobody has sent on it yet: an unclaimed side is not a dead one

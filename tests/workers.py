@@ -1317,6 +1317,22 @@ def channel_counter(address, handle, count, queue):
         queue.put("sent")
 
 
+def channel_claim_then_hang(address, handle, side, queue):
+    """Take one side of a channel ("send": send 1, 2, 3; "recv": receive one handle), report (pid, tid), then hang."""
+    import os
+    import threading
+    import time
+
+    heap = slitter.connect(address, name="claim-then-hang")
+    channel = heap.open_channel(handle)
+    if side == "send":
+        channel.send_many([1, 2, 3])
+    else:
+        channel.recv(timeout=60)
+    queue.put((os.getpid(), threading.get_native_id()))
+    time.sleep(600)
+
+
 def channel_send_then_hang(address, handle, count, queue):
     """Allocate and send ``count`` stamped objects, keep a few more cached, report, then wait to be killed."""
     import time
