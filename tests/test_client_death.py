@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -93,23 +94,36 @@ class Record:
 def _kill_one(ctx, daemon, heap, record: Record, seed: int, delay: float):
     """Start a victim, let it run ``delay`` s, SIGKILL it; (pid, latency, stats after reclaim)."""
     p = ctx.Process(target=workers.death_loop, args=(daemon.address, seed, str(record.path), SLOTS, SIZES))
-    p.start()
-    try:
+
+    def attached() -> None:
         deadline = time.monotonic() + 30
         while record.rec[0] != 1:
             assert p.is_alive(), f"victim exited with {p.exitcode}"
             assert time.monotonic() < deadline, "victim never attached"
             time.sleep(0.005)
+
+    latency, stats = _kill_when_ready(heap, p, attached, delay)
+    return p.pid, latency, stats
+
+
+def _kill_when_ready(heap, p, ready: Callable[[], None], delay: float) -> tuple[float, dict]:
+    """Start ``p``, wait for ``ready()``, let it run ``delay`` s, SIGKILL it; (reclaim latency, stats after).
+
+    Reaps it whatever happens.
+    """
+    p.start()
+    try:
+        ready()
         time.sleep(delay)
         since = time.monotonic()
         os.kill(p.pid, signal.SIGKILL)
-        latency, stats = wait_reclaimed(heap, p.pid, since)
+        result = wait_reclaimed(heap, p.pid, since)
     finally:
         if p.is_alive():
             p.kill()
         p.join(10)
     assert p.exitcode == -signal.SIGKILL, p.exitcode
-    return p.pid, latency, stats
+    return result
 
 
 def test_sigkilled_clients_are_reclaimed_at_once_and_lose_nothing(daemon, heap, tmp_path):
@@ -301,18 +315,7 @@ def test_clients_killed_inside_batches_leave_exact_counters(daemon, heap):
         before = heap.stats()["classes"]["batches"]
         ready = ctx.Queue()
         victim = ctx.Process(target=workers.batch_victim, args=(daemon.address, seed * 100 + round_, ready))
-        victim.start()
-        try:
-            assert ready.get(timeout=60) == "looping", where
-            time.sleep(rng.uniform(0.01, 0.2))
-            since = time.monotonic()
-            os.kill(victim.pid, signal.SIGKILL)
-            _latency, stats = wait_reclaimed(heap, victim.pid, since)
-        finally:
-            if victim.is_alive():
-                victim.kill()
-            victim.join(10)
-        assert victim.exitcode == -signal.SIGKILL, (where, victim.exitcode)
+        _latency, stats = _kill_when_ready(heap, victim, lambda: ready.get(timeout=60), rng.uniform(0.01, 0.2))
         c = stats["classes"]["batches"]
         assert c["cached"] == c["shelved"], (where, c)
         assert c["carved"] == c["live"] + c["cached"] + c["free"], (where, c)
