@@ -128,14 +128,15 @@ they all wait on one barrier, and the timed windows start there.
      8-byte store). A shared "items" semaphore wakes the consumer, and a
      per-producer "space" semaphore holds the producer back when its ring is
      full. Producers write records straight into their slots.
-   - Ring + handles, a control rather than a peer: the ring, except that the
-     producer also publishes the 64 records' offsets in handle slots as
-     slitter's producer does, and the consumer copies them out and reads
-     the records at those offsets, as slitter's consumer does. What
-     separates it from the ring is the cost of passing 8-byte handles
-     between the cores. Since slitter's stream uses channels, what
-     separates it from slitter is the allocator (``allocate_many``,
-     ``check``, ``release_many``) and the hand-off (semaphores here).
+   - Channels, no allocator, a control rather than a peer: slitter's
+     producer and consumer, line for line, with the records in ring slots
+     of one SharedMemory (4 batches per producer, taken in turn) instead
+     of slitter objects: ``allocate_many`` hands out the next batch's
+     offsets, ``check`` and ``release_many`` do nothing, and the offsets
+     travel through the same channels. What separates it from slitter is
+     the allocator alone; what separates it from the ring is the hand-off
+     (channels against semaphores). (Until 2026-11-26 the control was
+     "ring + handles": the ring's semaphores with offsets in handle slots.)
 
 Streaming runs five repetitions, the rest three: the streaming ratios
 moved by up to 0.11 between runs of three.
@@ -811,23 +812,60 @@ def _published_batches(items, heads, producers: int):
         tails[p] += BATCH
 
 
-def handle_slot(slots: int, producer: int, head: int) -> int:
-    """Offset of the BATCH handles of ``producer``'s batch at ``head``: WINDOW slots per producer from ``slots``."""
-    return slots + (producer * WINDOW + head // BATCH % WINDOW) * BATCH * 8
-
-
 # slitter
 
 RETURN_CAPACITY = 1024  # the consumer's returns to a releasing producer: never full
 
 
+class _RingSlots:
+    """The control's records: slots of a ring in one SharedMemory, per producer, instead of slitter objects.
+
+    Stands in for the class in slitter's stream loops: ``allocate_many``
+    hands out the producer's next WINDOW-th of its ring, ``check`` and
+    ``release_many`` do nothing.  Safe to reuse: with CHANNEL_WINDOW
+    batches in the channel, one being read and one being written, a slot
+    comes round again only after the consumer has read it.
+    """
+
+    def __init__(self, name: str, producers: int, size: int, producer: int = 0) -> None:
+        self.shm = shared_memory.SharedMemory(name)
+        self.arena = self.shm.buf
+        ring = ring_layout(producers, size)[0] + producer * RING_SLOTS * size
+        self.batches = [array("Q", range(ring + w * BATCH * size, ring + (w + 1) * BATCH * size, size))
+                        for w in range(WINDOW)]
+        self.next = 0
+
+    def allocate_many(self, n: int) -> array:
+        self.next += 1
+        return self.batches[self.next % WINDOW]
+
+    def check(self, handles) -> None:
+        pass
+
+    def release_many(self, handles) -> None:
+        pass
+
+    def close(self) -> None:
+        self.arena.release()
+        self.shm.close()
+
+
 def stream_slitter_producer(address: str, size: int, producer: int, channel: int, back: int | None,
-                            duration: float):
-    """A slitter producer: a batch's handles go through its channel; ``back``: the consumer returns them to release."""
+                            duration: float, ring: tuple[str, int] | None = None):
+    """A slitter producer: a batch's handles go through its channel; ``back``: the consumer returns them to release.
+
+    ``ring``: (SharedMemory name, producers) for the control, which runs
+    these lines with ring slots in place of slitter objects (_RingSlots).
+    """
     heap = slitter.connect(address)
-    cls = heap.register_class(f"stream-{size}", size)
-    cls.release_many(cls.allocate_many(BATCH))
-    arena, tmpl = heap.arena, template(size)
+    if ring is None:
+        cls = heap.register_class(f"stream-{size}", size)
+        cls.release_many(cls.allocate_many(BATCH))
+        arena = heap.arena
+    else:
+        cls = _RingSlots(*ring, size, producer)
+        arena = cls.arena
+    tmpl = template(size)
     link = heap.open_channel(channel)
     returned = heap.open_channel(back) if back is not None else None
     out = 0  # handles sent and not yet returned (producer releases)
@@ -852,17 +890,28 @@ def stream_slitter_producer(address: str, size: int, producer: int, channel: int
             done = returned.recv_many(RETURN_CAPACITY, timeout=30)
             cls.release_many(done)
             out -= len(done)
+        if ring is not None:
+            cls.close()
         heap.close()
 
     return _produce_loop(send_batch, duration, link.close), cleanup
 
 
-def stream_slitter_consumer(address: str, size: int, channels: list[int], backs: list[int] | None):
-    """The slitter consumer: waits on every producer's channel at once; releases what it read, or returns it."""
+def stream_slitter_consumer(address: str, size: int, channels: list[int], backs: list[int] | None,
+                            ring: tuple[str, int] | None = None):
+    """The slitter consumer: waits on every producer's channel at once; releases what it read, or returns it.
+
+    ``ring``: as for the producer, the control.
+    """
     heap = slitter.connect(address)
-    cls = heap.register_class(f"stream-{size}", size)
-    cls.release_many(cls.allocate_many(BATCH))
-    arena, check, crc32, wait_any = heap.arena, cls.check, zlib.crc32, slitter.Channel.wait_any
+    if ring is None:
+        cls = heap.register_class(f"stream-{size}", size)
+        cls.release_many(cls.allocate_many(BATCH))
+        arena = heap.arena
+    else:
+        cls = _RingSlots(*ring, size)
+        arena = cls.arena
+    check, crc32, wait_any = cls.check, zlib.crc32, slitter.Channel.wait_any
     links = [heap.open_channel(c) for c in channels]
     returns = {link.handle: heap.open_channel(b) for link, b in zip(links, backs)} if backs else None
 
@@ -891,7 +940,12 @@ def stream_slitter_consumer(address: str, size: int, channels: list[int], backs:
             n += len(handles)
         return n, verify.errors
 
-    return work, heap.close
+    def cleanup() -> None:
+        if ring is not None:
+            cls.close()
+        heap.close()
+
+    return work, cleanup
 
 
 # Queue
@@ -973,25 +1027,21 @@ def stream_pipe_consumer(conns: list, size: int):
 
 
 
-def ring_layout(producers: int, size: int) -> tuple[int, int, int]:
-    """(offset of producer 0's ring, offset of producer 0's handle slots, total bytes)."""
+def ring_layout(producers: int, size: int) -> tuple[int, int]:
+    """(offset of producer 0's ring, total bytes)."""
     base = producers * CTL_STRIDE
     base = (base + 4095) // 4096 * 4096
-    handles = base + producers * RING_SLOTS * size
-    return base, handles, handles + producers * WINDOW * BATCH * 8
+    return base, base + producers * RING_SLOTS * size
 
 
-def stream_ring_producer(name: str, producers: int, size: int, producer: int, items, space, duration: float,
-                         with_handles: bool):
-    """A ring producer; ``with_handles``: it also publishes each record's offset, as slitter's producer does."""
+def stream_ring_producer(name: str, producers: int, size: int, producer: int, items, space, duration: float):
+    """A ring producer: a batch into its next slots, one head store, a semaphore token for the consumer."""
     shm = shared_memory.SharedMemory(name)
     data = shm.buf
     heads = data[:producers * CTL_STRIDE].cast("Q")
     me = producer * CTL_STRIDE // 8
-    first, handles, _ = ring_layout(producers, size)
-    ring = first + producer * RING_SLOTS * size
+    ring = ring_layout(producers, size)[0] + producer * RING_SLOTS * size
     tmpl = template(size)
-    offsets = [array("Q", range(ring + w * BATCH * size, ring + (w + 1) * BATCH * size, size)) for w in range(WINDOW)]
 
     def send_batch(seq: int) -> None:
         space.acquire()
@@ -999,9 +1049,6 @@ def stream_ring_producer(name: str, producers: int, size: int, producer: int, it
         base = ring + (head % RING_SLOTS) * size
         for j in range(BATCH):
             _stream_write(data, base + j * size, size, tmpl, seq + j, producer)
-        if with_handles:
-            slot = handle_slot(handles, producer, head)
-            data[slot:slot + BATCH * 8] = memoryview(offsets[head // BATCH % WINDOW]).cast("B")
         heads[me] = head + BATCH  # publish: one aligned 8-byte store
         items.release()
 
@@ -1017,12 +1064,12 @@ def stream_ring_producer(name: str, producers: int, size: int, producer: int, it
     return _produce_loop(send_batch, duration, finish), cleanup
 
 
-def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: list, with_handles: bool):
-    """The ring consumer; ``with_handles``: it reads the records at the offsets published, as slitter's does."""
+def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: list):
+    """The ring consumer: a token, then the next batch of whichever producer published one."""
     shm = shared_memory.SharedMemory(name)
     data = shm.buf
     heads = data[:producers * CTL_STRIDE].cast("Q")
-    base, handle_slots, _ = ring_layout(producers, size)
+    base = ring_layout(producers, size)[0]
     crc32 = zlib.crc32
 
     def work() -> tuple[int, int]:
@@ -1030,15 +1077,8 @@ def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: li
         n = 0
         for p, tail in _published_batches(items, heads, producers):
             start = base + p * RING_SLOTS * size + (tail % RING_SLOTS) * size
-            if with_handles:
-                slot = handle_slot(handle_slots, p, tail)
-                offsets = array("Q")
-                offsets.frombytes(data[slot:slot + BATCH * 8])
-                for off in offsets:
-                    crc32(data[off:off + size])
-            else:
-                for off in range(start, start + BATCH * size, size):
-                    crc32(data[off:off + size])
+            for off in range(start, start + BATCH * size, size):
+                crc32(data[off:off + size])
             verify.batch(data[start:start + 16])
             spaces[p].release()
             n += BATCH
@@ -1055,19 +1095,25 @@ def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: li
 
 def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, size: int, producers: int,
                  duration: float) -> dict[str, Any]:
-    if peer in (SLITTER, SLITTER_PRODUCER_RELEASES):
+    if peer in (SLITTER, SLITTER_PRODUCER_RELEASES, CHANNEL_CONTROL):
         links = [heap.channel(CHANNEL_WINDOW) for _ in range(producers)]
         backs = [heap.channel(RETURN_CAPACITY) for _ in range(producers)] if peer == SLITTER_PRODUCER_RELEASES else []
+        shm = (shared_memory.SharedMemory(create=True, size=ring_layout(producers, size)[1])
+               if peer == CHANNEL_CONTROL else None)
+        ring = (shm.name, producers) if shm else None
         try:
             parts = [(stream_slitter_producer, (address, size, p, links[p].handle,
-                                                backs[p].handle if backs else None, duration))
+                                                backs[p].handle if backs else None, duration, ring))
                      for p in range(producers)]
             parts.append((stream_slitter_consumer, (address, size, [c.handle for c in links],
-                                                    [c.handle for c in backs] or None)))
-            return trial(parts, [daemon_pid])
+                                                    [c.handle for c in backs] or None, ring)))
+            return trial(parts, [daemon_pid] + ([tracker_pid()] if shm else []))
         finally:
             for c in links + backs:
                 c.release()
+            if shm:
+                shm.close()
+                shm.unlink()
     elif peer == "Queue":
         q = CTX.Queue(maxsize=WINDOW * producers)
         parts = [(stream_queue_producer, (q, size, p, duration)) for p in range(producers)]
@@ -1080,15 +1126,14 @@ def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, s
         parts = [(stream_pipe_producer, (pipes[p][1], size, p, duration)) for p in range(producers)]
         parts.append((stream_pipe_consumer, ([r for r, _ in pipes], size)))
         result = trial(parts, [])
-    else:  # ring, or the ring with handles
-        with_handles = peer == RING_WITH_HANDLES
-        shm = shared_memory.SharedMemory(create=True, size=ring_layout(producers, size)[2])
+    else:  # the ring
+        shm = shared_memory.SharedMemory(create=True, size=ring_layout(producers, size)[1])
         try:
             items = CTX.Semaphore(0)
             spaces = [CTX.Semaphore(WINDOW) for _ in range(producers)]
-            parts = [(stream_ring_producer, (shm.name, producers, size, p, items, spaces[p], duration, with_handles))
+            parts = [(stream_ring_producer, (shm.name, producers, size, p, items, spaces[p], duration))
                      for p in range(producers)]
-            parts.append((stream_ring_consumer, (shm.name, producers, size, items, spaces, with_handles)))
+            parts.append((stream_ring_consumer, (shm.name, producers, size, items, spaces)))
             return trial(parts, [tracker_pid()])
         finally:
             shm.close()
@@ -1102,9 +1147,9 @@ def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, s
 SLITTER = "slitter"
 SLITTER_PRODUCER_RELEASES = "slitter, producer releases"
 STREAM_OURS = (SLITTER, SLITTER_PRODUCER_RELEASES)
-#: A control, not a peer: the ring, plus the 8-byte handles that slitter's stream passes (no allocator).
-RING_WITH_HANDLES = "ring + handles"
-STREAM_PEERS = (*STREAM_OURS, "Queue", "Pipe", "ring", RING_WITH_HANDLES)
+#: A control, not a peer: slitter's stream loops and channels, with ring slots for records (no allocator).
+CHANNEL_CONTROL = "channels, no allocator"
+STREAM_PEERS = (*STREAM_OURS, "Queue", "Pipe", "ring", CHANNEL_CONTROL)
 
 
 def run_streaming(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, duration: float,
