@@ -26,7 +26,7 @@ bench: $(VENV)/.installed
 # Every benchmark in bench/, as recorded in doc/performance.md (several minutes).
 bench-all: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check 'matplotlib>=3.5'
-	cd bench && for b in fastpath overhead daemon peers scaling channels; do ../$(PY) $$b.py || exit 1; done
+	cd bench && for b in fastpath overhead daemon peers scaling channels backing; do ../$(PY) $$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
