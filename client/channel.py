@@ -111,7 +111,7 @@ class Channel:
 
         Raises:
             ChannelTimeout, ChannelClosed, ChannelInUse (another thread sends on it),
-            ChannelPeerGone (a ChannelClosed: the ring is full and its receiver's thread has exited),
+            ChannelPeerGone (a ChannelClosed: the ring is full and its receiver's process is gone),
             ChannelError (released, or this thread is its receiver and would wait forever).
         """
         if type(handles) is not array or handles.typecode != "Q":
@@ -123,9 +123,9 @@ class Channel:
                 raise ValueError(f"channel {self.handle:#x}: a handle is an int from 0 to 2**64 - 1") from None
         if self._heap._closed:  # the mapping outlives the heap; the channel does not
             raise self._heap._closed_error()
-        sent, status = _send(self._arena, self.handle, self.capacity, self._serial, handles, timeout)
+        sent, status, peer = _send(self._arena, self.handle, self.capacity, self._serial, handles, timeout)
         if status != _OK:
-            raise self._error(status, "send to", sent)
+            raise self._error(status, "send to", sent, peer)
 
     # -- receiving ----------------------------------------------------------
 
@@ -134,8 +134,8 @@ class Channel:
 
         Raises:
             ChannelClosed: the channel is closed and every handle sent before has been received.
-            ChannelPeerGone (a ChannelClosed): the ring is empty and its sender's thread has exited
-                without closing it.
+            ChannelPeerGone (a ChannelClosed): the ring is empty and its sender's process is gone
+                (exited without closing it).
             ChannelTimeout, ChannelInUse (another thread receives from it),
             ChannelError (released, or this thread is its sender and would wait forever).
         """
@@ -151,9 +151,9 @@ class Channel:
         if self._heap._closed:
             raise self._heap._closed_error()
         out = _ZERO * min(limit, self.capacity)  # never more than the ring holds
-        got, status = _recv(self._arena, self.handle, self.capacity, self._serial, out, timeout)
+        got, status, peer = _recv(self._arena, self.handle, self.capacity, self._serial, out, timeout)
         if status != _OK:
-            raise self._error(status, "receive from", 0)
+            raise self._error(status, "receive from", 0, peer)
         if got < len(out):
             del out[got:]
         return out
@@ -166,8 +166,10 @@ class Channel:
         ``recv_many(limit, timeout=0)`` from the channel returned.  It takes
         nothing; up to 128 channels of one heap.  A channel released
         meanwhile is returned too: its ``recv_many`` raises ChannelError; so
-        is one whose sender's thread has exited, once the call would sleep:
-        its ``recv_many`` raises ChannelPeerGone when it is empty.
+        is one whose sender's process is gone, once the call would sleep or
+        at its timeout: its ``recv_many`` raises ChannelPeerGone when it is
+        empty.  Drop a channel that raised from the set, as a closed one:
+        it would be returned again at once.
         Sleeps on all of them at once (Linux 5.16's futex_waitv) after the
         same short spin as ``recv``.
 
@@ -232,7 +234,8 @@ class Channel:
         """(head, tail, closed, sender token, receiver token, receiver sleeping, sender sleeping)."""
         return _channel.state(self._arena, self.handle, self.capacity)
 
-    def _error(self, status: int, verb: str, sent: int) -> errors.ChannelError:
+    def _error(self, status: int, verb: str, sent: int, peer: int = 0) -> errors.ChannelError:
+        """The exception for a refused call; ``peer``: the gone claim's token (pid << 32 | tid), for PEER_GONE."""
         where = f"channel {self.handle:#x} ({self.capacity} slots)"
         sending = verb.startswith("send")
         if status == _TIMEOUT:
@@ -250,12 +253,11 @@ class Channel:
                                        f"forever (pass a timeout); {sent} sent", channel=self.handle, sent=sent)
         if status == _PEER_GONE:
             other = "receiver" if sending else "sender"
-            token = self._state()[4 if sending else 3]
             what = f"the ring is full; {sent} sent" if sending else "everything it sent has been received"
-            return errors.ChannelPeerGone(f"cannot {verb} {where}: its {other}, thread {token & 0xFFFFFFFF} of "
-                                          f"process {token >> 32}, has exited without closing it, and {what}",
-                                          channel=self.handle, sent=sent, thread=token & 0xFFFFFFFF,
-                                          pid=token >> 32)
+            return errors.ChannelPeerGone(f"cannot {verb} {where}: its {other}, thread {peer & 0xFFFFFFFF} of "
+                                          f"process {peer >> 32}, is gone (the process exited without closing "
+                                          f"it), and {what}", channel=self.handle, sent=sent,
+                                          thread=peer & 0xFFFFFFFF, pid=peer >> 32)
         side = "sender" if sending else "receiver"
         token = self._state()[3 if sending else 4]
         return errors.ChannelInUse(f"cannot {verb} {where}: thread {token & 0xFFFFFFFF} of process {token >> 32} "

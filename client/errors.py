@@ -94,13 +94,15 @@ class ChannelClosed(ChannelError):
 
 
 class ChannelPeerGone(ChannelClosed):
-    """The other side's thread exited without closing the channel, so the wait for it would never end.
+    """The other side's process is gone (it exited, or was killed, without closing the channel).
 
-    A receive raises it once the ring is empty (everything the sender
-    published has been received first); a send raises it when the ring is
-    full. The channel stays open: a new thread, of any process, may take
-    the other side over, and the calls go on. ``thread`` and ``pid`` name the
-    thread that exited; ``sent`` is how many handles of a ``send_many`` went.
+    The wait for it would never end, so instead: a receive raises it once
+    the ring is empty (everything the sender published has been received
+    first); a send raises it when the ring is full.  A thread that exits
+    while its process lives is not a gone peer: another thread of it may
+    take the side over.  The channel stays open, and another process may
+    take the side over too.  ``thread`` and ``pid`` name the claim that is
+    gone; ``sent`` is how many handles of a ``send_many`` went.
     """
 
 

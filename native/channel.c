@@ -36,12 +36,14 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -163,23 +165,61 @@ static uint64_t token(void)
     return my_token;
 }
 
-/* The thread behind a token has exited (its process may be alive): its claim may pass on. */
+static int process_gone(pid_t pid);
+
+/*
+ * The thread behind a token has exited (its process may be alive): its
+ * claim may pass on.  A process's other threads leave at once, but its
+ * main thread stays a zombie until the parent reaps the process, and
+ * tgkill still finds it: so for a main thread, the process is asked too.
+ */
 static int token_gone(uint64_t t)
 {
-    return syscall(SYS_tgkill, (pid_t)(t >> 32), (pid_t)(uint32_t)t, 0) < 0 && errno == ESRCH;
+    pid_t pid = (pid_t)(t >> 32), tid = (pid_t)(uint32_t)t;
+    if (syscall(SYS_tgkill, pid, tid, 0) < 0)
+        return errno == ESRCH;
+    return tid == pid && process_gone(pid);
 }
 
 /*
- * The other side's claim is held by a thread that has exited (a producer
- * that crashed, or returned without closing): the wait for it would never
- * end.  One tgkill, so it is asked only where a side sleeps or times out,
- * never on a transfer.  0 for an unclaimed side (it has not come yet) and
- * for our own claim (CH_SELF's case).
+ * The process is gone: exited, or a zombie that its parent has not reaped
+ * yet.  kill(pid, 0) still succeeds on a zombie, and the side waiting for
+ * it may be that very parent, blocked here; so a live pid's state letter
+ * is read from /proc (Z or X: dead).  Another user's process (EPERM) or an
+ * unreadable state counts as alive.
  */
-static int peer_gone(struct channel *ch, int receiver)
+static int process_gone(pid_t pid)
+{
+    if (kill(pid, 0) < 0)
+        return errno == ESRCH;
+    char path[40], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    const char *paren = strrchr(buf, ')');   /* the command name may hold spaces and parentheses */
+    return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+}
+
+/*
+ * The other side's claim is held by a process that is gone (a producer
+ * that crashed, or exited without closing): the wait for it would never
+ * end.  Returns that claim's token, or 0.  Asked only where a side sleeps
+ * or times out, never on a transfer: a kill() and, for a live pid, a read
+ * of /proc.  A thread that exited in a live process is not a gone peer:
+ * another thread of it may take the side over, as a pool's threads take
+ * turns.  0 for an unclaimed side (it has not come yet) and for a claim
+ * of our own process (CH_SELF's case among them).
+ */
+static uint64_t peer_gone(struct channel *ch, int receiver)
 {
     uint64_t peer = load_acquire(receiver ? &ch->sender : &ch->receiver);
-    return peer != 0 && peer != token() && token_gone(peer);
+    return peer != 0 && peer >> 32 != token() >> 32 && process_gone((pid_t)(peer >> 32)) ? peer : 0;
 }
 
 /*
@@ -207,11 +247,11 @@ static int watched_ready(const struct watch *w)
     return -1;
 }
 
-/* The first watched channel whose other side has exited, or -1. */
-static int watched_gone(const struct watch *w)
+/* The first watched channel whose other side is gone, with its token in *gone; or -1. */
+static int watched_gone(const struct watch *w, uint64_t *gone)
 {
     for (int i = 0; i < w->n; i++)
-        if (peer_gone(w->chs[i], w->receiver))
+        if ((*gone = peer_gone(w->chs[i], w->receiver)) != 0)
             return i;
     return -1;
 }
@@ -226,12 +266,12 @@ static uint32_t *sleeping_word(const struct watch *w, int i)
  * moved, or it was closed): spin up to SPIN_NS yielding the CPU, then sleep
  * on the futex words (futex_waitv for several, Linux 5.16; on an older
  * kernel, on the first word for at most a millisecond at a time).
- * Before each sleep it also asks whether a channel's other side has
- * exited (watched_gone): then that index, with *gone set.
+ * Before each sleep it also asks whether a channel's other side is gone
+ * (watched_gone): then that index, with the gone claim's token in *gone.
  * deadline_ns < 0: no deadline.  Returns the ready index, -1 on timeout,
  * or -2 with a Python exception set (a signal handler raised).
  */
-static int sleep_until(const struct watch *w, int64_t deadline_ns, int *gone)
+static int sleep_until(const struct watch *w, int64_t deadline_ns, uint64_t *gone)
 {
     *gone = 0;
     int found = watched_ready(w);
@@ -261,10 +301,8 @@ static int sleep_until(const struct watch *w, int64_t deadline_ns, int *gone)
         full_fence();
         if ((found = watched_ready(w)) >= 0)
             break;
-        if ((found = watched_gone(w)) >= 0) {
-            *gone = 1;
+        if ((found = watched_gone(w, gone)) >= 0)
             break;
-        }
         t = now_ns();
         if (deadline_ns >= 0 && t >= deadline_ns)
             break;
@@ -406,35 +444,42 @@ static void unclaim(uint64_t *claim, int took, int status)
  * timeout, so that nothing but itself could end the wait; CH_STALE when
  * the channel was released while it waited (the object may be another
  * channel by now: its ring must not be touched); -2 with a Python
- * exception set; CH_PEER_GONE when the other side's thread has exited
- * and the ring is still empty (full, for a sender): seen before a sleep,
- * or at a timeout.
+ * exception set; CH_PEER_GONE, with the gone claim's token in *peer, when
+ * the other side's process is gone and the ring is still empty (full, for
+ * a sender): seen before a sleep, or at a timeout.
  */
 static int wait_one(struct channel *ch, int receiver, uint64_t tail_seen, int64_t deadline, uint64_t capacity,
-                    uint64_t serial)
+                    uint64_t serial, uint64_t *peer)
 {
-    if (deadline == -1 && load_relaxed(receiver ? &ch->sender : &ch->receiver) == token())
+    uint64_t *other = receiver ? &ch->sender : &ch->receiver;
+    if (deadline == -1 && load_relaxed(other) == token())
         return CH_SELF;
     struct channel *one[1] = {ch};
     struct watch w = {one, 1, receiver, tail_seen};
-    int gone;
+    uint64_t gone;
     int r = sleep_until(&w, deadline, &gone);
     if (r == -2)
         return -2;
     if (!live(ch, capacity, serial))
         return CH_STALE;
-    /* A new thread may have taken the side over and sent (taken) meanwhile: then look again. */
-    if ((gone || (r == -1 && peer_gone(ch, receiver))) && watched_ready(&w) < 0)
+    if (gone == 0 && r == -1)
+        gone = peer_gone(ch, receiver);
+    /* Still that claim, and still nothing to do: else another process took the side over and may have sent
+     * (taken) meanwhile, and the caller looks again. */
+    if (gone != 0 && load_acquire(other) == gone && watched_ready(&w) < 0) {
+        *peer = gone;
         return CH_PEER_GONE;
+    }
     return r == -1 ? CH_TIMEOUT : CH_OK;
 }
 
-/* Release the call's two buffers and return (count, status), or NULL (fail: an exception is set). */
-static PyObject *finish(Py_buffer *handles, Py_buffer *arena, int fail, uint64_t count, int status)
+/* Release the call's two buffers and return (count, status, gone peer's token or 0), or NULL (fail: an
+ * exception is set). */
+static PyObject *finish(Py_buffer *handles, Py_buffer *arena, int fail, uint64_t count, int status, uint64_t peer)
 {
     PyBuffer_Release(handles);
     PyBuffer_Release(arena);
-    return fail ? NULL : Py_BuildValue("(Ki)", (unsigned long long)count, status);
+    return fail ? NULL : Py_BuildValue("(KiK)", (unsigned long long)count, status, (unsigned long long)peer);
 }
 
 /*
@@ -458,7 +503,7 @@ static int parse_transfer(PyObject *const *args, Py_ssize_t nargs, const char *n
         *deadline = -2;
     }
     if (*deadline == -2) {
-        finish(buf, arena, 1, 0, 0);
+        finish(buf, arena, 1, 0, 0, 0);
         return -1;
     }
     return 0;
@@ -499,7 +544,7 @@ static PyObject *channel_serial(PyObject *self, PyObject *const *args, Py_ssize_
 }
 
 /*
- * send(arena, offset, capacity, serial, handles, timeout) -> (sent, status).
+ * send(arena, offset, capacity, serial, handles, timeout) -> (sent, status, peer).
  * Copies the handles (an 8-byte buffer) into the ring as room allows,
  * publishing each run with one head store; waits for room.  Stops early on
  * a timeout or a closed channel; then `sent` says how many went.
@@ -510,7 +555,7 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
 {
     Py_buffer arena, items;
     struct channel *ch;
-    uint64_t capacity, serial, sent = 0;
+    uint64_t capacity, serial, sent = 0, peer = 0;
     int64_t deadline;
     int status = CH_OK;
     (void)self;
@@ -542,7 +587,7 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
         uint64_t head = load_relaxed(&ch->head), tail = load_acquire(&ch->tail);
         uint64_t used = head - tail, room = used < capacity ? capacity - used : 0;
         if (room == 0) {
-            int r = wait_one(ch, 0, tail, deadline, capacity, serial);
+            int r = wait_one(ch, 0, tail, deadline, capacity, serial, &peer);
             if (r == -2)
                 goto fail;
             if (r != CH_OK) {
@@ -561,13 +606,13 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
         wake_if_sleeping(&ch->receiver_sleeping, &ch->receiver_wake);
     }
 out:
-    return finish(&items, &arena, 0, sent, status);
+    return finish(&items, &arena, 0, sent, status, peer);
 fail:
-    return finish(&items, &arena, 1, 0, 0);
+    return finish(&items, &arena, 1, 0, 0, 0);
 }
 
 /*
- * recv(arena, offset, capacity, serial, out, timeout) -> (count, status).
+ * recv(arena, offset, capacity, serial, out, timeout) -> (count, status, peer).
  * Waits until at least one handle is in the ring, then copies up to
  * len(out) into the writable 8-byte buffer `out` and frees their slots
  * with one tail store.  A closed channel still yields what was sent before
@@ -577,7 +622,7 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
 {
     Py_buffer arena, out;
     struct channel *ch;
-    uint64_t capacity, serial, got = 0;
+    uint64_t capacity, serial, got = 0, peer = 0;
     int64_t deadline;
     int status = CH_OK;
     (void)self;
@@ -614,7 +659,7 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
             status = CH_CLOSED;
             break;
         }
-        int r = wait_one(ch, 1, 0, deadline, capacity, serial);
+        int r = wait_one(ch, 1, 0, deadline, capacity, serial, &peer);
         if (r == -2)
             goto fail;
         if (r != CH_OK) {
@@ -624,9 +669,9 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
         }
     }
 done:
-    return finish(&out, &arena, 0, got, status);
+    return finish(&out, &arena, 0, got, status, peer);
 fail:
-    return finish(&out, &arena, 1, 0, 0);
+    return finish(&out, &arena, 1, 0, 0, 0);
 }
 
 /*
@@ -634,8 +679,9 @@ fail:
  * -1 on timeout.  A receiver's wait on several channels at once (one per
  * producer): the index of the first that is ready (has handles, or is
  * closed), or of the first that is no longer the channel it was (released:
- * its recv says so), or, once it would sleep, of the first whose sender
- * has exited (its recv says that too).  Takes nothing.
+ * its recv says so), or, once it would sleep or at its timeout, of the
+ * first whose sender's process is gone (its recv says that too).  Takes
+ * nothing.
  */
 static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -681,10 +727,12 @@ static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssiz
         goto fail;
     if (found < 0) {
         struct watch w = {chs, (int)n, 1, 0};
-        int gone;  /* its recv says so */
+        uint64_t gone;  /* its recv says so */
         found = sleep_until(&w, deadline, &gone);
         if (found == -2)
             goto fail;
+        if (found == -1)  /* at the timeout (timeout 0 included): one whose sender is gone is ready too */
+            found = watched_gone(&w, &gone);
     }
     PyBuffer_Release(&arena);
     Py_DECREF(seq);
@@ -748,8 +796,8 @@ static PyMethodDef channel_methods[] = {
     {"init", FASTCALL(channel_init), "init(arena, offset, capacity, serial): a fresh, empty, unclaimed channel."},
     {"serial", FASTCALL(channel_serial),
      "serial(arena, offset, capacity): the channel's serial, or None when no channel of that capacity is there."},
-    {"send", FASTCALL(channel_send), "send(arena, offset, capacity, serial, handles, timeout) -> (sent, status)."},
-    {"recv", FASTCALL(channel_recv), "recv(arena, offset, capacity, serial, out, timeout) -> (count, status)."},
+    {"send", FASTCALL(channel_send), "send(arena, offset, capacity, serial, handles, timeout) -> (sent, status, gone peer)."},
+    {"recv", FASTCALL(channel_recv), "recv(arena, offset, capacity, serial, out, timeout) -> (count, status, gone peer)."},
     {"wait_any", FASTCALL(channel_wait_any),
      "wait_any(arena, ((offset, capacity, serial), ...), timeout) -> index of the first ready channel, or -1."},
     {"close", FASTCALL(channel_close),
