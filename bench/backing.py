@@ -24,7 +24,8 @@ Backings, each a fresh mapping per repetition, run back to back:
 
 Two working sets per record size (64 B, 1 KiB, 64 KiB): the streaming
 ring's (4 batches of 64 records, cycled) and 64 MiB (slitter's magazines
-at 64 KiB cycle through megabytes).  Reported: records/s over each
+at 64 KiB cycle through megabytes).  The backings of a repetition run
+back to back, each one first in turn.  Reported: records/s over each
 repetition's passes after the first (pages already faulted in), the
 first pass over the fresh 64 MiB mapping (page faults included) in MiB/s,
 medians of the repetitions, and each backing ÷ anonymous per repetition.
@@ -90,19 +91,24 @@ class Mapping:
     """A fresh mapping of ``size`` bytes of one backing; ``buf`` is its memoryview; ``close()`` frees it."""
 
     def __init__(self, backing: str, size: int) -> None:
-        self.backing, self._shm, self._mm, self._fd = backing, None, None, -1
-        if backing.startswith("anonymous"):
-            self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            self._mm.madvise(mmap.MADV_HUGEPAGE if backing.endswith("THP") else mmap.MADV_NOHUGEPAGE)
-        elif backing.startswith("tmpfs"):
-            self._shm = shared_memory.SharedMemory(create=True, size=size)
-        else:
-            self._fd = os.memfd_create("slitter-bench-hugetlb", os.MFD_HUGETLB | os.MFD_CLOEXEC)
-            size = -(-size // HUGE_PAGE) * HUGE_PAGE  # whole huge pages
-            os.ftruncate(self._fd, size)
-            self._mm = mmap.mmap(self._fd, size)  # MAP_SHARED: reserves the huge pages now, or ENOMEM
-        self.buf = memoryview(self._shm.buf if self._shm else self._mm)
-        self.address = _address_of(self.buf)
+        self.backing, self._shm, self._mm, self._fd, self.buf = backing, None, None, -1, None
+        try:
+            if backing.startswith("anonymous"):
+                self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                self._mm.madvise(mmap.MADV_HUGEPAGE if backing.endswith("THP") else mmap.MADV_NOHUGEPAGE)
+            elif backing.startswith("tmpfs"):
+                self._shm = shared_memory.SharedMemory(create=True, size=size)
+            else:
+                self._fd = os.memfd_create("slitter-bench-hugetlb",
+                                           os.MFD_HUGETLB | os.MFD_HUGE_2MB | os.MFD_CLOEXEC)
+                size = -(-size // HUGE_PAGE) * HUGE_PAGE  # whole 2 MiB pages
+                os.ftruncate(self._fd, size)
+                self._mm = mmap.mmap(self._fd, size)  # MAP_SHARED: reserves the huge pages now, or ENOMEM
+            self.buf = memoryview(self._shm.buf if self._shm else self._mm)
+            self.address = _address_of(self.buf)
+        except BaseException:
+            self.close()
+            raise
 
     def huge_kib(self) -> int:
         field = {"anonymous": "AnonHugePages", "anonymous + THP": "AnonHugePages",
@@ -111,7 +117,8 @@ class Mapping:
         return kib + (_huge_kib(self.address, "Shared_Hugetlb") if self.backing == "hugetlb" else 0)
 
     def close(self) -> None:
-        self.buf.release()
+        if self.buf is not None:
+            self.buf.release()
         if self._shm is not None:
             self._shm.close()
             self._shm.unlink()
@@ -130,9 +137,11 @@ def _address_of(buf: memoryview) -> int:
 def why_not(backing: str) -> str | None:
     """Why ``backing`` cannot run here, or None."""
     if backing == "hugetlb":
-        free = _meminfo("HugePages_Free") * _meminfo("Hugepagesize") * 1024
+        if _meminfo("Hugepagesize") * 1024 != HUGE_PAGE:
+            return f"the default huge page is {_meminfo('Hugepagesize')} KiB, not {HUGE_PAGE >> 10}"
+        free = _meminfo("HugePages_Free") * HUGE_PAGE
         if free < BIG:
-            return (f"HugePages_Free × Hugepagesize = {free >> 20} MiB, under the {BIG >> 20} MiB it needs "
+            return (f"HugePages_Free × 2 MiB = {free >> 20} MiB, under the {BIG >> 20} MiB it needs "
                     f"(sysctl vm.nr_hugepages)")
     return None
 
@@ -166,7 +175,8 @@ def run(mode: str, progress: Callable[[str], None]) -> dict[str, Any]:
     for rep in range(reps):
         for size in SIZES:
             for ws, records in (("ring", RING_RECORDS), ("64 MiB", BIG // size)):
-                for backing in live:
+                order = live[rep % len(live):] + live[:rep % len(live)]  # each backing first in turn
+                for backing in order:
                     progress(f"repetition {rep + 1}/{reps}: {size} B, {ws}, {backing}")
                     m = Mapping(backing, records * size)
                     try:

@@ -1096,21 +1096,24 @@ def stream_ring_consumer(name: str, producers: int, size: int, items, spaces: li
 def stream_trial(peer: str, address: str, daemon_pid: int, heap: slitter.Heap, size: int, producers: int,
                  duration: float) -> dict[str, Any]:
     if peer in (SLITTER, SLITTER_PRODUCER_RELEASES, CHANNEL_CONTROL):
-        links = [heap.channel(CHANNEL_WINDOW) for _ in range(producers)]
-        backs = [heap.channel(RETURN_CAPACITY) for _ in range(producers)] if peer == SLITTER_PRODUCER_RELEASES else []
         shm = (shared_memory.SharedMemory(create=True, size=ring_layout(producers, size)[1])
                if peer == CHANNEL_CONTROL else None)
-        ring = (shm.name, producers) if shm else None
         try:
-            parts = [(stream_slitter_producer, (address, size, p, links[p].handle,
-                                                backs[p].handle if backs else None, duration, ring))
-                     for p in range(producers)]
-            parts.append((stream_slitter_consumer, (address, size, [c.handle for c in links],
-                                                    [c.handle for c in backs] or None, ring)))
-            return trial(parts, [daemon_pid] + ([tracker_pid()] if shm else []))
+            ring = (shm.name, producers) if shm else None
+            links = [heap.channel(CHANNEL_WINDOW) for _ in range(producers)]
+            backs = ([heap.channel(RETURN_CAPACITY) for _ in range(producers)]
+                     if peer == SLITTER_PRODUCER_RELEASES else [])
+            try:
+                parts = [(stream_slitter_producer, (address, size, p, links[p].handle,
+                                                    backs[p].handle if backs else None, duration, ring))
+                         for p in range(producers)]
+                parts.append((stream_slitter_consumer, (address, size, [c.handle for c in links],
+                                                        [c.handle for c in backs] or None, ring)))
+                return trial(parts, [daemon_pid] + ([tracker_pid()] if shm else []))
+            finally:
+                for c in links + backs:
+                    c.release()
         finally:
-            for c in links + backs:
-                c.release()
             if shm:
                 shm.close()
                 shm.unlink()
