@@ -95,6 +95,13 @@ enum { CH_OK = 0, CH_TIMEOUT = 1, CH_CLOSED = 2, CH_IN_USE = 3, CH_STALE = 4, CH
 #define SPIN_NS 5000
 /* The longest sleep between looks at Python's signal flag: a signal that lands just before the futex wait. */
 #define SIGNAL_CHECK_NS 50000000
+/*
+ * How long a side waits before it asks whether its peer is gone (peer_gone:
+ * a kill() and a read of /proc, some microseconds), and then between asks.
+ * A live peer mostly answers well within it, so the probe costs a stream
+ * nothing; a dead one is noticed within about two of it.
+ */
+#define PROBE_AFTER_NS 50000000
 
 #define load_acquire(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define load_relaxed(p) __atomic_load_n((p), __ATOMIC_RELAXED)
@@ -266,8 +273,9 @@ static uint32_t *sleeping_word(const struct watch *w, int i)
  * moved, or it was closed): spin up to SPIN_NS yielding the CPU, then sleep
  * on the futex words (futex_waitv for several, Linux 5.16; on an older
  * kernel, on the first word for at most a millisecond at a time).
- * Before each sleep it also asks whether a channel's other side is gone
- * (watched_gone): then that index, with the gone claim's token in *gone.
+ * Once it has slept PROBE_AFTER_NS, before each further sleep it also asks
+ * whether a channel's other side is gone (watched_gone): then that index,
+ * with the gone claim's token in *gone.
  * deadline_ns < 0: no deadline.  Returns the ready index, -1 on timeout,
  * or -2 with a Python exception set (a signal handler raised).
  */
@@ -293,6 +301,7 @@ static int sleep_until(const struct watch *w, int64_t deadline_ns, uint64_t *gon
     for (int i = 0; i < w->n; i++)
         __atomic_fetch_add(sleeping_word(w, i), 1, __ATOMIC_RELAXED);
     int64_t checked = now_ns();  /* when Python's signal flag was last looked at */
+    int64_t probed = checked;    /* when the peers were last asked about, or the sleep began */
     while (found < 0) {
         for (int i = 0; i < w->n; i++) {
             uint32_t *wake = w->receiver ? &w->chs[i]->receiver_wake : &w->chs[i]->sender_wake;
@@ -301,9 +310,12 @@ static int sleep_until(const struct watch *w, int64_t deadline_ns, uint64_t *gon
         full_fence();
         if ((found = watched_ready(w)) >= 0)
             break;
-        if ((found = watched_gone(w, gone)) >= 0)
-            break;
         t = now_ns();
+        if (t - probed >= PROBE_AFTER_NS) {
+            probed = t;
+            if ((found = watched_gone(w, gone)) >= 0)
+                break;
+        }
         if (deadline_ns >= 0 && t >= deadline_ns)
             break;
         int64_t nap = deadline_ns >= 0 && deadline_ns - t < SIGNAL_CHECK_NS ? deadline_ns - t : SIGNAL_CHECK_NS;
@@ -446,7 +458,8 @@ static void unclaim(uint64_t *claim, int took, int status)
  * channel by now: its ring must not be touched); -2 with a Python
  * exception set; CH_PEER_GONE, with the gone claim's token in *peer, when
  * the other side's process is gone and the ring is still empty (full, for
- * a sender): seen before a sleep, or at a timeout.
+ * a sender): seen once it has slept PROBE_AFTER_NS, or at a timeout of at
+ * least that.
  */
 static int wait_one(struct channel *ch, int receiver, uint64_t tail_seen, int64_t deadline, uint64_t capacity,
                     uint64_t serial, uint64_t *peer)
@@ -457,12 +470,13 @@ static int wait_one(struct channel *ch, int receiver, uint64_t tail_seen, int64_
     struct channel *one[1] = {ch};
     struct watch w = {one, 1, receiver, tail_seen};
     uint64_t gone;
+    int64_t began = now_ns();
     int r = sleep_until(&w, deadline, &gone);
     if (r == -2)
         return -2;
     if (!live(ch, capacity, serial))
         return CH_STALE;
-    if (gone == 0 && r == -1)
+    if (gone == 0 && r == -1 && deadline - began >= PROBE_AFTER_NS)  /* a timeout that long: ask once more */
         gone = peer_gone(ch, receiver);
     /* Still that claim, and still nothing to do: else another process took the side over and may have sent
      * (taken) meanwhile, and the caller looks again. */
@@ -679,9 +693,9 @@ fail:
  * -1 on timeout.  A receiver's wait on several channels at once (one per
  * producer): the index of the first that is ready (has handles, or is
  * closed), or of the first that is no longer the channel it was (released:
- * its recv says so), or, once it would sleep or at its timeout, of the
- * first whose sender's process is gone (its recv says that too).  Takes
- * nothing.
+ * its recv says so), or, once it has slept PROBE_AFTER_NS or at a timeout
+ * of at least that, of the first whose sender's process is gone (its recv
+ * says that too).  Takes nothing.
  */
 static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -725,13 +739,14 @@ static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssiz
     int64_t deadline = deadline_of(args[2]);
     if (deadline == -2)
         goto fail;
+    int64_t began = now_ns();
     if (found < 0) {
         struct watch w = {chs, (int)n, 1, 0};
         uint64_t gone;  /* its recv says so */
         found = sleep_until(&w, deadline, &gone);
         if (found == -2)
             goto fail;
-        if (found == -1)  /* at the timeout (timeout 0 included): one whose sender is gone is ready too */
+        if (found == -1 && deadline - began >= PROBE_AFTER_NS)  /* at a timeout that long, as in wait_one */
             found = watched_gone(&w, &gone);
     }
     PyBuffer_Release(&arena);

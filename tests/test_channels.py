@@ -548,7 +548,7 @@ def test_a_side_waiting_on_a_peer_killed_with_sigkill_is_told(daemon, heap, side
         exc, ours = result()
         zombie = _state_letter(proc.pid)
         if side == "recv":
-            assert slitter.Channel.wait_any([channel], timeout=0) is channel  # ready: its recv says why
+            assert slitter.Channel.wait_any([channel], timeout=5) is channel  # ready: its recv says why
     finally:
         peer_ready.set()
         proc.kill()
