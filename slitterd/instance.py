@@ -25,7 +25,7 @@ from slitterd.arena import Arena
 from slitterd.audit import AuditLog
 from slitterd.depot import Depot, copy_handles
 from slitterd.mill import ClassGeometry, Mill, Run
-from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks, owner_name
+from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks, owner_name, tag
 from slitterd.shelf import Shelf
 
 log = logging.getLogger("slitterd")
@@ -39,11 +39,6 @@ TOTAL_LIMIT = (1 << 63) - 1  # what msgpack and the u64 totals can both carry
 # thread that allocates slowly keeps the class's size (ClassGeometry).
 GROW_SECONDS = 0.05
 GROWN_MAGAZINE_BYTES = 4 << 20
-
-
-def tag(client: Client) -> int:
-    """The live-map tag of the objects cached in a client's rack."""
-    return lib.SLITTER_TAG_BASE + client.rack_index
 
 
 @dataclass(frozen=True)
@@ -261,12 +256,10 @@ class Instance:
         mid-put or mid-take.  When it is the last client, the whole shelf
         goes back to the depots: nobody is left to take from it.
         """
-        caps = self._caps()
-        settled = self.racks.settle(client, tag(client))  # before the tags are reclaimed: it reads them
+        settled, totals = self.racks.final_totals(client, self._caps())  # before the tags are reclaimed
         if settled:
             log.info("client %d (pid %d) died in the middle of %d operation(s); counted", client.id, client.pid,
                      settled)
-        totals = self.racks.totals(client, caps)
         last = len(self.racks.clients) == 1
         held = self.shelf.hold(client.rack_index, everything=last)
         reclaimed = self._reclaim_tags([tag(client), *Shelf.tags(held)])
@@ -377,8 +370,8 @@ class Instance:
                 # Its cached objects are tagged with a rack nobody adopts: the
                 # scan below returns them to the depots.
                 gone = Client(owner.client_id, 0, owner.pid, owner_name(owner), index, None)
-                self.racks.settle(gone, tag(gone))  # before the scan below resets its objects' bytes
-                self._retire_client(gone.pid, gone.name, self.racks.totals(gone, caps))
+                _settled, totals = self.racks.final_totals(gone, caps)  # before the scan below resets bytes
+                self._retire_client(gone.pid, gone.name, totals)
                 self.arena.wipe_rack(index)
                 owner.client_id = 0
                 retired += 1

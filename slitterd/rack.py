@@ -69,6 +69,11 @@ def owner_name(owner) -> str:
     return ffi.string(owner.name).decode(errors="replace")
 
 
+def tag(client: Client) -> int:
+    """The live-map tag of the objects cached in a client's rack."""
+    return lib.SLITTER_TAG_BASE + client.rack_index
+
+
 def touched(mask: int, limit: int):
     """Indexes of the set bits of ``mask`` below ``limit``."""
     while mask:
@@ -151,7 +156,7 @@ class Racks:
             t = out.setdefault(class_id, ClassTotals())
             c = tc.counters
             # A rack is written by its client: no count in it is trusted past 2**48.  The
-            # counting bit is an operation under way (settle() counts a dead client's).
+            # counting bit is an operation under way (final_totals() counts a dead client's).
             t.allocations += min(c.allocations & ~COUNTING, COUNTER_LIMIT)
             t.releases += min(c.releases & ~COUNTING, COUNTER_LIMIT)
             t.cached += (min(tc.alloc_count, cap) + min(tc.release_count, cap) + min(tc.spare_count, cap)
@@ -160,16 +165,19 @@ class Racks:
                 t.errors[kind] += min(c.errors[kind], COUNTER_LIMIT)
         return out
 
-    def settle(self, client: Client, tag: int) -> int:
-        """Count the operations a dead client was killed in the middle of (SLITTER_COUNTING).
+    def final_totals(self, client: Client, mag_caps: dict[int, int]) -> tuple[int, dict[int, ClassTotals]]:
+        """A leaving client's last figures: (operations it died in the middle of, now counted; its totals).
 
-        Before the reclaim: it reads the live bytes that the reclaim resets.
-        Returns how many it counted.
+        Before the reclaim: the settle reads the live bytes that the reclaim resets.
         """
+        return self._settle(client), self.totals(client, mag_caps)
+
+    def _settle(self, client: Client) -> int:
+        """Count the operations a dead client was killed in the middle of (SLITTER_COUNTING); how many."""
         view, rack = self.arena.view, self.arena.rack(client.rack_index)
         settled = 0
         for class_id in sorted({class_id for class_id, _tc in self.magazines(client)}):
-            n = lib.slitter_settle_counting(view, rack, class_id, tag)
+            n = lib.slitter_settle_counting(view, rack, class_id, tag(client))
             if n == SETTLE_FAILED:
                 log.warning("client %d (pid %d): no memory to settle class %d's operations under way; "
                             "its counters may be off by those", client.id, client.pid, class_id)
