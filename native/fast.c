@@ -752,7 +752,7 @@ static uint32_t slitter__allocate_batch(struct slitter_client *c, struct slitter
          * Four stores a chunk, none an object. */
         uint64_t counted = tc->counters.allocations;
         uint32_t made = 0;
-        tc->pending = take;
+        tc->pending = SLITTER_PENDING(take, 0);
         tc->alloc_count = avail - take;
         slitter__store_counter(&tc->counters.allocations, counted | SLITTER_COUNTING);
         for (uint32_t i = 1; i <= take; i++) {
@@ -830,13 +830,6 @@ int slitter_check_many_key(uint32_t key, const uint64_t *handles, uint32_t n, ui
     return slitter__check_many(c, class_id, handles, n, bad);
 }
 
-/*
- * A release batch's `pending`: how many of its handles went to each
- * magazine, which the daemon cannot work out again (it may have grown the
- * capacity since).  Each is at most SLITTER_MAG_CAP.
- */
-#define SLITTER__PENDING(into_alloc, into_release) ((uint32_t)(into_alloc) | (uint32_t)(into_release) << 16)
-
 /* release_many marks the live bytes of a chunk of handles at a time. */
 #define SLITTER__CHUNK 64
 /* A word of the live map: eight bytes, read and written with the bytes it holds. */
@@ -882,7 +875,7 @@ static int slitter__release_many(struct slitter_client *c, struct slitter_thread
     for (uint32_t i = into_alloc; i < n; i++)
         tc->release[r + n - 1 - i] = handles[i];
     uint64_t counted = tc->counters.releases;
-    tc->pending = SLITTER__PENDING(into_alloc, n - into_alloc);
+    tc->pending = SLITTER_PENDING(into_alloc, n - into_alloc);
     slitter__store_counter(&tc->counters.releases, counted | SLITTER_COUNTING);
     /* Pass 2: every check, and the live byte of each, all or none. */
     const struct slitter__cursor k = slitter__cursor(c, class_id);
@@ -1213,54 +1206,44 @@ static uint32_t slitter__gather(uint64_t *out, uint32_t len, const uint64_t *m, 
     return len + n;
 }
 
-/*
- * Thread `t`'s magazines of `class_id` in `rack`, or NULL when the thread
- * never touched the class.  The rack is a dead client's: every word of it
- * is untrusted, and each count is cut at its array's size where it is used.
- */
-static struct slitter_thread_class *slitter__touched(struct slitter_rack *rack, uint32_t t, uint32_t class_id)
-{
-    struct slitter_thread_slot *slot = &rack->threads[t];
-    return (rack->threads_touched >> t & 1) && (slot->classes_touched >> class_id & 1) ? &slot->classes[class_id]
-                                                                                         : NULL;
-}
-
 uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_rack *rack, uint32_t class_id,
                                  uint8_t tag)
 {
     if (class_id >= SLITTER_MAX_CLASSES)
         return 0;
-    /* The rack's touched bits are read once: a live client (a detach) may change them under us. */
+    /* The rack is a dead client's, or a detaching live one's: every word of it is untrusted, each count is
+     * cut at its array's size where it is used, and the touched bits are read once (they may change). */
     struct slitter_thread_class *tcs[SLITTER_MAX_THREADS];
-    uint32_t nt = 0, pending_ops = 0;
+    uint32_t nt = 0, any_release = 0, any_op = 0;
+    uint64_t threads = __atomic_load_n(&rack->threads_touched, __ATOMIC_RELAXED);
     for (uint32_t t = 0; t < SLITTER_MAX_THREADS; t++) {
-        struct slitter_thread_class *tc = slitter__touched(rack, t, class_id);
-        if (tc != NULL) {
-            tcs[nt++] = tc;
-            pending_ops += ((tc->counters.allocations | tc->counters.releases) & SLITTER_COUNTING) != 0;
-        }
+        struct slitter_thread_slot *slot = &rack->threads[t];
+        if (!(threads >> t & 1) || !(__atomic_load_n(&slot->classes_touched, __ATOMIC_RELAXED) >> class_id & 1))
+            continue;
+        struct slitter_thread_class *tc = &slot->classes[class_id];
+        tcs[nt++] = tc;
+        any_release |= (tc->counters.releases & SLITTER_COUNTING) != 0;
+        any_op |= ((tc->counters.allocations | tc->counters.releases) & SLITTER_COUNTING) != 0;
     }
-    if (pending_ops == 0)
+    if (!any_op)
         return 0;
-    /* What the rack caches of the class: every thread's four magazines up to their counts (each gather
-     * at most SLITTER_MAG_CAP).  An object with the rack's tag that none of them holds is one an
-     * operation under way tagged. */
-    uint64_t *cached = malloc((size_t)nt * 4 * SLITTER_MAG_CAP * sizeof *cached);
-    uint64_t *candidates = malloc(2 * SLITTER_MAG_CAP * sizeof *candidates);
-    if (cached == NULL || candidates == NULL) {
-        free(cached);
-        free(candidates);
+    /* What the rack caches of the class, for a release under way: every thread's four magazines up to their
+     * counts (each gather at most SLITTER_MAG_CAP).  An object with the rack's tag that none of them holds
+     * is one the release tagged. */
+    uint64_t candidates[2 * SLITTER_MAG_CAP];
+    uint64_t *cached = any_release ? malloc((size_t)nt * 4 * SLITTER_MAG_CAP * sizeof *cached) : NULL;
+    if (any_release && cached == NULL)
         return UINT32_MAX;
-    }
     uint32_t ncached = 0;
-    for (uint32_t i = 0; i < nt; i++) {
+    for (uint32_t i = 0; i < nt && any_release; i++) {
         const struct slitter_thread_class *tc = tcs[i];
         ncached = slitter__gather(cached, ncached, tc->alloc, 0, tc->alloc_count);
         ncached = slitter__gather(cached, ncached, tc->release, 0, tc->release_count);
         ncached = slitter__gather(cached, ncached, tc->spare, 0, tc->spare_count);
         ncached = slitter__gather(cached, ncached, tc->outgoing, 0, tc->outgoing_count);
     }
-    ncached = slitter__sort_unique(cached, ncached);
+    if (any_release)
+        ncached = slitter__sort_unique(cached, ncached);
 
     /* At most one thread of a client is inside a window when it dies: the fast path runs with the GIL
      * held and calls its hooks with no bit set. */
@@ -1273,7 +1256,7 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_ra
             /* Popped (from alloc_count up) and checked: LIVE means its store happened.  (An entry
              * the batch dropped as corrupt whose byte is LIVE would be counted too: only a rack
              * written by something else than our fast path holds one.) */
-            uint32_t span = pending ? (pending & 0xFFFF) : 1;
+            uint32_t span = pending ? (pending & 0xFFFF) : 1;  /* SLITTER_PENDING's low half */
             uint32_t n = slitter__sort_unique(candidates, slitter__gather(candidates, 0, tc->alloc, tc->alloc_count, span));
             a &= ~SLITTER_COUNTING;
             for (uint32_t j = 0; j < n; j++)
@@ -1284,13 +1267,14 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_ra
             tc->counters.allocations = a;
         }
         uint64_t r = __atomic_load_n(&tc->counters.releases, __ATOMIC_RELAXED);
-        if (r & SLITTER_COUNTING) {
+        if ((r & SLITTER_COUNTING) && any_release) {  /* any_release: as read above, with `cached` */
             /* In the slots it was being pushed into, with our tag, and in no magazine of the rack:
              * its compare-and-swap happened.  A single release's slot is alloc[alloc_count] or
              * release[release_count], by a capacity the daemon may have grown since: both are
              * looked at, and the other holds an older handle, of no object of our tag or of one a
              * magazine caches (so is an object of a refused double free the rack caches). */
-            uint32_t into_alloc = pending ? (pending & 0xFFFF) : 1, into_release = pending ? (pending >> 16) : 1;
+            uint32_t into_alloc = pending ? (pending & 0xFFFF) : 1;
+            uint32_t into_release = pending ? (pending >> SLITTER_PENDING_SHIFT) : 1;
             uint32_t n = slitter__gather(candidates, 0, tc->alloc, tc->alloc_count, into_alloc);
             n = slitter__sort_unique(candidates, slitter__gather(candidates, n, tc->release, tc->release_count,
                                                                  into_release));
@@ -1306,7 +1290,6 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_ra
         tc->pending = 0;
     }
     free(cached);
-    free(candidates);
     return settled;
 }
 

@@ -234,6 +234,10 @@ struct slitter_counters {
  * Readers mask it.
  */
 #define SLITTER_COUNTING (1ULL << 63)
+/* A thread_class's `pending`: how many of a batch's handles are in the allocation magazine's slots (low
+ * half), and in the release magazine's (high half).  0: a single call, one handle. */
+#define SLITTER_PENDING_SHIFT 16
+#define SLITTER_PENDING(into_alloc, into_release) ((uint32_t)(into_alloc) | (uint32_t)(into_release) << SLITTER_PENDING_SHIFT)
 
 /**
  * One thread's magazines for one class.

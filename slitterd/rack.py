@@ -176,7 +176,9 @@ class Racks:
         """Count the operations a dead client was killed in the middle of (SLITTER_COUNTING); how many."""
         view, rack = self.arena.view, self.arena.rack(client.rack_index)
         settled = 0
-        for class_id in sorted({class_id for class_id, _tc in self.magazines(client)}):
+        under_way = {class_id for class_id, tc in self.magazines(client)
+                     if (tc.counters.allocations | tc.counters.releases) & COUNTING}
+        for class_id in under_way:
             n = lib.slitter_settle_counting(view, rack, class_id, tag(client))
             if n == SETTLE_FAILED:
                 log.warning("client %d (pid %d): no memory to settle class %d's operations under way; "

@@ -1194,7 +1194,7 @@ def leave_in_the_window(heap, op: str, changed: bool) -> int:
         for i, h in enumerate(slots[into_alloc:]):
             tc.release[release_start + i] = h
         tc.alloc_count, tc.release_count = start, release_start
-        tc.pending = into_alloc | (WINDOW_BATCH - into_alloc) << 16
+        tc.pending = into_alloc | (WINDOW_BATCH - into_alloc) << lib.SLITTER_PENDING_SHIFT
         counters.releases = (counters.releases - done) | counting
         return len(held)
     if op == "allocate" and changed:
