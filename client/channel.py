@@ -40,9 +40,8 @@ _ZERO = array("Q", [0])
 # same channels batch after batch; rebuilding the list cost about 1 us a call for four of them.  It holds
 # the last channels alive, as their consumer does.
 _last_wait: tuple = ((), None, None)
-_OK, _TIMEOUT, _CLOSED, _IN_USE, _STALE, _SELF, _PEER_GONE = (
-    _channel.OK, _channel.TIMEOUT, _channel.CLOSED, _channel.IN_USE, _channel.STALE, _channel.SELF,
-    _channel.PEER_GONE)
+_OK, _TIMEOUT, _CLOSED, _STALE, _SELF, _PEER_GONE = (_channel.OK, _channel.TIMEOUT, _channel.CLOSED, _channel.STALE,
+                                                      _channel.SELF, _channel.PEER_GONE)  # anything else: IN_USE
 
 
 def channel_size(capacity: int) -> int:

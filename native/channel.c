@@ -441,19 +441,15 @@ static int claimed(uint64_t *claim)
     return __atomic_compare_exchange_n(claim, &owner, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) ? 2 : 0;
 }
 
-/* A call that took the claim and then refused to wait (CH_SELF) gives it back: it did nothing. */
-static void unclaim(uint64_t *claim, int took, int status)
-{
-    if (took == 2 && status == CH_SELF)
-        store_release(claim, 0);
-}
 
 /*
  * One side's wait on one channel: a receiver's for a handle, a sender's
  * for tail to move from `tail_seen` (or for the channel to close).
+ * `took`: claimed()'s answer for this call's side.
  * CH_OK: look again; CH_TIMEOUT; CH_SELF
  * when this thread holds the other side's claim too and there is no
- * timeout, so that nothing but itself could end the wait; CH_STALE when
+ * timeout, so that nothing but itself could end the wait (a claim this call
+ * took is given back: the call did nothing); CH_STALE when
  * the channel was released while it waited (the object may be another
  * channel by now: its ring must not be touched); -2 with a Python
  * exception set; CH_PEER_GONE, with the gone claim's token in *peer, when
@@ -461,12 +457,15 @@ static void unclaim(uint64_t *claim, int took, int status)
  * a sender): seen once it has slept PROBE_AFTER_NS, or at a timeout of at
  * least that.
  */
-static int wait_one(struct channel *ch, int receiver, uint64_t tail_seen, int64_t deadline, uint64_t capacity,
-                    uint64_t serial, uint64_t *peer)
+static int wait_one(struct channel *ch, int receiver, int took, uint64_t tail_seen, int64_t deadline,
+                    uint64_t capacity, uint64_t serial, uint64_t *peer)
 {
     uint64_t *other = receiver ? &ch->sender : &ch->receiver;
-    if (deadline == -1 && load_relaxed(other) == token())
+    if (deadline == -1 && load_relaxed(other) == token()) {
+        if (took == 2)  /* this call took its own side's claim, and did nothing: give it back */
+            store_release(receiver ? &ch->receiver : &ch->sender, 0);
         return CH_SELF;
+    }
     struct channel *one[1] = {ch};
     struct watch w = {one, 1, receiver, tail_seen};
     uint64_t gone;
@@ -511,16 +510,13 @@ static int parse_transfer(PyObject *const *args, Py_ssize_t nargs, const char *n
         PyBuffer_Release(arena);
         return -1;
     }
-    *deadline = deadline_of(args[5]);
-    if (*deadline != -2 && (buf->len % 8 != 0 || (writable && buf->len == 0))) {
+    if (buf->len % 8 != 0 || (writable && buf->len == 0))
         PyErr_Format(PyExc_ValueError, "%s: the buffer is not %s8-byte handles", name, writable ? "one or more " : "whole ");
-        *deadline = -2;
-    }
-    if (*deadline == -2) {
-        finish(buf, arena, 1, 0, 0, 0);
-        return -1;
-    }
-    return 0;
+    else if ((*deadline = deadline_of(args[5])) != -2)
+        return 0;
+    PyBuffer_Release(buf);
+    PyBuffer_Release(arena);
+    return -1;
 }
 
 /* init(arena, offset, capacity, serial): a fresh, empty, unclaimed channel. */
@@ -601,12 +597,11 @@ static PyObject *channel_send(PyObject *self, PyObject *const *args, Py_ssize_t 
         uint64_t head = load_relaxed(&ch->head), tail = load_acquire(&ch->tail);
         uint64_t used = head - tail, room = used < capacity ? capacity - used : 0;
         if (room == 0) {
-            int r = wait_one(ch, 0, tail, deadline, capacity, serial, &peer);
+            int r = wait_one(ch, 0, took, tail, deadline, capacity, serial, &peer);
             if (r == -2)
                 goto fail;
             if (r != CH_OK) {
                 status = r;
-                unclaim(&ch->sender, took, r);
                 break;
             }
             continue;
@@ -673,12 +668,11 @@ static PyObject *channel_recv(PyObject *self, PyObject *const *args, Py_ssize_t 
             status = CH_CLOSED;
             break;
         }
-        int r = wait_one(ch, 1, 0, deadline, capacity, serial, &peer);
+        int r = wait_one(ch, 1, took, 0, deadline, capacity, serial, &peer);
         if (r == -2)
             goto fail;
         if (r != CH_OK) {
             status = r;
-            unclaim(&ch->receiver, took, r);
             break;
         }
     }

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import slitter
 from slitter import _channel
 import workers
-from conftest import collect_spawned, run_spawned, wait_reclaimed
+from conftest import collect_spawned, run_spawned, start_spawned, wait_reclaimed
 
 
 def _sender_and_receiver(address: str, handle: int, count: int, limit: int) -> tuple[list, list]:
@@ -128,10 +128,7 @@ def test_a_closed_channel_refuses_sends_and_drains_to_closed(heap):
 def test_close_wakes_a_process_blocked_without_a_timeout(daemon, heap, side):
     """A receiver on an empty channel, or a sender on a full one, sleeps in the kernel until the close."""
     channel = heap.channel(16)
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=workers.channel_waits, args=(daemon.address, channel.handle, side, queue))
-    proc.start()
+    (proc,), queue = start_spawned(workers.channel_waits, [(daemon.address, channel.handle, side)])
     try:
         assert queue.get(timeout=60) == "waiting"
         _until_asleep(channel, "receiver" if side == "recv" else "sender")
@@ -268,7 +265,7 @@ def test_one_receiver_waits_on_several_senders_at_once(daemon, heap):
     links = [heap.channel(32) for _ in range(3)]
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=workers.channel_fan_in, args=(daemon.address, [c.handle for c in links], 6000, queue))]
+    procs = [ctx.Process(target=workers.channel_fan_in, args=(daemon.address, [c.handle for c in links], queue))]
     procs += [ctx.Process(target=workers.channel_counter, args=(daemon.address, c.handle, 2000, queue)) for c in links]
     for p in procs:
         p.start()
@@ -443,10 +440,7 @@ def test_objects_in_the_ring_outlive_a_sender_killed_with_sigkill(daemon, heap):
     """The sender dies with its objects in the channel: the daemon reclaims only what it cached, and the
     receiver still gets, checks and releases every object it was sent."""
     channel = heap.channel(1024)
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=workers.channel_send_then_hang, args=(daemon.address, channel.handle, 500, queue))
-    proc.start()
+    (proc,), queue = start_spawned(workers.channel_send_then_hang, [(daemon.address, channel.handle, 500)])
     try:
         assert queue.get(timeout=60) == ("sent", 500)
         since = time.monotonic()
@@ -461,8 +455,7 @@ def test_objects_in_the_ring_outlive_a_sender_killed_with_sigkill(daemon, heap):
     assert item["live"] == 500 and item["cached"] == 0  # the ring's 500 stay live: they were handed out
     cls = heap.register_class("item", size=workers.CHANNEL_ITEM)
     got = channel.recv_many(1024, timeout=0)
-    cls.check(got)
-    assert [int.from_bytes(heap.view(h)[:8], "little") for h in got] == list(range(500))
+    assert [int.from_bytes(view[:8], "little") for view in cls.views(got)] == list(range(500))  # checked
     cls.release_many(got)
     item = heap.stats()["classes"]["item"]
     assert item["live"] == 0 and item["carved"] == item["live"] + item["cached"] + item["free"]
@@ -521,11 +514,8 @@ def test_a_side_waiting_on_a_peer_killed_with_sigkill_is_told(daemon, heap, side
     the dead process is still an unreaped zombie of this one; the channel stays open, and other threads take
     both sides over."""
     channel = heap.channel(16)
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=workers.channel_claim_then_hang,
-                       args=(daemon.address, channel.handle, "send" if side == "recv" else "recv", queue))
-    proc.start()
+    (proc,), queue = start_spawned(workers.channel_claim_then_hang,
+                                   [(daemon.address, channel.handle, "send" if side == "recv" else "recv")])
     peer_ready = threading.Event()
     got: list = []
 

@@ -1230,8 +1230,8 @@ def channel_sender(address, handle, count, seed, queue):
         seq = 0
         while seq < count:
             batch = cls.allocate_many(min(count - seq, rng.choice((1, 7, 64, 300, 1000))))
-            for h in batch:
-                heap.view(h)[:8] = seq.to_bytes(8, "little")
+            for view in cls.views(batch):
+                view[:8] = seq.to_bytes(8, "little")
                 seq += 1
             channel.send_many(batch)
         channel.close()
@@ -1249,9 +1249,8 @@ def channel_receiver(address, handle, limit, queue):
                 batch = channel.recv_many(limit)
             except slitter.ChannelClosed:
                 break
-            cls.check(batch)
-            for h in batch:
-                in_order += int.from_bytes(heap.view(h)[:8], "little") == got
+            for view in cls.views(batch):  # every handle checked first: a live object of the class
+                in_order += int.from_bytes(view[:8], "little") == got
                 got += 1
             cls.release_many(batch)
         queue.put(("received", got, in_order))
@@ -1286,7 +1285,7 @@ def channel_claims(address, handle, queue):
     queue.put(out)
 
 
-def channel_fan_in(address, handles, count, queue):
+def channel_fan_in(address, handles, queue):
     """One receiver of several senders' channels: wait_any, then take; (count, per-channel in order, closed seen)."""
     with slitter.connect(address, name="fan-in") as heap:
         links = [heap.open_channel(h) for h in handles]
@@ -1341,8 +1340,8 @@ def channel_send_then_hang(address, handle, count, queue):
     cls = heap.register_class("item", size=CHANNEL_ITEM)
     channel = heap.open_channel(handle)
     batch = cls.allocate_many(count)
-    for seq, h in enumerate(batch):
-        heap.view(h)[:8] = seq.to_bytes(8, "little")
+    for seq, view in enumerate(cls.views(batch)):
+        view[:8] = seq.to_bytes(8, "little")
     channel.send_many(batch)
     cls.release_many(cls.allocate_many(100))  # objects in its magazines: the daemon takes those back
     queue.put(("sent", count))
