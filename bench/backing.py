@@ -231,7 +231,7 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(__doc__, run, print_tables, "2 repetitions of 0.1 s", argv)
+    return cli(__doc__, run, print_tables, f"{QUICK_REPEATS} repetitions of {QUICK_SECONDS} s", argv)
 
 
 if __name__ == "__main__":

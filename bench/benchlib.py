@@ -61,8 +61,6 @@ def loop_py_pairs(cls: slitter.Class, n: int) -> float:
 
 def timed(fn, *args) -> Any:
     """``fn(*args)`` with the garbage collector paused, so no collection lands in a timed loop."""
-    import gc
-
     gc_was = gc.isenabled()
     gc.disable()
     try:

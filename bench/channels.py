@@ -35,7 +35,7 @@ from multiprocessing import shared_memory
 from typing import Any, Callable
 
 import slitter
-from benchlib import CTX, cli, machine, trial
+from benchlib import CTX, cli, machine, medians_ranges, trial
 
 BATCH = 64
 WINDOW = 4  # batches in flight
@@ -196,7 +196,6 @@ def one_trial(transport: str, heap: slitter.Heap, address: str, seconds: float) 
         parts = [(queue_producer, (q, seconds)), (queue_consumer, (q,))]
     else:
         shm = shared_memory.SharedMemory(create=True, size=RING_HEAD + WINDOW * len(BATCH_BYTES))
-        shm.buf[:8] = bytes(8)
         items, space = CTX.Semaphore(0), CTX.Semaphore(WINDOW)
         cleanup += [shm.close, shm.unlink]
         parts = [(ring_producer, (shm.name, items, space, seconds)), (ring_consumer, (shm.name, items, space))]
@@ -221,11 +220,11 @@ def run(size: str, progress) -> dict[str, Any]:
             per_rep.append(row)
     summary = {}
     for t in TRANSPORTS:
+        med, rng = medians_ranges([r[t] for r in per_rep])
         summary[t] = {
-            "us_per_batch": statistics.median(r[t]["us_per_batch"] for r in per_rep),
-            "cpu_us_per_batch": statistics.median(r[t]["cpu_us_per_batch"] for r in per_rep),
+            "us_per_batch": med["us_per_batch"], "cpu_us_per_batch": med["cpu_us_per_batch"],
             "vs_channel": statistics.median(r[t]["us_per_batch"] / r["channel"]["us_per_batch"] for r in per_rep),
-            "range": [min(r[t]["us_per_batch"] for r in per_rep), max(r[t]["us_per_batch"] for r in per_rep)],
+            "range": rng["us_per_batch"],
         }
     return {"machine": machine(), "batch": BATCH, "window": WINDOW, "seconds": seconds, "repeats": repeats,
             "transports": summary, "per_rep": per_rep}

@@ -213,7 +213,6 @@ TARGETS = {
 CHANNEL_WINDOW = (WINDOW - 2) * BATCH
 
 HEAD = struct.Struct("<QQ")  # sequence number, producer id: the first 16 bytes of every record
-SEQ = struct.Struct("<Q")  # the sequence number alone
 
 
 def template(size: int) -> bytes:
@@ -850,6 +849,16 @@ class _RingSlots:
         self.shm.close()
 
 
+def _stream_class(heap: slitter.Heap, size: int, ring: tuple[str, int] | None, producer: int = 0):
+    """(the class, the buffer its handles index): slitter's stream class, bound to this thread, or the control's slots."""
+    if ring is not None:
+        slots = _RingSlots(*ring, size, producer)
+        return slots, slots.arena
+    cls = heap.register_class(f"stream-{size}", size)
+    cls.release_many(cls.allocate_many(BATCH))  # bind this thread to the class
+    return cls, heap.arena
+
+
 def stream_slitter_producer(address: str, size: int, producer: int, channel: int, back: int | None,
                             duration: float, ring: tuple[str, int] | None = None):
     """A slitter producer: a batch's handles go through its channel; ``back``: the consumer returns them to release.
@@ -858,13 +867,7 @@ def stream_slitter_producer(address: str, size: int, producer: int, channel: int
     these lines with ring slots in place of slitter objects (_RingSlots).
     """
     heap = slitter.connect(address)
-    if ring is None:
-        cls = heap.register_class(f"stream-{size}", size)
-        cls.release_many(cls.allocate_many(BATCH))
-        arena = heap.arena
-    else:
-        cls = _RingSlots(*ring, size, producer)
-        arena = cls.arena
+    cls, arena = _stream_class(heap, size, ring, producer)
     tmpl = template(size)
     link = heap.open_channel(channel)
     returned = heap.open_channel(back) if back is not None else None
@@ -904,13 +907,7 @@ def stream_slitter_consumer(address: str, size: int, channels: list[int], backs:
     ``ring``: as for the producer, the control.
     """
     heap = slitter.connect(address)
-    if ring is None:
-        cls = heap.register_class(f"stream-{size}", size)
-        cls.release_many(cls.allocate_many(BATCH))
-        arena = heap.arena
-    else:
-        cls = _RingSlots(*ring, size)
-        arena = cls.arena
+    cls, arena = _stream_class(heap, size, ring)
     check, crc32, wait_any = cls.check, zlib.crc32, slitter.Channel.wait_any
     links = [heap.open_channel(c) for c in channels]
     returns = {link.handle: heap.open_channel(b) for link, b in zip(links, backs)} if backs else None

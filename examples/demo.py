@@ -52,9 +52,9 @@ CLASSES = {  # name: (size, zero_init, tag)
     "trade": (1024, False, 2),
 }
 TIMEOUT = 30.0  # seconds a worker waits for its neighbour before giving up
-# Each channel holds every handle a worker sends in the whole run, so no send ever waits and the
-# ring of workers cannot deadlock, each sending to a neighbour that is itself sending.
-CHANNEL_CAPACITY = 16384
+# Each channel holds every handle a worker sends in the whole run (a power of two), so no send ever waits
+# and the ring of workers cannot deadlock, each sending to a neighbour that is itself sending.
+CHANNEL_CAPACITY = 1 << (max(per_class(w) for w in range(WORKERS)) * len(CLASSES) - 1).bit_length()
 
 # Payload: header | pattern | crc32(header + pattern).
 HEADER = struct.Struct("<4sBBHI")  # magic, class tag, sender, 0, sequence number
