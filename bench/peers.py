@@ -917,15 +917,14 @@ def stream_slitter_consumer(address: str, size: int, channels: list[int], backs:
         n = 0
         open_links = list(links)
         while open_links:
-            # One producer: a plain blocking receive.  Several: wait on all, then take from the one ready.
+            # One producer: a plain blocking receive.  Several: wait on all, then take from the one ready
+            # (wait_any takes the ready ones in turn).
             link = open_links[0] if len(open_links) == 1 else wait_any(open_links)
             try:
                 handles = link.recv_many(BATCH)
             except slitter.ChannelClosed:
                 open_links.remove(link)
                 continue
-            if len(open_links) > 1:
-                open_links.append(open_links.pop(open_links.index(link)))  # the others first next time
             check(handles)  # every handle a live record of this class: one native call
             for h in handles:
                 crc32(arena[h:h + size])

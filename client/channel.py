@@ -36,10 +36,10 @@ DEFAULT_CAPACITY = 1024
 
 _send, _recv, _wait_any = _channel.send, _channel.recv, _channel.wait_any
 _ZERO = array("Q", [0])
-# wait_any's last arguments: (channels, arena, [(handle, capacity, serial), ...]).  A consumer waits on the
-# same channels batch after batch; rebuilding the list cost about 1 us a call for four of them.  It holds
-# the last channels alive, as their consumer does.
-_last_wait: tuple = ((), None, None)
+# wait_any's last call: (channels, arena, [(handle, capacity, serial), ...], where the next call's scan
+# starts).  A consumer waits on the same channels batch after batch; rebuilding the list cost about 1 us a
+# call for four of them.  It holds the last channels alive, as their consumer does.
+_last_wait: tuple = ((), None, None, 0)
 _OK, _TIMEOUT, _CLOSED, _STALE, _SELF, _PEER_GONE = (_channel.OK, _channel.TIMEOUT, _channel.CLOSED, _channel.STALE,
                                                       _channel.SELF, _channel.PEER_GONE)  # anything else: IN_USE
 
@@ -159,11 +159,15 @@ class Channel:
 
     @staticmethod
     def wait_any(channels: Iterable[Channel], timeout: float | None = None) -> Channel:
-        """The first of ``channels`` with a handle to receive, or closed: a receiver's wait on several at once.
+        """A channel of ``channels`` with a handle to receive, or closed: a receiver's wait on several at once.
 
         For one consumer of several producers, a channel each: wait, then
         ``recv_many(limit, timeout=0)`` from the channel returned.  It takes
-        nothing; up to 128 channels of one heap.  A channel released
+        nothing; up to 128 channels of one heap.  Round robin: called again
+        with the same channels in the same order, it looks first at the one
+        after the channel it returned, so a producer that is always ready
+        does not starve the others; with other channels, it looks in the
+        order given.  A channel released
         meanwhile is returned too: its ``recv_many`` raises ChannelError; so
         is one whose sender's process is gone, once the call would sleep or
         at its timeout: its ``recv_many`` raises ChannelPeerGone when it is
@@ -181,18 +185,20 @@ class Channel:
             raise ValueError("wait_any needs at least one channel")
         if channels[0]._heap._closed:
             raise channels[0]._heap._closed_error()
-        last, arena, args = _last_wait
+        last, arena, args, first = _last_wait
         if channels != last:  # element by element, identity first: a few ns a channel
             arena = channels[0]._arena
             if any(c._arena is not arena for c in channels):
                 raise ValueError("wait_any: the channels must be of one heap")
             args = [(c.handle, c.capacity, c._serial) for c in channels]
-            _last_wait = (channels, arena, args)
-        index = _wait_any(arena, args, timeout)
+            first = 0
+        index = _wait_any(arena, args, timeout, first)
         if index < 0:
+            _last_wait = (channels, arena, args, first)
             names = ", ".join(f"{c.handle:#x}" for c in channels)
             raise errors.ChannelTimeout(f"channels {names}: timed out waiting for a handle",
                                         channel=channels[0].handle, sent=0)
+        _last_wait = (channels, arena, args, index + 1 if index + 1 < len(channels) else 0)
         return channels[index]
 
     # -- the channel itself ---------------------------------------------------

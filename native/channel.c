@@ -239,11 +239,15 @@ struct watch {
     int n;
     int receiver;
     uint64_t tail_seen;          /* a sender's: the tail it found the ring full at */
+    int first;                   /* where the scan starts: wait_any's round robin */
 };
 
+/* The first ready channel from w->first on, wrapping round; or -1.  A consumer that starts each wait
+ * after the channel it took from last serves busy producers in turn: one that is always ready cannot
+ * starve the ones after it. */
 static int watched_ready(const struct watch *w)
 {
-    for (int i = 0; i < w->n; i++) {
+    for (int k = 0, i = w->first; k < w->n; k++, i = i + 1 == w->n ? 0 : i + 1) {
         struct channel *ch = w->chs[i];
         if (load_acquire(&ch->closed))
             return i;
@@ -467,9 +471,9 @@ static int wait_one(struct channel *ch, int receiver, int took, uint64_t tail_se
         return CH_SELF;
     }
     struct channel *one[1] = {ch};
-    struct watch w = {one, 1, receiver, tail_seen};
+    struct watch w = {one, 1, receiver, tail_seen, 0};
     uint64_t gone;
-    int64_t began = now_ns();
+    int64_t began = deadline >= 0 ? now_ns() : 0;
     int r = sleep_until(&w, deadline, &gone);
     if (r == -2)
         return -2;
@@ -683,10 +687,10 @@ fail:
 }
 
 /*
- * wait_any(arena, ((offset, capacity, serial), ...), timeout) -> index, or
- * -1 on timeout.  A receiver's wait on several channels at once (one per
- * producer): the index of the first that is ready (has handles, or is
- * closed), or of the first that is no longer the channel it was (released:
+ * wait_any(arena, ((offset, capacity, serial), ...), timeout, first) -> index,
+ * or -1 on timeout.  A receiver's wait on several channels at once (one per
+ * producer): the index of the first, from `first` on and wrapping round, that
+ * is ready (has handles, or is closed), or of the first that is no longer the channel it was (released:
  * its recv says so), or, once it has slept PROBE_AFTER_NS or at a timeout
  * of at least that, of the first whose sender's process is gone (its recv
  * says that too).  Takes nothing.
@@ -698,8 +702,8 @@ static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssiz
     uint64_t capacity;
     int found = -1;
     (void)self;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "wait_any() takes 3 arguments");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "wait_any() takes 4 arguments");
         return NULL;
     }
     PyObject *seq = PySequence_Fast(args[1], "wait_any: channels must be a sequence of (offset, capacity, serial)");
@@ -730,12 +734,19 @@ static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssiz
         if (found < 0 && !live(chs[i], capacity, serial))
             found = (int)i;
     }
+    long first = PyLong_AsLong(args[3]);
+    if (first == -1 && PyErr_Occurred())
+        goto fail;
+    if (first < 0 || first >= n) {
+        PyErr_Format(PyExc_ValueError, "wait_any: start at 0 to %zd, not %ld", n - 1, first);
+        goto fail;
+    }
     int64_t deadline = deadline_of(args[2]);
     if (deadline == -2)
         goto fail;
-    int64_t began = now_ns();
     if (found < 0) {
-        struct watch w = {chs, (int)n, 1, 0};
+        struct watch w = {chs, (int)n, 1, 0, (int)first};
+        int64_t began = deadline >= 0 ? now_ns() : 0;  /* only a deadline needs the clock read */
         uint64_t gone;  /* its recv says so */
         found = sleep_until(&w, deadline, &gone);
         if (found == -2)
@@ -808,7 +819,8 @@ static PyMethodDef channel_methods[] = {
     {"send", FASTCALL(channel_send), "send(arena, offset, capacity, serial, handles, timeout) -> (sent, status, gone peer)."},
     {"recv", FASTCALL(channel_recv), "recv(arena, offset, capacity, serial, out, timeout) -> (count, status, gone peer)."},
     {"wait_any", FASTCALL(channel_wait_any),
-     "wait_any(arena, ((offset, capacity, serial), ...), timeout) -> index of the first ready channel, or -1."},
+     "wait_any(arena, ((offset, capacity, serial), ...), timeout, first) -> index of the first ready channel from "
+     "first on, or -1."},
     {"close", FASTCALL(channel_close),
      "close(arena, offset, capacity, serial[, retire]) -> status: no more sends; wakes both sides; retire: "
      "no longer a channel."},

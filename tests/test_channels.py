@@ -485,6 +485,29 @@ def test_wait_any_follows_the_channels_it_is_given(heap):
     assert slitter.Channel.wait_any(iter([a]), timeout=0) is a
 
 
+def test_wait_any_takes_ready_channels_in_turn(heap):
+    """Round robin: called again with the same channels, it looks first after the one it returned, so a channel
+    that always has handles does not starve the others; a channel not ready is passed over."""
+    a, b, c = (heap.channel(16) for _ in range(3))
+    for link in (a, c):
+        link.send_many(range(1, 4))
+    order = []
+    for _ in range(6):
+        link = slitter.Channel.wait_any([a, b, c], timeout=0)
+        link.recv()
+        order.append(link)
+    assert order == [a, c, a, c, a, c]
+    assert len(a) == len(c) == 0
+    b.send_many(range(1, 3))
+    c.send_many(range(1, 3))
+    order = []
+    for _ in range(4):
+        link = slitter.Channel.wait_any([a, b, c], timeout=0)
+        link.recv()
+        order.append(link)
+    assert order == [b, c, b, c]
+
+
 def _in_thread(call):
     """Run ``call`` in a thread; a function that joins it (60 s) and returns (what it returned or raised, its tid)."""
     box: list = []
