@@ -44,6 +44,11 @@ _OK, _TIMEOUT, _CLOSED, _STALE, _SELF, _PEER_GONE = (_channel.OK, _channel.TIMEO
                                                       _channel.SELF, _channel.PEER_GONE)  # anything else: IN_USE
 
 
+def claimant(token: int) -> tuple[int, int]:
+    """(pid, tid) of a side's claim token (native/channel.c token(): pid, tid and the process's start)."""
+    return token >> _channel.TOKEN_PID_SHIFT, token >> _channel.TOKEN_TID_SHIFT & _channel.TOKEN_ID_MASK
+
+
 def channel_size(capacity: int) -> int:
     """Bytes of a channel object: the header's three cache lines, then one 8-byte slot per handle."""
     return _channel.HEADER + 8 * capacity
@@ -240,7 +245,7 @@ class Channel:
         return _channel.state(self._arena, self.handle, self.capacity)
 
     def _error(self, status: int, verb: str, sent: int, peer: int = 0) -> errors.ChannelError:
-        """The exception for a refused call; ``peer``: the gone claim's token (pid << 32 | tid), for PEER_GONE."""
+        """The exception for a refused call; ``peer``: the gone claim's token (``claimant``), for PEER_GONE."""
         where = f"channel {self.handle:#x} ({self.capacity} slots)"
         sending = verb.startswith("send")
         if status == _TIMEOUT:
@@ -259,15 +264,14 @@ class Channel:
         if status == _PEER_GONE:
             other = "receiver" if sending else "sender"
             what = f"the ring is full; {sent} sent" if sending else "everything it sent has been received"
-            return errors.ChannelPeerGone(f"cannot {verb} {where}: its {other}, thread {peer & 0xFFFFFFFF} of "
-                                          f"process {peer >> 32}, is gone (the process exited without closing "
-                                          f"it), and {what}", channel=self.handle, sent=sent,
-                                          thread=peer & 0xFFFFFFFF, pid=peer >> 32)
+            pid, tid = claimant(peer)
+            return errors.ChannelPeerGone(f"cannot {verb} {where}: its {other}, thread {tid} of process {pid}, "
+                                          f"is gone (the process exited without closing it), and {what}",
+                                          channel=self.handle, sent=sent, thread=tid, pid=pid)
         side = "sender" if sending else "receiver"
-        token = self._state()[3 if sending else 4]
-        return errors.ChannelInUse(f"cannot {verb} {where}: thread {token & 0xFFFFFFFF} of process {token >> 32} "
-                                   f"is its {side} (one per channel)", channel=self.handle,
-                                   thread=token & 0xFFFFFFFF, pid=token >> 32)
+        pid, tid = claimant(self._state()[3 if sending else 4])
+        return errors.ChannelInUse(f"cannot {verb} {where}: thread {tid} of process {pid} is its {side} "
+                                   f"(one per channel)", channel=self.handle, thread=tid, pid=pid)
 
     def __repr__(self) -> str:
         head, tail, closed = self._state()[:3]

@@ -44,6 +44,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -57,7 +58,7 @@ struct channel {
     uint64_t magic;            /* cleared when the channel is released */
     uint64_t capacity;         /* slots, a power of two */
     uint64_t serial;           /* a random number of this channel's life: a stale Channel of a reused object differs */
-    uint64_t sender;           /* the sending thread's token (pid << 32 | tid), claimed by its first send; 0: none */
+    uint64_t sender;           /* the sending thread's token (pid, tid, start: token()), claimed by its first send; 0: none */
     uint64_t receiver;         /* the same for the receiving thread */
     uint32_t closed;           /* no more sends: set by either side, never cleared */
     uint8_t pad0[LINE - 44];
@@ -154,11 +155,62 @@ static void wake_both(struct channel *ch)
 }
 
 /*
- * This thread's token: pid << 32 | tid, asked of the kernel once per
- * thread.  A forked child's one thread has the forking thread's cache, so
- * the child forgets it (forget_token, registered with pthread_atfork).
+ * A claim's token: pid << 42 | tid << 20 | the process's start fingerprint.
+ * pids and tids are below 2^22 (the kernel's PID_MAX_LIMIT).  The
+ * fingerprint is the process's start time (clock ticks since boot, field 22
+ * of /proc/PID/stat) mod 2^20 - 1, plus 1; 0 where /proc could not be read.
+ * It tells the claimant from a new process that reuses its pid after it is
+ * gone: without it a side waiting for a crashed peer would find the pid
+ * alive again and wait forever.
+ */
+#define TOKEN_PID_SHIFT 42
+#define TOKEN_TID_SHIFT 20
+#define TOKEN_ID_MASK 0x3FFFFFu
+#define TOKEN_START_MASK 0xFFFFFu
+
+static pid_t token_pid(uint64_t t) { return (pid_t)(t >> TOKEN_PID_SHIFT); }
+static pid_t token_tid(uint64_t t) { return (pid_t)(t >> TOKEN_TID_SHIFT & TOKEN_ID_MASK); }
+static uint32_t token_start(uint64_t t) { return (uint32_t)(t & TOKEN_START_MASK); }
+
+/*
+ * The state letter and start fingerprint of process `pid` from
+ * /proc/PID/stat.  1: read; 0: no such process (ENOENT); -1: unreadable.
+ */
+static int read_stat(pid_t pid, char *state, uint32_t *start)
+{
+    char path[40], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT ? 0 : -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    const char *p = strrchr(buf, ')');   /* the command name may hold spaces and parentheses */
+    if (p == NULL || p[1] != ' ')
+        return -1;
+    *state = p[2];
+    for (int field = 2; field < 22; field++) {  /* p + 1 starts field 3, the state; field 22 is the start time */
+        p = strchr(p + 1, ' ');
+        if (p == NULL)
+            return -1;
+    }
+    unsigned long long ticks = strtoull(p + 1, NULL, 10);
+    *start = (uint32_t)(ticks % TOKEN_START_MASK) + 1;
+    return 1;
+}
+
+/*
+ * This thread's token, asked of the kernel once per thread (and /proc once
+ * per process).  A forked child's one thread has the forking thread's
+ * cache, so the child forgets it (forget_token, registered with
+ * pthread_atfork); the process's fingerprint is keyed by its pid.
  */
 static __thread uint64_t my_token;
+static pid_t start_pid;
+static uint32_t my_start;
 
 static void forget_token(void)
 {
@@ -167,50 +219,55 @@ static void forget_token(void)
 
 static uint64_t token(void)
 {
-    if (my_token == 0)
-        my_token = (uint64_t)getpid() << 32 | (uint32_t)syscall(SYS_gettid);
+    if (my_token == 0) {
+        pid_t pid = getpid();
+        if (load_acquire(&start_pid) != pid) {  /* two threads here at once find and store the same */
+            char state;
+            uint32_t start = 0;
+            if (read_stat(pid, &state, &start) != 1)
+                start = 0;
+            store_relaxed(&my_start, start);
+            store_release(&start_pid, pid);
+        }
+        my_token = (uint64_t)pid << TOKEN_PID_SHIFT | (uint64_t)(uint32_t)syscall(SYS_gettid) << TOKEN_TID_SHIFT |
+                   load_relaxed(&my_start);
+    }
     return my_token;
 }
 
-static int process_gone(pid_t pid);
+/*
+ * The process that made a token is gone: exited, a zombie that its parent
+ * has not reaped yet, or its pid is another process's now (the start
+ * fingerprint differs).  kill(pid, 0) still succeeds on a zombie, and the
+ * side waiting for it may be that very parent, blocked here; so a live
+ * pid's state letter is read from /proc (Z or X: dead).  An unreadable
+ * state counts as alive.
+ */
+static int process_gone(uint64_t t)
+{
+    pid_t pid = token_pid(t);
+    if (kill(pid, 0) < 0 && errno == ESRCH)
+        return 1;
+    char state;
+    uint32_t start;
+    int r = read_stat(pid, &state, &start);
+    if (r <= 0)
+        return r == 0;
+    return state == 'Z' || state == 'X' || (token_start(t) != 0 && start != token_start(t));
+}
 
 /*
  * The thread behind a token has exited (its process may be alive): its
  * claim may pass on.  A process's other threads leave at once, but its
  * main thread stays a zombie until the parent reaps the process, and
- * tgkill still finds it: so for a main thread, the process is asked too.
+ * tgkill still finds it; and a pid may have been reused: so the process
+ * is asked too.
  */
 static int token_gone(uint64_t t)
 {
-    pid_t pid = (pid_t)(t >> 32), tid = (pid_t)(uint32_t)t;
-    if (syscall(SYS_tgkill, pid, tid, 0) < 0)
+    if (syscall(SYS_tgkill, token_pid(t), token_tid(t), 0) < 0)
         return errno == ESRCH;
-    return tid == pid && process_gone(pid);
-}
-
-/*
- * The process is gone: exited, or a zombie that its parent has not reaped
- * yet.  kill(pid, 0) still succeeds on a zombie, and the side waiting for
- * it may be that very parent, blocked here; so a live pid's state letter
- * is read from /proc (Z or X: dead).  Another user's process (EPERM) or an
- * unreadable state counts as alive.
- */
-static int process_gone(pid_t pid)
-{
-    if (kill(pid, 0) < 0)
-        return errno == ESRCH;
-    char path[40], buf[512];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return errno == ENOENT;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = 0;
-    const char *paren = strrchr(buf, ')');   /* the command name may hold spaces and parentheses */
-    return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+    return process_gone(t);
 }
 
 /*
@@ -226,7 +283,7 @@ static int process_gone(pid_t pid)
 static uint64_t peer_gone(struct channel *ch, int receiver)
 {
     uint64_t peer = load_acquire(receiver ? &ch->sender : &ch->receiver);
-    return peer != 0 && peer >> 32 != token() >> 32 && process_gone((pid_t)(peer >> 32)) ? peer : 0;
+    return peer != 0 && token_pid(peer) != token_pid(token()) && process_gone(peer) ? peer : 0;
 }
 
 /*
@@ -849,7 +906,10 @@ PyMODINIT_FUNC PyInit__channel(void)
         PyModule_AddIntConstant(m, "OK", CH_OK) < 0 || PyModule_AddIntConstant(m, "TIMEOUT", CH_TIMEOUT) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", CH_CLOSED) < 0 || PyModule_AddIntConstant(m, "IN_USE", CH_IN_USE) < 0 ||
         PyModule_AddIntConstant(m, "STALE", CH_STALE) < 0 || PyModule_AddIntConstant(m, "SELF", CH_SELF) < 0 ||
-        PyModule_AddIntConstant(m, "PEER_GONE", CH_PEER_GONE) < 0) {
+        PyModule_AddIntConstant(m, "PEER_GONE", CH_PEER_GONE) < 0 ||
+        PyModule_AddIntConstant(m, "TOKEN_PID_SHIFT", TOKEN_PID_SHIFT) < 0 ||
+        PyModule_AddIntConstant(m, "TOKEN_TID_SHIFT", TOKEN_TID_SHIFT) < 0 ||
+        PyModule_AddIntConstant(m, "TOKEN_ID_MASK", TOKEN_ID_MASK) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -6,6 +6,7 @@ import collections
 import multiprocessing
 import os
 import signal
+import subprocess
 import threading
 import time
 from array import array
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 import slitter
 from slitter import _channel
+from slitter.channel import claimant
 import workers
 from conftest import collect_spawned, run_spawned, start_spawned, wait_reclaimed
 
@@ -310,7 +312,7 @@ def test_a_claim_passes_on_when_its_thread_has_exited(heap):
     _gone(tids[0])  # the claim passes once the kernel has let the thread go
     channel.send(2)  # this thread, after the first has exited
     assert list(channel.recv_many(16, timeout=0)) == [1, 2]
-    assert channel._state()[3] == os.getpid() << 32 | threading.get_native_id()
+    assert claimant(channel._state()[3]) == (os.getpid(), threading.get_native_id())
 
 
 def test_a_released_channel_refuses_every_channel_of_it(heap):
@@ -390,7 +392,7 @@ def test_a_call_refused_for_waiting_on_itself_takes_no_claim(heap):
     _gone(tids[0])
     with pytest.raises(slitter.ChannelError, match="this thread is its sender too"):
         channel.recv()
-    assert channel._state()[4] != os.getpid() << 32 | threading.get_native_id()
+    assert claimant(channel._state()[4]) != (os.getpid(), threading.get_native_id())
     got: list[int] = []
     second = threading.Thread(target=lambda: got.append(channel.recv(timeout=60)))
     second.start()
@@ -587,6 +589,49 @@ def _state_letter(pid: int) -> str:
     """The process's state in /proc (R, S, Z, ...)."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _new_process_with_pid(pid: int) -> subprocess.Popen | None:
+    """A sleeping process given ``pid`` (the kernel's next pid set just below it), or None when another process
+    on the host took it first 200 times.  Skips the test where ns_last_pid cannot be written (CAP_SYS_ADMIN)."""
+    for _ in range(200):
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid - 1))
+        except OSError as e:
+            pytest.skip(f"cannot choose the next pid here ({e}): PID reuse cannot be staged")
+        proc = subprocess.Popen(["sleep", "120"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
+def test_a_peer_whose_pid_a_new_process_reuses_is_still_gone(daemon, heap):
+    """The sender's process is SIGKILLed and reaped, and a new process gets its pid: the claim's token carries
+    the process's start time, so the receiver still gets ChannelPeerGone instead of waiting on a stranger, and
+    the dead sender's side passes to the next thread that sends."""
+    channel = heap.channel(16)
+    (proc,), queue = start_spawned(workers.channel_claim_then_hang, [(daemon.address, channel.handle, "send")])
+    try:
+        pid, tid = queue.get(timeout=60)
+    finally:
+        proc.kill()
+        proc.join(60)
+    stranger = _new_process_with_pid(pid)
+    assert stranger is not None, f"could not stage a new process with pid {pid}"
+    try:
+        assert list(channel.recv_many(16, timeout=10)) == [1, 2, 3]
+        with pytest.raises(slitter.ChannelPeerGone) as exc:
+            channel.recv(timeout=30)  # asked after PROBE_AFTER_NS of sleep; not a stranger's
+        assert (exc.value.pid, exc.value.thread) == (pid, tid)
+        assert stranger.poll() is None, "the new process with that pid is alive throughout"
+        channel.send(4)  # this thread takes the gone sender's side: its pid's new owner is not it
+        assert channel.recv(timeout=10) == 4
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_a_sender_thread_that_exits_in_a_live_process_is_not_a_gone_peer(heap):
