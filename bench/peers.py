@@ -138,13 +138,15 @@ they all wait on one barrier, and the timed windows start there.
      (channels against semaphores). (Until 2026-11-26 the control was
      "ring + handles": the ring's semaphores with offsets in handle slots.)
 
-Streaming runs five repetitions, the rest three: the streaming ratios
-moved by up to 0.11 between runs of three.
+Streaming runs seven repetitions, the rest three: the streaming ratios
+moved by up to 0.11 between runs of three, and a point's median of five
+still missed 0.9 by 0.1 when the control with no allocator did too.
 
 Every repetition runs all peers of a configuration one after another, so
-they share the machine's noise. The tables give medians over repetitions.
-Ratios are slitter ÷ peer, taken per repetition; the table shows their
-median.
+they share the machine's noise. Streaming runs slitter next to the ring,
+and reverses the order every other repetition (STREAM_ORDER). The tables
+give medians over repetitions. Ratios are slitter ÷ peer, taken per
+repetition; the table shows their median.
 
 Run it:
 
@@ -198,7 +200,7 @@ WORKLOADS = ("objects", "table", "streaming")
 
 SIZES = {
     #           reps  objects-s  table-s  stream reps  stream-s  producers
-    "default": (3,    1.0,       1.0,     5,           0.6,      (1, 2, 4)),
+    "default": (3,    1.0,       1.0,     7,           0.6,      (1, 2, 4)),
     "quick":   (1,    0.3,       0.3,     1,           0.3,      (1, 4)),
 }
 
@@ -1149,6 +1151,10 @@ STREAM_OURS = (SLITTER, SLITTER_PRODUCER_RELEASES)
 #: A control, not a peer: slitter's stream loops and channels, with ring slots for records (no allocator).
 CHANNEL_CONTROL = "channels, no allocator"
 STREAM_PEERS = (*STREAM_OURS, "Queue", "Pipe", "ring", CHANNEL_CONTROL)
+#: The order of a repetition's trials, reversed every other repetition: each of slitter's variants runs next to
+#: the ring it is compared with, and a drift of the host's speed over a repetition falls on both sides of the
+#: ratio in turn (ABBA) instead of always on one.
+STREAM_ORDER = (SLITTER, "ring", SLITTER_PRODUCER_RELEASES, CHANNEL_CONTROL, "Queue", "Pipe")
 
 
 def run_streaming(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, duration: float,
@@ -1160,10 +1166,10 @@ def run_streaming(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, 
     for rep in range(reps):
         for size, producers in configs:
             row = {}
-            for peer in STREAM_PEERS:
+            for peer in STREAM_ORDER if rep % 2 == 0 else STREAM_ORDER[::-1]:
                 progress(f"streaming, repetition {rep + 1}/{reps}: {size} B, {producers} producer(s), {peer}")
                 row[peer] = stream_trial(peer, address, daemon_pid, heap, size, producers, duration)
-            per_rep[(size, producers)].append(row)
+            per_rep[(size, producers)].append({peer: row[peer] for peer in STREAM_PEERS})
     return {"configs": [{"size": size, "producers": p, **summarize(per_rep[(size, p)], SLITTER),
                          "by_variant": {ours: summarize(per_rep[(size, p)], ours)["peers"] for ours in STREAM_OURS}}
                         for size, p in configs]}
