@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from array import array
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -36,10 +37,11 @@ DEFAULT_CAPACITY = 1024
 
 _send, _recv, _wait_any = _channel.send, _channel.recv, _channel.wait_any
 _ZERO = array("Q", [0])
-# wait_any's last call: (channels, arena, [(handle, capacity, serial), ...], where the next call's scan
-# starts).  A consumer waits on the same channels batch after batch; rebuilding the list cost about 1 us a
-# call for four of them.  It holds the last channels alive, as their consumer does.
-_last_wait: tuple = ((), None, None, 0)
+# Per thread, wait_any's last call: [channels, arena, [(handle, capacity, serial), ...], where the next
+# call's scan starts].  A consumer waits on the same channels batch after batch; rebuilding the list cost
+# about 1 us a call for four of them.  Per thread, so that consumer threads waiting on sets of their own
+# each keep their cache and their round robin.  It holds the last channels alive, as their consumer does.
+_waits = threading.local()
 _OK, _TIMEOUT, _CLOSED, _STALE, _SELF, _PEER_GONE = (_channel.OK, _channel.TIMEOUT, _channel.CLOSED, _channel.STALE,
                                                       _channel.SELF, _channel.PEER_GONE)  # anything else: IN_USE
 
@@ -169,10 +171,10 @@ class Channel:
         For one consumer of several producers, a channel each: wait, then
         ``recv_many(limit, timeout=0)`` from the channel returned.  It takes
         nothing; up to 128 channels of one heap.  Round robin: called again
-        with the same channels in the same order, it looks first at the one
-        after the channel it returned, so a producer that is always ready
-        does not starve the others; with other channels, it looks in the
-        order given.  A channel released
+        by the same thread with the same channels in the same order, it
+        looks first at the one after the channel it returned, so a producer
+        that is always ready does not starve the others; with other
+        channels, it looks in the order given.  A channel released
         meanwhile is returned too: its ``recv_many`` raises ChannelError; so
         is one whose sender's process is gone, once the call would sleep or
         at its timeout: its ``recv_many`` raises ChannelPeerGone when it is
@@ -184,26 +186,26 @@ class Channel:
         Raises:
             ChannelTimeout: none was ready within ``timeout`` seconds.
         """
-        global _last_wait
         channels = tuple(channels)
         if not channels:
             raise ValueError("wait_any needs at least one channel")
         if channels[0]._heap._closed:
             raise channels[0]._heap._closed_error()
-        last, arena, args, first = _last_wait
-        if channels != last:  # element by element, identity first: a few ns a channel
+        try:
+            last = _waits.last
+        except AttributeError:
+            last = _waits.last = [(), None, None, 0]
+        if channels != last[0]:  # element by element, identity first: a few ns a channel
             arena = channels[0]._arena
             if any(c._arena is not arena for c in channels):
                 raise ValueError("wait_any: the channels must be of one heap")
-            args = [(c.handle, c.capacity, c._serial) for c in channels]
-            first = 0
-        index = _wait_any(arena, args, timeout, first)
+            last[:] = channels, arena, [(c.handle, c.capacity, c._serial) for c in channels], 0
+        index = _wait_any(last[1], last[2], timeout, last[3])
         if index < 0:
-            _last_wait = (channels, arena, args, first)
             names = ", ".join(f"{c.handle:#x}" for c in channels)
             raise errors.ChannelTimeout(f"channels {names}: timed out waiting for a handle",
                                         channel=channels[0].handle, sent=0)
-        _last_wait = (channels, arena, args, index + 1 if index + 1 < len(channels) else 0)
+        last[3] = index + 1 if index + 1 < len(channels) else 0
         return channels[index]
 
     # -- the channel itself ---------------------------------------------------

@@ -510,6 +510,37 @@ def test_wait_any_takes_ready_channels_in_turn(heap):
     assert order == [b, c, b, c]
 
 
+def test_wait_any_keeps_a_round_robin_per_thread(heap):
+    """Two consumer threads, each waiting on channels of its own, calls interleaved: each keeps its own turn."""
+    a, b, c, d = (heap.channel(16) for _ in range(4))
+    for link in (a, b, c, d):
+        link.send_many(range(1, 4))
+    turns = threading.Barrier(2, timeout=60)
+    theirs: list = []
+
+    def take(links, order):
+        link = slitter.Channel.wait_any(links, timeout=0)
+        link.recv()
+        order.append(link)
+
+    def other_thread():
+        for _ in range(4):
+            turns.wait()  # this thread's turn: after ours
+            take([a, b], theirs)
+            turns.wait()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    ours: list = []
+    for _ in range(4):
+        take([c, d], ours)
+        turns.wait()
+        turns.wait()
+    thread.join(60)
+    assert ours == [c, d, c, d]
+    assert theirs == [a, b, a, b]
+
+
 def _in_thread(call):
     """Run ``call`` in a thread; a function that joins it (60 s) and returns (what it returned or raised, its tid)."""
     box: list = []
