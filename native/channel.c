@@ -241,18 +241,22 @@ static uint64_t token(void)
  * fingerprint differs).  kill(pid, 0) still succeeds on a zombie, and the
  * side waiting for it may be that very parent, blocked here; so a live
  * pid's state letter is read from /proc (Z or X: dead).  An unreadable
- * state counts as alive.
+ * state counts as alive, as does another user's process that /proc does
+ * not show (mounted with hidepid): the start time cannot be checked then.
  */
 static int process_gone(uint64_t t)
 {
     pid_t pid = token_pid(t);
-    if (kill(pid, 0) < 0 && errno == ESRCH)
+    int signalled = kill(pid, 0) == 0;
+    if (!signalled && errno == ESRCH)
         return 1;
     char state;
     uint32_t start;
     int r = read_stat(pid, &state, &start);
-    if (r <= 0)
-        return r == 0;
+    if (r < 0)
+        return 0;
+    if (r == 0)  /* no entry: exited since the kill found it (gone), or, when the kill said EPERM, another */
+        return signalled;  /* user's process that /proc hides (hidepid), which counts as alive */
     return state == 'Z' || state == 'X' || (token_start(t) != 0 && start != token_start(t));
 }
 
