@@ -58,7 +58,7 @@ struct channel {
     uint64_t magic;            /* cleared when the channel is released */
     uint64_t capacity;         /* slots, a power of two */
     uint64_t serial;           /* a random number of this channel's life: a stale Channel of a reused object differs */
-    uint64_t sender;           /* the sending thread's token (pid, tid, start: token()), claimed by its first send; 0: none */
+    uint64_t sender;           /* the sending thread's token (token()), claimed by its first send; 0: none */
     uint64_t receiver;         /* the same for the receiving thread */
     uint32_t closed;           /* no more sends: set by either side, never cleared */
     uint8_t pad0[LINE - 44];
@@ -750,11 +750,11 @@ fail:
 /*
  * wait_any(arena, ((offset, capacity, serial), ...), timeout, first) -> index,
  * or -1 on timeout.  A receiver's wait on several channels at once (one per
- * producer): the index of the first, from `first` on and wrapping round, that
- * is ready (has handles, or is closed), or of the first that is no longer the channel it was (released:
- * its recv says so), or, once it has slept PROBE_AFTER_NS or at a timeout
- * of at least that, of the first whose sender's process is gone (its recv
- * says that too).  Takes nothing.
+ * producer): the index of the first, from `first` on and wrapping round,
+ * that is ready (has handles, or is closed), or of the first that is no
+ * longer the channel it was (released: its recv says so), or, once it has
+ * slept PROBE_AFTER_NS or at a timeout of at least that, of the first whose
+ * sender's process is gone (its recv says that too).  Takes nothing.
  */
 static PyObject *channel_wait_any(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
