@@ -487,27 +487,27 @@ def test_wait_any_follows_the_channels_it_is_given(heap):
     assert slitter.Channel.wait_any(iter([a]), timeout=0) is a
 
 
+def _take_turns(links, times: int) -> list:
+    """``times`` rounds of wait_any(links) and one recv from the channel it returns: the channels, in order."""
+    order = []
+    for _ in range(times):
+        link = slitter.Channel.wait_any(links, timeout=0)
+        link.recv()
+        order.append(link)
+    return order
+
+
 def test_wait_any_takes_ready_channels_in_turn(heap):
     """Round robin: called again with the same channels, it looks first after the one it returned, so a channel
     that always has handles does not starve the others; a channel not ready is passed over."""
     a, b, c = (heap.channel(16) for _ in range(3))
     for link in (a, c):
         link.send_many(range(1, 4))
-    order = []
-    for _ in range(6):
-        link = slitter.Channel.wait_any([a, b, c], timeout=0)
-        link.recv()
-        order.append(link)
-    assert order == [a, c, a, c, a, c]
+    assert _take_turns([a, b, c], 6) == [a, c, a, c, a, c]
     assert len(a) == len(c) == 0
     b.send_many(range(1, 3))
     c.send_many(range(1, 3))
-    order = []
-    for _ in range(4):
-        link = slitter.Channel.wait_any([a, b, c], timeout=0)
-        link.recv()
-        order.append(link)
-    assert order == [b, c, b, c]
+    assert _take_turns([a, b, c], 4) == [b, c, b, c]
 
 
 def test_wait_any_keeps_a_round_robin_per_thread(heap):
@@ -518,22 +518,17 @@ def test_wait_any_keeps_a_round_robin_per_thread(heap):
     turns = threading.Barrier(2, timeout=60)
     theirs: list = []
 
-    def take(links, order):
-        link = slitter.Channel.wait_any(links, timeout=0)
-        link.recv()
-        order.append(link)
-
     def other_thread():
         for _ in range(4):
             turns.wait()  # this thread's turn: after ours
-            take([a, b], theirs)
+            theirs.extend(_take_turns([a, b], 1))
             turns.wait()
 
     thread = threading.Thread(target=other_thread)
     thread.start()
     ours: list = []
     for _ in range(4):
-        take([c, d], ours)
+        ours.extend(_take_turns([c, d], 1))
         turns.wait()
         turns.wait()
     thread.join(60)
