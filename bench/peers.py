@@ -345,20 +345,14 @@ def _channel_producer(make: Callable, address: str, channel: int, duration: floa
     heap = slitter.connect(address)
     link = heap.open_channel(channel)
 
-    def work() -> tuple[int, int]:
-        deadline = perf() + duration
-        seq = 0
-        while perf() < deadline:
-            link.send_many(produce(seq))  # waits while WINDOW batches are in flight: CHANNEL_WINDOW
-            seq += BATCH
-        link.close()
-        return 0, 0
+    def send_batch(seq: int) -> None:
+        link.send_many(produce(seq))  # waits while WINDOW batches are in flight: CHANNEL_WINDOW
 
     def close() -> None:
         cleanup()
         heap.close()
 
-    return work, close
+    return _produce_loop(send_batch, duration, link.close), close
 
 
 def _channel_consumer(make: Callable, address: str, channel: int) -> tuple:
