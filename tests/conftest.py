@@ -82,6 +82,65 @@ def run_spawned(target, argses, timeout: float = 120, join_timeout: float = 60) 
     return procs, collect_spawned(procs, queue, timeout, join_timeout)
 
 
+class Forked:
+    """A child made by ``fork_child``: its pid, its reports, how it ended."""
+
+    def __init__(self, pid: int, reports: int) -> None:
+        self.pid = pid
+        self._reports = reports
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n and (chunk := os.read(self._reports, n - len(data))):
+            data += chunk
+        return data
+
+    def report(self) -> bytes:
+        """The child's next report (what it passed to ``send``); AssertionError if it raised or exited first."""
+        head = self._read(5)
+        if len(head) < 5:
+            self.wait()  # it has exited: reap it
+            raise AssertionError(f"forked child {self.pid} exited without reporting")
+        data = self._read(int.from_bytes(head[1:], "little"))
+        if head[0]:
+            self.wait()
+            raise AssertionError(f"forked child {self.pid} raised: {data.decode()}")
+        return data
+
+    def wait(self, options: int = 0) -> int:
+        """``os.waitpid`` for the child: its status (``os.WUNTRACED``: returns once it stops, too)."""
+        _, status = os.waitpid(self.pid, options)
+        if not (options and os.WIFSTOPPED(status)):
+            os.close(self._reports)
+        return status
+
+
+def fork_child(body) -> Forked:
+    """Fork; the child runs ``body(send)``, where ``send(data: bytes)`` reports to the parent, and exits:
+    status 0 if ``body`` returned, 1 if it raised (the exception is its last report: ``report`` raises it)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+
+        def put(kind: int, data: bytes) -> None:
+            message = bytes([kind]) + len(data).to_bytes(4, "little") + data
+            while message:
+                message = message[os.write(w, message):]
+
+        try:
+            os.close(r)
+            body(lambda data: put(0, data))
+            code = 0
+        except BaseException as exc:  # report, never raise in the child: it would run the parent's test
+            with contextlib.suppress(BaseException):
+                put(1, repr(exc).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    return Forked(pid, r)
+
+
 def wait_reclaimed(heap, pid: int, since: float) -> tuple[float, dict]:
     """Poll the daemon every 20 ms until ``pid`` is no longer a client; (latency, stats)."""
     while True:

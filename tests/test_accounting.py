@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import run_spawned, wait_reclaimed
+from conftest import fork_child, run_spawned, wait_reclaimed
 
 import slitter
 import workers
@@ -54,22 +54,24 @@ def test_killed_client_is_reclaimed(daemon, heap):
     import signal
     import time
 
-    pid = os.fork()
-    if pid == 0:
-        try:
-            child = slitter.connect(daemon.address)
-            cls = child.register_class("k", size=64)
-            hs = [cls.allocate() for _ in range(700)]
-            for h in hs[:600]:
-                cls.release(h)
-            os.kill(os.getpid(), signal.SIGSTOP)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, os.WUNTRACED)
+
+    def in_child(send):
+        child = slitter.connect(daemon.address)
+        cls = child.register_class("k", size=64)
+        hs = [cls.allocate() for _ in range(700)]
+        for h in hs[:600]:
+            cls.release(h)
+        send(b"stopping")
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    forked = fork_child(in_child)
+    pid = forked.pid
+    assert forked.report() == b"stopping"
+    forked.wait(os.WUNTRACED)
     c = heap.stats()["classes"]["k"]
     assert c["cached"] > 0 and c["live"] == 100
     os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    forked.wait()
     _, stats = wait_reclaimed(heap, pid, time.monotonic())
     c = stats["classes"]["k"]
     assert len(stats["clients"]) == 1

@@ -19,7 +19,7 @@ import slitter
 from slitter import _channel
 from slitter.channel import claimant
 import workers
-from conftest import collect_spawned, run_spawned, start_spawned, wait_reclaimed
+from conftest import collect_spawned, fork_child, run_spawned, start_spawned, wait_reclaimed
 
 
 def _sender_and_receiver(address: str, handle: int, count: int, limit: int) -> tuple[list, list]:
@@ -248,17 +248,17 @@ def test_a_forked_child_is_not_its_parents_sender(heap):
     """After fork the child's thread is another thread: the parent's claim does not pass to it."""
     channel = heap.channel(16)
     channel.send(1)
-    pid = os.fork()
-    if pid == 0:  # the child: exit status says what happened
+
+    def in_child(send):
         try:
             channel.send(2)
-            os._exit(1)
+            send(b"sent")
         except slitter.ChannelInUse:
-            os._exit(0)
-        except BaseException:
-            os._exit(2)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+            send(b"refused")
+
+    forked = fork_child(in_child)
+    assert forked.report() == b"refused"
+    forked.wait()
     assert list(channel.recv_many(16, timeout=0)) == [1]
 
 

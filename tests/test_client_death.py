@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import wait_reclaimed
+from conftest import fork_child, wait_reclaimed
 
 import slitter
 import workers
@@ -237,32 +237,28 @@ def _departed(stats, pid: int) -> dict[str, int] | None:
 
 def test_a_dead_clients_live_objects_stay_its_own_figure(daemon, heap):
     """Per class and pid, and unchanged when another process releases those objects."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            child = slitter.connect(daemon.address, name="orphaner")
-            a, b = child.register_class("orphan_a", size=64), child.register_class("orphan_b", size=3000)
-            kept = [a.allocate() for _ in range(600)]  # past a magazine: a refill, a flush
-            for h in kept[123:]:
-                a.release(h)
-            gone = [b.allocate() for _ in range(40)]
-            for h in gone:
-                b.release(h)
-            os.write(w, ",".join(map(str, kept[:123])).encode())
-            os.kill(os.getpid(), signal.SIGSTOP)
-        finally:
-            os._exit(0)
-    os.close(w)
-    handles = [int(x) for x in os.read(r, 1 << 20).decode().split(",")]
-    os.close(r)
-    os.waitpid(pid, os.WUNTRACED)
+
+    def orphaner(send):
+        child = slitter.connect(daemon.address, name="orphaner")
+        a, b = child.register_class("orphan_a", size=64), child.register_class("orphan_b", size=3000)
+        kept = [a.allocate() for _ in range(600)]  # past a magazine: a refill, a flush
+        for h in kept[123:]:
+            a.release(h)
+        gone = [b.allocate() for _ in range(40)]
+        for h in gone:
+            b.release(h)
+        send(",".join(map(str, kept[:123])).encode())
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    forked = fork_child(orphaner)
+    pid = forked.pid
+    handles = [int(x) for x in forked.report().decode().split(",")]
+    forked.wait(os.WUNTRACED)
     assert _attached(heap.stats())[pid]["classes"]["orphan_a"]["cached"] > 0
     since = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     latency, stats = wait_reclaimed(heap, pid, since)
-    os.waitpid(pid, 0)
+    forked.wait()
     assert latency < REACT_S
     assert stats["classes"]["orphan_a"]["live"] == 123 and stats["classes"]["orphan_b"]["live"] == 0
     for name in ("orphan_a", "orphan_b"):

@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from conftest import collect_spawned, run_slitterd, start_spawned
+from conftest import Forked, collect_spawned, fork_child, run_slitterd, start_spawned
 
 import slitter
 import workers
@@ -134,28 +134,26 @@ def test_counters_stay_exact_while_a_client_cycles_through_restarts(manual_daemo
 
     d = manual_daemon().start()
     stop = tmp_path / "stop"
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            with slitter.connect(d.address, timeout=30) as heap:
-                cls = heap.register_class("cycle", size=64)
-                held = [cls.allocate() for _ in range(5)]
-                while not stop.exists():
-                    for _ in range(1000):
-                        cls.release(cls.allocate())
-                assert len(held) == 5
-            code = 0
-        finally:
-            os._exit(code)
+
+    def cycle(send):
+        with slitter.connect(d.address, timeout=30) as heap:
+            cls = heap.register_class("cycle", size=64)
+            held = [cls.allocate() for _ in range(5)]
+            while not stop.exists():
+                for _ in range(1000):
+                    cls.release(cls.allocate())
+            assert len(held) == 5
+        send(b"done")
+
+    forked = fork_child(cycle)
     time.sleep(0.5)
     for _ in range(4):
         d.kill(signal.SIGKILL)
         d.start()
         time.sleep(0.3)
     stop.touch()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert forked.report() == b"done"  # AssertionError with the child's exception if it raised
+    assert os.waitstatus_to_exitcode(forked.wait()) == 0
     with slitter.connect(d.address) as heap:
         c = heap.stats()["classes"]["cycle"]
         assert c["live"] == 5 and c["cached"] == 0
@@ -169,38 +167,32 @@ def test_departed_figures_outlive_the_daemon(manual_daemon):
 
     d = manual_daemon().start()
 
-    def leave_objects(name: str, count: int, wait_for_kill: bool) -> int:
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(ready_r)
-                heap = slitter.connect(d.address, name=name, timeout=30)
-                cls = heap.register_class("left", size=64)
-                for _ in range(count):
-                    cls.allocate()
-                os.write(ready_w, b"x")
-                if wait_for_kill:
-                    time.sleep(60)
-                heap.close()
-            finally:
-                os._exit(0)
-        os.close(ready_w)
-        assert os.read(ready_r, 1) == b"x"  # its objects are allocated
-        os.close(ready_r)
-        return pid
+    def leave_objects(name: str, count: int, wait_for_kill: bool) -> Forked:
+        def in_child(send):
+            heap = slitter.connect(d.address, name=name, timeout=30)
+            cls = heap.register_class("left", size=64)
+            for _ in range(count):
+                cls.allocate()
+            send(b"allocated")
+            if wait_for_kill:
+                time.sleep(60)
+            heap.close()
+
+        forked = fork_child(in_child)
+        assert forked.report() == b"allocated"
+        return forked
 
     first = leave_objects("first", 3, wait_for_kill=False)
-    os.waitpid(first, 0)
+    first.wait()
     second = leave_objects("second", 5, wait_for_kill=True)
     d.kill(signal.SIGKILL)
-    os.kill(second, signal.SIGKILL)  # dies while the daemon is down
-    os.waitpid(second, 0)
+    os.kill(second.pid, signal.SIGKILL)  # dies while the daemon is down
+    second.wait()
     d.start()
     with slitter.connect(d.address) as heap:
         departed = heap.stats()["instance"]["departed"]
-        assert {"pid": first, "name": "first", "live": {"left": 3}} in departed
-        assert {"pid": second, "name": "second", "live": {"left": 5}} in departed
+        assert {"pid": first.pid, "name": "first", "live": {"left": 3}} in departed
+        assert {"pid": second.pid, "name": "second", "live": {"left": 5}} in departed
         assert heap.stats()["classes"]["left"]["live"] == 8
 
 
@@ -210,22 +202,18 @@ def test_a_client_killed_mid_operation_while_the_daemon_is_down_is_counted_exact
     import os
 
     d = manual_daemon().start()
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(ready_r)
-            heap = slitter.connect(d.address, name="window", timeout=30)
-            os.write(ready_w, workers.leave_in_the_window(heap, op, changed=True).to_bytes(4, "little"))
-            time.sleep(60)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    held = int.from_bytes(os.read(ready_r, 4), "little")
-    os.close(ready_r)
+
+    def in_child(send):
+        heap = slitter.connect(d.address, name="window", timeout=30)
+        send(workers.leave_in_the_window(heap, op, changed=True).to_bytes(4, "little"))
+        time.sleep(60)
+
+    forked = fork_child(in_child)
+    pid = forked.pid
+    held = int.from_bytes(forked.report(), "little")
     d.kill(signal.SIGKILL)
     os.kill(pid, signal.SIGKILL)  # dies while the daemon is down, in the middle of an operation
-    os.waitpid(pid, 0)
+    forked.wait()
     d.start()
     with slitter.connect(d.address) as heap:
         stats = heap.stats()

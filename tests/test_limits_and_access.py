@@ -9,6 +9,7 @@ import stat
 import pytest
 
 import slitter
+from conftest import fork_child
 from slitter import address
 
 
@@ -31,17 +32,19 @@ def test_class_cap_is_out_of_memory_for_that_class_alone(daemon, heap):
 
 
 def test_dead_clients_live_objects_are_reported_per_pid(daemon, heap):
-    pid = os.fork()
-    if pid == 0:
-        try:
-            h = slitter.connect(daemon.address, name="leaver")
-            cls = h.register_class("kept", size=64)
-            for _ in range(7):
-                cls.allocate()
-            h.close()
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+
+    def leaver(send):
+        h = slitter.connect(daemon.address, name="leaver")
+        cls = h.register_class("kept", size=64)
+        for _ in range(7):
+            cls.allocate()
+        h.close()
+        send(b"left")
+
+    forked = fork_child(leaver)
+    pid = forked.pid
+    assert forked.report() == b"left"
+    forked.wait()
     departed = heap.stats()["instance"]["departed"]
     assert {"pid": pid, "name": "leaver", "live": {"kept": 7}} in departed
     assert heap.stats()["classes"]["kept"]["live"] == 7
@@ -61,36 +64,28 @@ def test_another_uid_cannot_attach(daemon):
     seg_modes = [stat.S_IMODE(p.stat().st_mode) for p in address.segment_paths(daemon.name)]
     assert sock_mode & 0o077 == 0 and seg_modes == [0o600, 0o600]
     uid, gid = _other_user()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+
+    def as_other_user(send):
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        results = []
         try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            results = []
+            slitter.connect(daemon.address, timeout=1)
+            results.append("attached")
+        except slitter.DaemonUnavailable as exc:
+            results.append(f"unavailable: {exc}")
+        for path in address.segment_paths(daemon.name):
             try:
-                slitter.connect(daemon.address, timeout=1)
-                results.append("attached")
-            except slitter.DaemonUnavailable as exc:
-                results.append(f"unavailable: {exc}")
-            for path in address.segment_paths(daemon.name):
-                try:
-                    open(path, "rb").close()
-                    results.append(f"opened {path}")
-                except PermissionError:
-                    results.append("denied")
-            os.write(w, "\n".join(results).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    out = b""
-    while chunk := os.read(r, 4096):
-        out += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    lines = out.decode().splitlines()
+                open(path, "rb").close()
+                results.append(f"opened {path}")
+            except PermissionError:
+                results.append("denied")
+        send("\n".join(results).encode())
+
+    forked = fork_child(as_other_user)
+    lines = forked.report().decode().splitlines()
+    forked.wait()
     assert lines[0].startswith("unavailable:") and daemon.address in lines[0], lines
     assert lines[1:] == ["denied", "denied"], lines
 
@@ -141,28 +136,20 @@ def test_group_mode_lets_another_uid_of_the_group_attach(manual_daemon):
         assert stat.S_IMODE(os.stat(d.address).st_mode) == 0o660 and os.stat(d.address).st_gid == gid
         for p in address.segment_paths(d.name):
             assert stat.S_IMODE(p.stat().st_mode) == 0o660 and p.stat().st_gid == gid
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(r)
-                os.setgroups([gid])
-                os.setgid(gid)
-                os.setuid(uid)
-                with slitter.connect(d.address, timeout=5) as heap:
-                    cls = heap.register_class("grouped", size=32)
-                    h = cls.allocate()
-                    heap.view(h)[:2] = b"ok"
-                    cls.release(h)
-                os.write(w, b"attached")
-            except BaseException as exc:  # report, never raise in the child
-                os.write(w, f"failed: {exc!r}".encode())
-            finally:
-                os._exit(0)
-        os.close(w)
-        out = os.read(r, 4096).decode()
-        os.close(r)
-        os.waitpid(pid, 0)
-        assert out == "attached", out
+
+        def as_group_member(send):
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(uid)
+            with slitter.connect(d.address, timeout=5) as heap:
+                cls = heap.register_class("grouped", size=32)
+                h = cls.allocate()
+                heap.view(h)[:2] = b"ok"
+                cls.release(h)
+            send(b"attached")
+
+        forked = fork_child(as_group_member)
+        assert forked.report() == b"attached"  # AssertionError with the child's exception if it raised
+        forked.wait()
     finally:
         shutil.rmtree(top, ignore_errors=True)

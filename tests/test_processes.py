@@ -9,6 +9,7 @@ import pytest
 
 import slitter
 import workers
+from conftest import fork_child
 
 
 def test_forked_child_gets_fresh_racks(heap):
@@ -16,25 +17,15 @@ def test_forked_child_gets_fresh_racks(heap):
     warm = [cls.allocate() for _ in range(10)]
     for h in warm:
         cls.release(h)  # the parent now caches objects in its magazines
-    rd, wr = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.close(rd)
-            got = [cls.allocate() for _ in range(300)]
-            os.write(wr, ",".join(map(str, got)).encode())
-            heap.close()
-        finally:
-            os._exit(0)
-    os.close(wr)
+
+    def in_child(send):
+        send(",".join(str(cls.allocate()) for _ in range(300)).encode())
+        heap.close()
+
+    forked = fork_child(in_child)
     parent = [cls.allocate() for _ in range(300)]
-    data = b""
-    while chunk := os.read(rd, 65536):
-        data += chunk
-    os.close(rd)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    child = [int(x) for x in data.decode().split(",")]
+    child = [int(x) for x in forked.report().decode().split(",")]
+    assert os.waitstatus_to_exitcode(forked.wait()) == 0
     assert len(child) == 300
     assert not set(child) & set(parent), "an object was cached in two processes"
     assert not set(child) & set(warm), "the child used the parent's magazine"
