@@ -3,8 +3,15 @@
 Both servers get the same clients (processes with a DEALER socket each) and
 the same request frames; the echo server answers every frame with itself,
 so it is the floor of what any ZeroMQ + Python server can do here.  Two
-request mixes for slitterd: `ping` (dispatch only) and `refill+flush`
-(a real slow-path pair that moves a magazine through the depot and audit).
+request mixes for slitterd: `ping` (dispatch only) and `refill+flush`, the
+slow path's two ops with their validation, client and token check, thread
+slot and class lookups, counters and replies, but no objects: after the
+first refill the magazines stay full (refill) and empty (flush), since
+nothing allocates or releases between the frames.
+
+What moving objects adds is measured apart, with no sockets: the daemon's
+time per refill+flush cycle that moves a whole magazine, by object size
+(``service_times``).
 
     cd bench && ../.venv/bin/python daemon.py [--clients 1,2,4] [--seconds 0.7] [--quick] [--json]
 
@@ -14,10 +21,15 @@ Other benchmarks call ``measure()`` and ``print_table()`` (fastpath.py does).
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import statistics
 import sys
+import tempfile
+import threading
 import time
-from typing import Any
+import timeit
+from typing import Any, Callable
 
 import zmq
 
@@ -87,9 +99,121 @@ def refill_flush_frames(address: str, n_clients: int) -> tuple[list[list[bytes]]
         args = {"client": heap._client_id, "token": heap._token, "thread": slot, "class_id": cls.id}
         # refill fills the empty magazine from the depot; flush returns nothing (the release
         # magazine is empty), so each pair moves a magazine out and back through the audit.
+        # The refill finds its magazines full and the flush its magazine empty after the first
+        # pair: this mix measures what every refill and flush pays before and after moving objects.
         per_client.append([protocol.pack(protocol.request(Op.REFILL, 1, **args)),
                            protocol.pack(protocol.request(Op.FLUSH, 1, **args))])
     return per_client, heaps
+
+
+SERVICE_SIZES = (64, 4096, 65536)
+
+
+def _serve_while(server, work: Callable[[], Any]) -> Any:
+    """Run ``work()`` in a thread while ``server`` serves in this one; stop serving when it ends."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = work()
+        except BaseException as exc:  # re-raised in this thread
+            out["error"] = exc
+        finally:
+            server.stop()
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # serve() takes them
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        server.serve()
+    finally:
+        thread.join()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def service_times(sizes: tuple[int, ...], repeats: int, progress) -> dict[str, Any]:
+    """The daemon's time per refill+flush cycle that moves a whole magazine, by object size.
+
+    An instance of the daemon's own classes (``Arena``, ``Instance``,
+    ``Server``) runs in this process.  Its loop serves a client thread while
+    the client attaches, registers one class per size and binds; then the
+    loop stops and this thread hands ``Server.handle`` that client's REFILL
+    and FLUSH frames, encoding each reply as the loop does.  Between them it
+    moves the allocation magazine into the release magazine, as allocating
+    and releasing every object would: each flush audits a full magazine and
+    each refill hands one out.  No socket: the figure is the daemon's own
+    Python and C per magazine; sockets and the clients' side are the tables
+    above.  Medians of ``repeats`` timings of at least 0.2 s.
+    """
+    from slitterd.arena import Arena, remove_segments
+    from slitterd.instance import Instance
+    from slitterd.server import Server
+
+    name = f"bench-service-{os.getpid()}"
+    arena = Arena.create(name, 1 << 30, 4)
+    server = None
+    try:
+        instance = Instance(name, arena, 4)
+        sock = os.path.join(tempfile.gettempdir(), f"{name}.sock")
+        server = Server(instance, "ipc://" + sock)
+        heap: list[slitter.Heap] = []
+
+        def setup() -> list[tuple[int, int, int, bytes, bytes]]:
+            h = slitter.connect(sock, name="service")
+            heap.append(h)
+            out = []
+            for size in sizes:
+                cls = h.register_class(f"service-{size}", size=size)
+                cls.release(cls.allocate())  # binds this thread to the class
+                slot = slitter._native.lib.slitter_bind(h._client, cls.id)
+                args = {"client": h._client_id, "token": h._token, "thread": slot, "class_id": cls.id}
+                out.append((size, cls.id, slot, protocol.pack(protocol.request(Op.REFILL, 1, **args)),
+                            protocol.pack(protocol.request(Op.FLUSH, 1, **args))))
+            return out
+
+        frames = _serve_while(server, setup)
+        handle, pack = server.handle, server._pack
+        client = instance.racks.clients[heap[0]._client_id]
+        ffi = slitter._native.ffi
+        result: dict[str, Any] = {"sizes": list(sizes), "repeats": repeats, "us_per_cycle": {},
+                                  "ns_per_object": {}, "magazine": {}, "raw_us": {}}
+        for size, class_id, slot, refill, flush in frames:
+            progress(f"daemon service time, {size} B objects")
+            tc = instance.racks.thread_class(client, slot, class_id)
+
+            def cycle() -> int:
+                reply = handle(refill)
+                if not reply["ok"]:
+                    raise RuntimeError(f"refill refused: {reply}")
+                pack(reply)
+                n = tc.alloc_count
+                ffi.memmove(tc.release, tc.alloc, 8 * n)  # every object allocated, then released
+                tc.alloc_count, tc.release_count = 0, n
+                reply = handle(flush)
+                if not reply["ok"] or reply["accepted"] != n:
+                    raise RuntimeError(f"flush did not take back the {n} handles: {reply}")
+                pack(reply)
+                return n
+
+            n = cycle()
+            loops = max(1, int(0.2 / max(timeit.timeit(cycle, number=3) / 3, 1e-6)))
+            samples = [timeit.timeit(cycle, number=loops) / loops * 1e6 for _ in range(repeats)]
+            key = f"{size} B"
+            med = statistics.median(samples)
+            result["us_per_cycle"][key], result["ns_per_object"][key] = med, med / n * 1e3
+            result["magazine"][key], result["raw_us"][key] = n, samples
+        _serve_while(server, heap[0].close)
+        return result
+    finally:
+        if server is not None:
+            server.close()
+            os.unlink(sock)
+        arena.close()
+        remove_segments(name)
 
 
 def measure(counts: list[int], seconds: float, repeats: int, progress) -> dict[str, Any]:
@@ -161,12 +285,30 @@ def print_table(result: dict[str, Any]) -> None:
                               f"{v:.2f}" + ("  (target >= 0.8)" if ": ping" in k else ""),
                               f"{min(raw_ratios[k]):.2f}–{max(raw_ratios[k]):.2f}")
     Console().print(table)
+    if "service" in result:
+        print_service_table(result["service"])
+
+
+def print_service_table(service: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"daemon time per refill+flush cycle moving a whole magazine, no sockets: "
+                  f"medians of {service['repeats']}", title_justify="left")
+    for column in ("objects", "magazine (handles)", "µs per cycle", "min–max", "ns per object"):
+        table.add_column(column, justify="left" if column == "objects" else "right")
+    for key, us in service["us_per_cycle"].items():
+        raw = service["raw_us"][key]
+        table.add_row(key, f"{service['magazine'][key]:,}", f"{us:.1f}", f"{min(raw):.1f}–{max(raw):.1f}",
+                      f"{service['ns_per_object'][key]:.1f}")
+    Console().print(table)
 
 
 def run(size: str, progress, clients: str, seconds: float, repeats: int) -> dict[str, Any]:
     if size == "quick":
         seconds, repeats = QUICK_SECONDS, QUICK_REPEATS
-    return {"machine": machine(), **measure([int(c) for c in clients.split(",")], seconds, repeats, progress)}
+    result = measure([int(c) for c in clients.split(",")], seconds, repeats, progress)
+    return {"machine": machine(), **result, "service": service_times(SERVICE_SIZES, repeats, progress)}
 
 
 def add_arguments(parser) -> None:

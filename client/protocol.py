@@ -164,6 +164,11 @@ OP_DOCS: dict[Op, str] = {
 _OPS_BY_NAME: dict[str, Op] = {op.value: op for op in Op}
 _ALLOWED_KEYS: dict[Op, frozenset[str]] = {
     op: frozenset({"v", "id", "op", *(f.name for f in fields)}) for op, fields in REQUEST_FIELDS.items()}
+#: Per op, each field as (name, kind, low, high, default, Field): plain tuple items, not
+#: dataclass attributes, for the daemon's per-field loop (about 0.1 µs a field less).
+_FIELD_RULES: dict[Op, tuple[tuple[str, type, int, int, Any, Field], ...]] = {
+    op: tuple((f.name, f.kind, f.low, f.high, f.default, f) for f in fields)
+    for op, fields in REQUEST_FIELDS.items()}
 
 _UNPACK_LIMITS = {
     "max_str_len": MAX_MESSAGE_BYTES,
@@ -275,26 +280,26 @@ def parse_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
     op = _OPS_BY_NAME.get(name) if isinstance(name, str) else None
     if op is None:
         raise Refusal(ErrorCode.UNKNOWN_OP, f"unknown op {name!r}", request_id)
-    fields = REQUEST_FIELDS[op]
     if not _ALLOWED_KEYS[op].issuperset(message):
         extra = set(message) - _ALLOWED_KEYS[op]
         raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: unexpected fields {sorted(map(str, extra))}", request_id)
     args = {}
-    for field in fields:
-        name = field.name
-        if name not in message:
-            if field.default is not None:
-                args[name] = field.default
-                continue
-            raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{name}'", request_id)
-        value = message[name]
+    get = message.get
+    for name, kind, low, high, default, field in _FIELD_RULES[op]:
+        value = get(name, _ABSENT)
         # The common case inline (an int in range, or a bool); _check has every rule and every message.
-        kind = field.kind
-        if type(value) is kind and (kind is bool or (kind is int and field.low <= value <= field.high)):
+        if type(value) is kind and (kind is bool or (kind is int and low <= value <= high)):
             args[name] = value
+        elif value is _ABSENT:
+            if default is None:
+                raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{name}'", request_id)
+            args[name] = default
         else:
             args[name] = _check(op, field, value, request_id)
     return Request(op, request_id, args)
+
+
+_ABSENT = object()  # a field the message does not carry (None is a value msgpack can carry)
 
 
 def _check(op: Op, field: Field, value: Any, request_id: int) -> Any:

@@ -10,20 +10,14 @@ handle that is already here.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
+from typing import Any
 
 from slitter import errors
 from slitter._native import ffi, lib
 
 from slitterd.arena import Arena
 from slitterd.mill import Mill, Run, class_name
-
-
-def copy_handles(buffer, count: int) -> array:
-    """The first ``count`` handles of a C array (a magazine in a rack or a slot, a scratch buffer)."""
-    out = array("Q", bytes(8 * count))
-    if count:
-        ffi.memmove(ffi.from_buffer("uint64_t[]", out), buffer, 8 * count)
-    return out
 
 
 class Depot:
@@ -88,6 +82,23 @@ class Depot:
         run.entry.carved = run.next_index  # before anyone can see the objects
         self.carved += count
         return out
+
+    def give_audited(self, audit: Callable[[Any], int], n: int) -> int:
+        """Let ``audit(top)`` write up to ``n`` accepted handles straight onto the stack; keep those.
+
+        ``top`` points just past the free handles, with room for ``n``;
+        ``audit`` returns how many it wrote there (already FREE, depot bits
+        set), and so does this.
+        """
+        end = self.nfree + n
+        if end > len(self._stack):
+            self._stack.frombytes(bytes(8 * (end - len(self._stack))))
+        with ffi.from_buffer("uint64_t[]", self._stack, require_writable=True) as stack:  # released on exit
+            kept = audit(stack + self.nfree)
+        if not 0 <= kept <= n:
+            raise AssertionError(f"audit kept {kept} of {n} handles")
+        self.nfree += kept
+        return kept
 
     def give(self, handles: array) -> None:
         """Take back audited or reclaimed objects (already FREE, depot bits set)."""

@@ -23,7 +23,7 @@ from slitter.protocol import ERROR_KINDS, POLICIES
 
 from slitterd.arena import Arena
 from slitterd.audit import AuditLog
-from slitterd.depot import Depot, copy_handles
+from slitterd.depot import Depot
 from slitterd.mill import ClassGeometry, Mill, Run
 from slitterd.rack import ERR_KINDS, MAX_CLASSES, Client, ClassTotals, Racks, owner_name, tag
 from slitterd.shelf import Shelf
@@ -65,6 +65,11 @@ class Instance:
         self.shelf = Shelf(arena, self.depots)
         #: The policy of classes registered without one (the config's error_policy).
         self.default_policy = "raise"
+        # Scratch of the loop's thread for flush(): its magazines (release and
+        # outgoing, each at most the layout's cap), and the audit's refusals.
+        most = 2 * lib.SLITTER_MAG_CAP
+        self._flush_scratch = ffi.new("uint64_t[]", most)
+        self._refused_scratch = (ffi.new("uint64_t[]", most), ffi.new("uint8_t[]", most), ffi.new("uint32_t *"))
 
     # -- classes ---------------------------------------------------------
 
@@ -154,7 +159,7 @@ class Instance:
         cap = self._magazine_size(client, thread, class_id, tc, spare)
         self.arena.totals[class_id].refills += 1
         # Before any handle is written: stats and reclaim read only touched magazines.
-        lib.slitter_mark_touched(self.arena.rack(client.rack_index), thread, class_id)
+        lib.slitter_mark_touched(self.racks.rack(client), thread, class_id)
         written = 0
         if not spare and tc.alloc_count == 0:
             written += self._fill(client, class_id, tc.alloc, cap)
@@ -208,30 +213,40 @@ class Instance:
         tc = self.racks.thread_class(client, thread, class_id)
         cap = lib.SLITTER_MAG_CAP  # the thread's magazines may have grown past the class's capacity
         self.arena.totals[class_id].flushes += 1
-        handles = array("Q") if outgoing else copy_handles(tc.release, min(tc.release_count, cap))
+        # Both magazines copied once, into scratch the client cannot write: the
+        # audit then reads each handle once, whatever the client does meanwhile.
+        handles = self._flush_scratch
+        n = 0
         if not outgoing:
+            n = min(tc.release_count, cap)
+            ffi.memmove(handles, tc.release, 8 * n)
             tc.release_count = 0
         published = min(tc.outgoing_count, cap)
         if published:
-            handles.extend(copy_handles(tc.outgoing, published))
-        result = self._audit_into_depot(client, class_id, handles, "flush")
+            ffi.memmove(handles + n, tc.outgoing, 8 * published)
+        result = self._audit_into_depot(client, class_id, handles, n + published, "flush")
         if published:
             tc.outgoing_count = 0  # last: hands the outgoing magazine back to the client
         return result
 
-    def _audit_into_depot(self, client: Client, class_id: int, handles: array,
+    def _audit_into_depot(self, client: Client, class_id: int, handles, n: int,
                           source: str) -> tuple[int, list[tuple[int, str]]]:
-        n = len(handles)
+        """Audit ``n`` handles (a C array the client cannot write); the accepted go onto the depot's stack.
+
+        The audit writes the accepted handles straight onto the depot's
+        stack and the refused ones into reused scratch: no buffer is
+        allocated, zeroed or copied again per flush (a 4096-handle flush
+        spent about 7 µs on that, next to about 25 µs of audit).
+        """
         if n == 0:
             return 0, []
-        accepted = ffi.new("uint64_t[]", n)
-        refused = ffi.new("uint64_t[]", n)
-        kinds = ffi.new("uint8_t[]", n)
-        nrefused = ffi.new("uint32_t *")
-        nacc = lib.slitter_audit_flush(self.arena.view, class_id, tag(client), ffi.from_buffer("uint64_t[]", handles),
-                                       n, accepted, refused, kinds, nrefused)
-        self.depots[class_id].give(copy_handles(accepted, nacc))
+        refused, kinds, nrefused = self._refused_scratch
+        view, rack_tag = self.arena.view, tag(client)
+        nacc = self.depots[class_id].give_audited(
+            lambda top: lib.slitter_audit_flush(view, class_id, rack_tag, handles, n, top, refused, kinds, nrefused), n)
         nbad = nrefused[0]
+        if nbad == 0:
+            return nacc, []
         bad_kinds = ffi.unpack(kinds, nbad)  # a list: one kind index per refused handle
         totals = self.arena.totals[class_id]
         for kind, count in Counter(bad_kinds).items():

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from slitter._native import ffi, lib
 
@@ -62,6 +63,10 @@ class Client:
     last_report: tuple[int, int] = (0, 0)
     #: time.monotonic() of the last prefetch per (thread, class id): magazines grow by demand.
     last_prefetch: dict[tuple[int, int], float] = field(default_factory=dict)
+    #: The rack as a cffi pointer, and its thread-class entries by thread * MAX_CLASSES + class id:
+    #: ``Racks.thread_class`` casts and indexes once, not on every refill and flush (0.6 µs).
+    rack: Any = None
+    thread_classes: dict[int, Any] = field(default_factory=dict)
 
 
 def owner_name(owner) -> str:
@@ -135,8 +140,19 @@ class Racks:
             return None
         return client
 
+    def rack(self, client: Client):
+        """The client's rack as a cffi pointer (cast once per client)."""
+        if client.rack is None:
+            client.rack = self.arena.rack(client.rack_index)
+        return client.rack
+
     def thread_class(self, client: Client, thread: int, class_id: int):
-        return self.arena.rack(client.rack_index).threads[thread].classes[class_id]
+        """The rack entry of one thread slot and class (both checked by the caller)."""
+        key = thread * MAX_CLASSES + class_id
+        tc = client.thread_classes.get(key)
+        if tc is None:
+            tc = client.thread_classes[key] = self.rack(client).threads[thread].classes[class_id]
+        return tc
 
     def magazines(self, client: Client):
         """(class_id, thread_class) for every magazine pair the client touched."""
