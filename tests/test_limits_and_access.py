@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import grp
 import os
 import pwd
+import shutil
 import stat
+import tempfile
 
 import pytest
 
@@ -119,28 +124,37 @@ def test_nothing_listens_on_tcp_unless_configured(daemon, heap):
     assert not sockets & _listening_tcp_inodes()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
-def test_group_mode_lets_another_uid_of_the_group_attach(manual_daemon):
-    import grp
-    import shutil
-    import tempfile
-
-    uid, gid = _other_user()
-    group = grp.getgrgid(gid).gr_name
+@contextlib.contextmanager
+def _group_daemon(manual_daemon, gid: int):
+    """A daemon whose socket and segments the group ``gid`` may use, in a directory every user can reach."""
     top = tempfile.mkdtemp(prefix="slitter-group-", dir="/tmp")
     os.chmod(top, 0o755)
     try:
-        d = manual_daemon("--ephemeral", "--socket-mode", "0660", "--socket-group", group)
+        d = manual_daemon("--ephemeral", "--socket-mode", "0660", "--socket-group", grp.getgrgid(gid).gr_name)
         d.address = os.path.join(top, "run", "d.sock")
         d.start("--socket", d.address)
+        yield d
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _become(uid: int, gid: int) -> None:
+    """This (forked) process drops root for ``uid``, with ``gid`` as its group and only group."""
+    os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+def test_group_mode_lets_another_uid_of_the_group_attach(manual_daemon):
+    uid, gid = _other_user()
+    with _group_daemon(manual_daemon, gid) as d:
         assert stat.S_IMODE(os.stat(d.address).st_mode) == 0o660 and os.stat(d.address).st_gid == gid
         for p in address.segment_paths(d.name):
             assert stat.S_IMODE(p.stat().st_mode) == 0o660 and p.stat().st_gid == gid
 
         def as_group_member(send):
-            os.setgroups([gid])
-            os.setgid(gid)
-            os.setuid(uid)
+            _become(uid, gid)
             with slitter.connect(d.address, timeout=5) as heap:
                 cls = heap.register_class("grouped", size=32)
                 h = cls.allocate()
@@ -151,5 +165,63 @@ def test_group_mode_lets_another_uid_of_the_group_attach(manual_daemon):
         forked = fork_child(as_group_member)
         assert forked.report() == b"attached"  # AssertionError with the child's exception if it raised
         forked.wait()
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+
+
+def _hide_other_users_processes() -> str:
+    """In a mount namespace of this process's own, mount /proc with hidepid=2; '' or why it could not."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newns, ms_rec, ms_private = 0x00020000, 0x4000, 1 << 18
+    if libc.unshare(clone_newns) != 0:
+        return f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}"
+    if libc.mount(b"none", b"/", None, ms_rec | ms_private, None) != 0:
+        return f"making / private: {os.strerror(ctypes.get_errno())}"
+    if libc.mount(b"proc", b"/proc", b"proc", 0, b"hidepid=2") != 0:
+        return f"mounting /proc with hidepid=2: {os.strerror(ctypes.get_errno())}"
+    return ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid and mounting /proc need root")
+def test_a_sender_of_another_user_that_proc_hides_is_not_a_gone_peer(manual_daemon):
+    """A receiver that may not signal the sender's process (EPERM) and whose /proc hides it (hidepid) cannot
+    check it: it counts the sender as alive and times out, instead of calling it gone."""
+    uid, gid = _other_user()
+    with _group_daemon(manual_daemon, gid) as d, slitter.connect(d.address, timeout=5) as heap:
+        channel = heap.channel(16)
+        channel.send(1)  # this (root) process's thread claims the sending side
+
+        def hidden_from(send):
+            why = _hide_other_users_processes()
+            _become(uid, gid)
+            if why:
+                send(f"cannot: {why}".encode())
+                return
+            root = os.getppid()
+            try:
+                os.kill(root, 0)
+                send(b"kill(0) signalled root")
+                return
+            except PermissionError:
+                pass
+            if os.path.exists(f"/proc/{root}"):
+                send(b"/proc shows root's process")
+                return
+            with slitter.connect(d.address, timeout=5) as mine:
+                link = mine.open_channel(channel.handle)
+                got = link.recv(timeout=10)
+                try:
+                    link.recv(timeout=0.5)  # past the spin, into the sleep and its probe of the sender
+                    outcome = "received"
+                except slitter.ChannelTimeout:
+                    outcome = "timed out"
+                except slitter.ChannelPeerGone as exc:
+                    outcome = f"peer gone: {exc}"
+            send(f"{got} {outcome}".encode())
+
+        forked = fork_child(hidden_from)
+        report = forked.report().decode()
+        forked.wait()
+        if report.startswith("cannot:"):
+            pytest.skip(f"this machine cannot hide processes from another user: {report}")
+        assert report == "1 timed out", report
+        channel.send(2)  # the sender is alive and still holds its side
+        channel.release()
