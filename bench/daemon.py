@@ -97,8 +97,6 @@ def refill_flush_frames(address: str, n_clients: int) -> tuple[list[list[bytes]]
         cls.release(cls.allocate())  # binds the thread and class
         slot = slitter._native.lib.slitter_bind(heap._client, cls.id)
         args = {"client": heap._client_id, "token": heap._token, "thread": slot, "class_id": cls.id}
-        # refill fills the empty magazine from the depot; flush returns nothing (the release
-        # magazine is empty), so each pair moves a magazine out and back through the audit.
         # The refill finds its magazines full and the flush its magazine empty after the first
         # pair: this mix measures what every refill and flush pays before and after moving objects.
         per_client.append([protocol.pack(protocol.request(Op.REFILL, 1, **args)),
