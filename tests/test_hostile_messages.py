@@ -917,3 +917,57 @@ def test_class_names_are_what_the_class_table_says(raw, victim):
         else:
             check_error_reply(reply)
             assert reply["code"] == ErrorCode.INVALID_FIELD, reply
+
+
+def _refusal(raw: Raw, message: dict) -> dict:
+    reply = raw.ask(message)
+    check_error_reply(reply)
+    return reply
+
+
+@pytest.mark.parametrize("op,field", [(op, f.name) for op, fields in REQUEST_FIELDS.items() for f in fields
+                                      if f.default is None])
+def test_a_request_without_a_required_field_is_refused_naming_it(raw, op, field):
+    """Spelled out here, not asked of protocol.parse_request: a schema that let a field go missing would pass
+    every test that compares the daemon's reply with the schema's."""
+    args = minimal_args(op)
+    del args[field]
+    reply = _refusal(raw, protocol.request(op, 7, **args))
+    assert (reply["code"], reply["id"]) == (ErrorCode.INVALID_FIELD, 7), reply
+    assert f"missing field '{field}'" in reply["error"], reply
+
+
+@pytest.mark.parametrize("op,field", [(op, f.name) for op, fields in REQUEST_FIELDS.items() for f in fields
+                                      if f.kind is int])
+def test_a_bool_where_an_int_goes_is_refused(raw, op, field):
+    """msgpack's true is a Python bool, and bool is a subclass of int: the schema must tell them apart."""
+    reply = _refusal(raw, protocol.request(op, 8, **{**minimal_args(op), field: True}))
+    assert reply["code"] == ErrorCode.INVALID_FIELD and f"field '{field}' must be int" in reply["error"], reply
+
+
+def test_a_class_name_is_limited_in_bytes_not_characters(raw):
+    reply = raw.ask(protocol.request(Op.ATTACH, 1, pid=os.getpid(), name="namer"))
+    creds = {"client": reply["client"], "token": reply["token"]}
+    fits = "é" * (protocol.MAX_CLASS_NAME // 2)  # two bytes each in UTF-8
+    too_long = fits + "é"  # fewer characters than MAX_CLASS_NAME, more bytes
+    assert len(too_long) <= protocol.MAX_CLASS_NAME < len(too_long.encode())
+    reply = _refusal(raw, protocol.request(Op.REGISTER_CLASS, 2, name=too_long, size=64, zero_init=False,
+                                           policy="", cap=0, **creds))
+    assert reply["code"] == ErrorCode.INVALID_FIELD and "'name'" in reply["error"], reply
+    reply = raw.ask(protocol.request(Op.REGISTER_CLASS, 3, name=fits, size=64, zero_init=False, policy="",
+                                     cap=0, **creds))
+    assert reply["ok"] is True, reply
+
+
+def test_reports_without_a_request_id_are_each_recorded(raw, victim):
+    """A resent REPORT (the same nonzero id) is recorded once; id 0 says "no id", so two of those are two."""
+    heap = victim.heap
+    cls = heap.register_class("reported", size=64)
+    creds = {"client": heap._client_id, "token": heap._token}
+    report = {"class_id": cls.id, "handle": 0xdead0, "kind": 3, **creds}
+    seqs = [raw.ask(protocol.request(Op.REPORT, 0, **report))["seq"] for _ in range(2)]
+    assert seqs[1] == seqs[0] + 1, seqs
+    resent = [raw.ask(protocol.request(Op.REPORT, 99, **report))["seq"] for _ in range(2)]
+    assert resent[0] == seqs[1] + 1 and resent[1] == resent[0], resent
+    entries = [e for e in heap.audit()["entries"] if e[4] == 0xdead0]
+    assert len(entries) == 3, entries

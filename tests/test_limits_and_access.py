@@ -36,6 +36,19 @@ def test_class_cap_is_out_of_memory_for_that_class_alone(daemon, heap):
     assert stats["cap"] == 1000 and stats["carved"] == 1000 and stats["live"] == 1000
 
 
+def test_a_cap_that_fills_the_first_magazine_alone_still_hands_every_object_out(heap):
+    """The first refill fills the allocation magazine and finds nothing for the spare: the allocation
+    succeeds with what was found; OutOfMemory comes only when the cap is truly reached."""
+    probe = heap.register_class("probe", size=4096)
+    cap = heap._classes_table[probe.id].mag_capacity
+    capped = heap.register_class("one-magazine", size=4096, cap=cap)
+    got = [capped.allocate() for _ in range(cap)]
+    assert len(set(got)) == cap
+    with pytest.raises(slitter.OutOfMemory, match="'one-magazine' reached its cap"):
+        capped.allocate()
+    capped.release_many(got)
+
+
 def test_dead_clients_live_objects_are_reported_per_pid(daemon, heap):
 
     def leaver(send):

@@ -159,3 +159,62 @@ def test_magazines_keep_the_class_size_for_a_thread_that_allocates_slowly(heap):
     assert tc.capacity == base
     for batch in held:
         cls.release_many(batch)
+
+
+def test_magazines_of_big_objects_grow_to_4_mib_of_them_and_no_further(heap):
+    """Doubling stops at 4 MiB of objects, not at the next power of two past it."""
+    cls = heap.register_class("grow-big", size=3000)
+    entry = heap._classes_table[cls.id]
+    base, limit = entry.mag_capacity, (4 << 20) // entry.stride
+    assert base == (1 << 20) // entry.stride and base < limit < lib.SLITTER_MAG_CAP and limit % base  # 348, 1394
+    tc = _thread_class(heap, cls)
+    held = []
+    deadline = time.monotonic() + 10
+    while tc.capacity < limit and time.monotonic() < deadline:
+        held.append(cls.allocate_many(base))  # prefetches close together: the magazines double
+        time.sleep(0.005)
+    for _ in range(8):
+        held.append(cls.allocate_many(base))
+        time.sleep(0.005)
+    assert tc.capacity == limit
+    for batch in held:
+        cls.release_many(batch)
+
+
+def _move_to_release(tc, k: int) -> list[int]:
+    """Move the last ``k`` cached handles of the allocation magazine into the release magazine."""
+    n = tc.alloc_count
+    moved = [tc.alloc[n - 1 - i] for i in range(k)]
+    for i, h in enumerate(moved):
+        tc.release[tc.release_count + i] = h
+    tc.alloc_count = n - k
+    tc.release_count += k
+    return moved
+
+
+def test_a_refill_leaves_a_magazine_that_still_holds_objects_alone(heap):
+    """A refill the allocation magazine does not need (a resent or racing one) must not overwrite it."""
+    cls = heap.register_class("kept", size=64)
+    h = cls.allocate()  # the first refill: both magazines full, one object taken
+    tc = _thread_class(heap, cls)
+    before = (tc.alloc_count, [tc.alloc[i] for i in range(tc.alloc_count)], tc.spare_count)
+    reply = heap._call(Op.REFILL, thread=lib.slitter_bind(heap._client, cls.id), class_id=cls.id)
+    assert reply["count"] == 0
+    assert (tc.alloc_count, [tc.alloc[i] for i in range(tc.alloc_count)], tc.spare_count) == before
+    stats = heap.stats()["classes"]["kept"]
+    assert stats["carved"] == stats["live"] + stats["cached"] + stats["free"]
+    cls.release(h)
+
+
+def test_a_flush_of_the_outgoing_magazine_leaves_the_release_magazine_to_the_client(heap):
+    """The fast path goes on releasing into its release magazine while an outgoing flush is under way."""
+    cls = heap.register_class("outgoing", size=64)
+    cls.release(cls.allocate())
+    tc = _thread_class(heap, cls)
+    slot = lib.slitter_bind(heap._client, cls.id)
+    moved = _move_to_release(tc, 10)
+    reply = heap._call(Op.FLUSH, thread=slot, class_id=cls.id, outgoing=True)
+    assert reply["accepted"] == 0 and tc.release_count == 10
+    assert [tc.release[i] for i in range(10)] == moved
+    assert heap._call(Op.FLUSH, thread=slot, class_id=cls.id)["accepted"] == 10  # a plain flush takes them
+    assert tc.release_count == 0
