@@ -2,9 +2,11 @@
 
 Clients' refills drain it and their flushes (after the audit) fill it; when
 it runs dry it carves fresh objects from the class's current run, and asks
-the ``Mill`` for a new run when that one is used up.  Objects in the depot
-have their depot bit set in the meta segment, so the audit refuses any
-handle that is already here.
+the ``Mill`` for a new run when that one is used up.  The audit refuses a
+handle that is already here by its live byte (``SLITTER_FREE``).  Objects
+in the depot also have their depot bit set in the meta segment; recovery
+rebuilds those bits from the live map before it reads them, so the bits
+the audit and ``slitter_hand_out`` write are never read (left as they are).
 """
 
 from __future__ import annotations
