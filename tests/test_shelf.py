@@ -351,3 +351,37 @@ def test_recovery_scans_only_slots_the_daemon_or_a_dead_client_holds(instance, m
         assert after[i] == (state if kept else lib.SLITTER_SHELF_EMPTY), (i, hex(after[i]))
     for client in list(successor.racks.clients.values()):
         successor.racks.release_rack(client)
+
+
+def test_a_pressed_shelf_gives_back_only_as_many_classes_as_bring_a_quarter_empty():
+    """Six classes idle on the shelf and a seventh arrives: of the idle ones, the longest idle goes back
+    and the rest stay, since one class's slots make a quarter of the shelf empty again."""
+    per_class = lib.SLITTER_SHELF_PER_CLASS
+    with slitter.spawn_daemon(arena_size="1G", args=("--shelf-idle", "3600")) as address, \
+            slitter.connect(address) as heap:
+        classes = [heap.register_class(f"shelf-quarter-{i}", size=64) for i in range(7)]
+        cap = _capacity(heap, classes[0])
+        assert 6 * per_class == lib.SLITTER_SHELF_SLOTS * 3 // 4  # six classes leave exactly a quarter empty
+
+        def shelve(cls) -> None:
+            cls.release_many(cls.allocate_many((per_class + 1) * cap))
+
+        for cls in classes[:6]:
+            shelve(cls)
+        time.sleep(1.0)  # all six idle past the pressed threshold; a quarter empty, so none goes back
+        stats = heap.stats()["classes"]
+        assert [stats[c.name]["shelved"] for c in classes[:6]] == [per_class * cap] * 6, stats
+        shelve(classes[6])  # pressed now: fewer than a quarter of the slots empty
+
+        def gone_back() -> list[str]:
+            stats = heap.stats()["classes"]
+            return [c.name for c in classes[:6] if stats[c.name]["shelved"] == 0]
+
+        deadline = time.monotonic() + 20
+        while not gone_back() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # several more sweeps
+        assert len(gone_back()) == 1, heap.stats()["classes"]
+        stats = heap.stats()["classes"]
+        assert stats[classes[6].name]["shelved"] == per_class * cap  # not idle: it stays
+        assert all(workers.balanced(figures) for figures in stats.values()), stats
