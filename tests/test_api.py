@@ -192,6 +192,7 @@ def test_view_of_an_object_in_a_run_carved_by_another_process(daemon, heap):
 
 def test_spawned_daemon_dies_with_its_parent(tmp_path):
     """A program killed without cleaning up takes its private daemon (and segments) with it."""
+    import shutil
     import signal
     import subprocess
     import sys
@@ -199,10 +200,10 @@ def test_spawned_daemon_dies_with_its_parent(tmp_path):
 
     code = ("import slitter, sys, time\n"
             "d = slitter.spawn_daemon(arena_size='256M'); d.start()\n"
-            "print(d.pid, d.name, flush=True)\n"
+            "print(d.pid, d.name, d.directory, flush=True)\n"
             "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd="/")
-    pid, name = parent.stdout.readline().split()
+    pid, name, directory = parent.stdout.readline().split()
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10
@@ -216,3 +217,4 @@ def test_spawned_daemon_dies_with_its_parent(tmp_path):
             os.kill(int(pid), signal.SIGKILL)
         for p in slitter.address.segment_paths(name):
             p.unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)  # its log: the killed parent could not remove it
