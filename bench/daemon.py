@@ -93,15 +93,20 @@ def refill_flush_frames(address: str, n_clients: int) -> tuple[list[list[bytes]]
     for i in range(n_clients):
         heap = slitter.connect(address, name=f"bench{i}")
         heaps.append(heap)
-        cls = heap.register_class("bench", size=64)
-        cls.release(cls.allocate())  # binds the thread and class
-        slot = slitter._native.lib.slitter_bind(heap._client, cls.id)
-        args = {"client": heap._client_id, "token": heap._token, "thread": slot, "class_id": cls.id}
         # The refill finds its magazines full and the flush its magazine empty after the first
         # pair: this mix measures what every refill and flush pays before and after moving objects.
-        per_client.append([protocol.pack(protocol.request(Op.REFILL, 1, **args)),
-                           protocol.pack(protocol.request(Op.FLUSH, 1, **args))])
+        _slot, refill, flush = slow_path_frames(heap, heap.register_class("bench", size=64))
+        per_client.append([refill, flush])
     return per_client, heaps
+
+
+def slow_path_frames(heap: slitter.Heap, cls: slitter.Class) -> tuple[int, bytes, bytes]:
+    """This thread's slot of ``cls`` (bound here), and a REFILL and a FLUSH frame of that slot."""
+    cls.release(cls.allocate())  # binds the thread and class
+    slot = slitter._native.lib.slitter_bind(heap._client, cls.id)
+    args = {"client": heap._client_id, "token": heap._token, "thread": slot, "class_id": cls.id}
+    return (slot, protocol.pack(protocol.request(Op.REFILL, 1, **args)),
+            protocol.pack(protocol.request(Op.FLUSH, 1, **args)))
 
 
 SERVICE_SIZES = (64, 4096, 65536)
@@ -166,11 +171,7 @@ def service_times(sizes: tuple[int, ...], repeats: int, progress) -> dict[str, A
             out = []
             for size in sizes:
                 cls = h.register_class(f"service-{size}", size=size)
-                cls.release(cls.allocate())  # binds this thread to the class
-                slot = slitter._native.lib.slitter_bind(h._client, cls.id)
-                args = {"client": h._client_id, "token": h._token, "thread": slot, "class_id": cls.id}
-                out.append((size, cls.id, slot, protocol.pack(protocol.request(Op.REFILL, 1, **args)),
-                            protocol.pack(protocol.request(Op.FLUSH, 1, **args))))
+                out.append((size, cls.id, *slow_path_frames(h, cls)))
             return out
 
         frames = _serve_while(server, setup)

@@ -169,6 +169,7 @@ _ALLOWED_KEYS: dict[Op, frozenset[str]] = {
 _FIELD_RULES: dict[Op, tuple[tuple[str, type, int, int, Any, Field], ...]] = {
     op: tuple((f.name, f.kind, f.low, f.high, f.default, f) for f in fields)
     for op, fields in REQUEST_FIELDS.items()}
+_ABSENT = object()  # a field the message does not carry (None is a value msgpack can carry)
 
 _UNPACK_LIMITS = {
     "max_str_len": MAX_MESSAGE_BYTES,
@@ -297,9 +298,6 @@ def parse_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
         else:
             args[name] = _check(op, field, value, request_id)
     return Request(op, request_id, args)
-
-
-_ABSENT = object()  # a field the message does not carry (None is a value msgpack can carry)
 
 
 def _check(op: Op, field: Field, value: Any, request_id: int) -> Any:

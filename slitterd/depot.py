@@ -92,9 +92,7 @@ class Depot:
         ``audit`` returns how many it wrote there (already FREE, depot bits
         set), and so does this.
         """
-        end = self.nfree + n
-        if end > len(self._stack):
-            self._stack.frombytes(bytes(8 * (end - len(self._stack))))
+        self._room(n)
         with ffi.from_buffer("uint64_t[]", self._stack, require_writable=True) as stack:  # released on exit
             kept = audit(stack + self.nfree)
         if not 0 <= kept <= n:
@@ -105,7 +103,12 @@ class Depot:
     def give(self, handles: array) -> None:
         """Take back audited or reclaimed objects (already FREE, depot bits set)."""
         end = self.nfree + len(handles)
-        if end > len(self._stack):
-            self._stack.frombytes(bytes(8 * (end - len(self._stack))))
+        self._room(len(handles))
         self._stack[self.nfree:end] = handles
         self.nfree = end
+
+    def _room(self, n: int) -> None:
+        """Grow the stack (never shrunk) so that ``n`` more handles fit on top of the free ones."""
+        end = self.nfree + n
+        if end > len(self._stack):
+            self._stack.frombytes(bytes(8 * (end - len(self._stack))))

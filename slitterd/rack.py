@@ -156,7 +156,7 @@ class Racks:
 
     def magazines(self, client: Client):
         """(class_id, thread_class) for every magazine pair the client touched."""
-        rack = self.arena.rack(client.rack_index)
+        rack = self.rack(client)
         for thread in touched(rack.threads_touched, MAX_THREADS):
             slot = rack.threads[thread]
             for class_id in touched(slot.classes_touched, MAX_CLASSES):
@@ -190,7 +190,7 @@ class Racks:
 
     def _settle(self, client: Client) -> int:
         """Count the operations a dead client was killed in the middle of (SLITTER_COUNTING); how many."""
-        view, rack = self.arena.view, self.arena.rack(client.rack_index)
+        view, rack = self.arena.view, self.rack(client)
         settled = 0
         under_way = {class_id for class_id, tc in self.magazines(client)
                      if (tc.counters.allocations | tc.counters.releases) & COUNTING}

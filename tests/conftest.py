@@ -20,6 +20,7 @@ import zmq
 
 import slitter
 from slitter import address
+from slitter._native import ffi, lib
 
 # Spawned children import their targets from tests/workers.py by module name.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,6 +114,12 @@ class Forked:
         if not (options and os.WIFSTOPPED(status)):
             os.close(self._reports)
         return status
+
+
+def thread_class(heap: slitter.Heap, cls: slitter.Class):
+    """This thread's magazines and counters of ``cls`` in the heap's rack (binds the thread to the class)."""
+    slot = lib.slitter_bind(heap._client, cls.id)
+    return ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
 
 
 def fork_child(body) -> Forked:

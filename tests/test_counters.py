@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_spawned
+from conftest import run_spawned, thread_class
 
 import slitter
 import workers
-from slitter._native import ffi, lib
+from slitter._native import lib
 from workers import KINDS
 
 
@@ -48,11 +48,6 @@ def test_counters_match_the_clients_own_counts(daemon, heap):
     assert heap.audit()["dropped"] == 0
 
 
-def _thread_class(heap, cls):
-    slot = lib.slitter_bind(heap._client, cls.id)
-    return ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
-
-
 def test_a_first_refill_fills_whole_magazines_and_runs_are_counted(heap):
     cls = heap.register_class("first", size=4096)
     entry = heap._classes_table[cls.id]
@@ -71,7 +66,7 @@ def test_rack_counts_a_client_writes_are_not_trusted_past_the_magazines(heap):
     """Stats read the rack a client writes: a count past a magazine's size is clamped to it."""
     cls = heap.register_class("clamped", size=64)
     cls.release(cls.allocate())
-    tc = _thread_class(heap, cls)
+    tc = thread_class(heap, cls)
     saved = tc.alloc_count
     tc.alloc_count = 2**32 - 1
     try:
@@ -86,7 +81,7 @@ def test_an_operation_under_way_is_not_counted_as_a_huge_number(heap):
     cls = heap.register_class("under-way", size=64)
     cls.release(cls.allocate())
     before = heap.stats()["classes"]["under-way"]
-    tc = _thread_class(heap, cls)
+    tc = thread_class(heap, cls)
     counters = tc.counters
     counters.allocations |= lib.SLITTER_COUNTING
     counters.releases |= lib.SLITTER_COUNTING
@@ -106,7 +101,7 @@ def test_a_refused_double_free_leaves_no_operation_under_way(heap):
     cls.release(h)
     with pytest.raises(slitter.DoubleFree):
         cls.release(h)
-    tc = _thread_class(heap, cls)
+    tc = thread_class(heap, cls)
     assert not tc.counters.releases & lib.SLITTER_COUNTING
     assert not tc.counters.allocations & lib.SLITTER_COUNTING
     assert tc.counters.errors[lib.SLITTER_ERR_DOUBLE_FREE] == 1

@@ -6,11 +6,11 @@ import signal
 import time
 
 import pytest
-from conftest import Forked, collect_spawned, fork_child, run_slitterd, start_spawned
+from conftest import Forked, collect_spawned, fork_child, run_slitterd, start_spawned, thread_class
 
 import slitter
 import workers
-from slitter._native import ffi, lib
+from slitter._native import lib
 
 
 def test_restart_after_sigkill_keeps_live_objects(manual_daemon):
@@ -233,9 +233,7 @@ def test_counters_out_of_step_with_the_live_map_are_reconciled_at_recovery(manua
         heap = slitter.connect(d.address, name="off", timeout=30)
         cls = heap.register_class("recount", size=64)
         held = [cls.allocate() for _ in range(10)]
-        slot = lib.slitter_bind(heap._client, cls.id)
-        tc = ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
-        tc.counters.allocations += 5
+        thread_class(heap, cls).counters.allocations += 5
         send(len(held).to_bytes(4, "little"))
         time.sleep(60)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import msgpack
-from conftest import dealer
+from conftest import dealer, thread_class
 
 import slitter
 from slitter import protocol
-from slitter._native import ffi, lib
+from slitter._native import lib
 from slitter.protocol import ErrorCode, Op
 
 
@@ -118,19 +118,13 @@ def test_a_request_that_asks_for_no_reply_is_done_and_not_answered(daemon, heap)
         assert sock.poll(5000) and msgpack.unpackb(sock.recv(), raw=False)["ok"] is True
 
 
-def _thread_class(heap, cls):
-    """This thread's magazines of ``cls`` in the heap's rack."""
-    slot = lib.slitter_bind(heap._client, cls.id)
-    return ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
-
-
 def test_magazines_grow_for_a_thread_that_streams(heap):
     """Prefetches of one class close together double the thread's magazines, up to 4096 handles
     (and 4 MiB of objects); the figures stay whole and every object comes back."""
     cls = heap.register_class("grow", size=1024)
     base = heap._classes_table[cls.id].mag_capacity
     assert base == 1024  # 1 MiB of 1 KiB objects: the class's own size
-    tc = _thread_class(heap, cls)
+    tc = thread_class(heap, cls)
     held = []
     for _ in range(12):
         held.append(cls.allocate_many(base))  # takes the spare, asks for the next one at once
@@ -151,7 +145,7 @@ def test_magazines_grow_for_a_thread_that_streams(heap):
 def test_magazines_keep_the_class_size_for_a_thread_that_allocates_slowly(heap):
     cls = heap.register_class("slow", size=1024)
     base = heap._classes_table[cls.id].mag_capacity
-    tc = _thread_class(heap, cls)
+    tc = thread_class(heap, cls)
     held = []
     for _ in range(4):
         held.append(cls.allocate_many(base))
@@ -167,7 +161,7 @@ def test_magazines_of_big_objects_grow_to_4_mib_of_them_and_no_further(heap):
     entry = heap._classes_table[cls.id]
     base, limit = entry.mag_capacity, (4 << 20) // entry.stride
     assert base == (1 << 20) // entry.stride and base < limit < lib.SLITTER_MAG_CAP and limit % base  # 348, 1394
-    tc = _thread_class(heap, cls)
+    tc = thread_class(heap, cls)
     held = []
     deadline = time.monotonic() + 10
     while tc.capacity < limit and time.monotonic() < deadline:
@@ -196,7 +190,7 @@ def test_a_refill_leaves_a_magazine_that_still_holds_objects_alone(heap):
     """A refill the allocation magazine does not need (a resent or racing one) must not overwrite it."""
     cls = heap.register_class("kept", size=64)
     h = cls.allocate()  # the first refill: both magazines full, one object taken
-    tc = _thread_class(heap, cls)
+    tc = thread_class(heap, cls)
     before = (tc.alloc_count, [tc.alloc[i] for i in range(tc.alloc_count)], tc.spare_count)
     reply = heap._call(Op.REFILL, thread=lib.slitter_bind(heap._client, cls.id), class_id=cls.id)
     assert reply["count"] == 0
@@ -210,7 +204,7 @@ def test_a_flush_of_the_outgoing_magazine_leaves_the_release_magazine_to_the_cli
     """The fast path goes on releasing into its release magazine while an outgoing flush is under way."""
     cls = heap.register_class("outgoing", size=64)
     cls.release(cls.allocate())
-    tc = _thread_class(heap, cls)
+    tc = thread_class(heap, cls)
     slot = lib.slitter_bind(heap._client, cls.id)
     moved = _move_to_release(tc, 10)
     reply = heap._call(Op.FLUSH, thread=slot, class_id=cls.id, outgoing=True)
