@@ -199,9 +199,9 @@ STREAM_SIZES = (64, 1024, 65536)
 WORKLOADS = ("objects", "table", "streaming")
 
 SIZES = {
-    #           reps  objects-s  table-s  stream reps  stream-s  producers
-    "default": (3,    1.0,       1.0,     7,           0.6,      (1, 2, 4)),
-    "quick":   (1,    0.3,       0.3,     1,           0.3,      (1, 4)),
+    #           reps  objects-s  table reps  table-s  stream reps  stream-s  producers
+    "default": (3,    1.0,       5,          1.0,     7,           0.6,      (1, 2, 4)),
+    "quick":   (1,    0.3,       1,          0.3,     1,           0.3,      (1, 4)),
 }
 
 TARGETS = {
@@ -705,6 +705,14 @@ def table_shm(name: str, worker: int, duration: float):
     return (lambda: (_table_loop(update, chunks, duration), 0)), cleanup
 
 
+#: The order of a repetition's table trials, reversed every other repetition (as STREAM_ORDER): the arena runs
+#: next to the hand-rolled table it is compared with (the same pack_into on the same 6.4 MB, so drift of the
+#: host between two trials seconds apart was the whole spread of that ratio, 0.72-1.04 in one run), and the
+#: views next to the Manager proxies theirs are compared with.
+TABLE_ORDER = ("slitter, arena", "hand-rolled table", "slitter, cached views", "slitter, view per update",
+               "Manager dict", "Manager list")
+
+
 def run_table(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, duration: float,
               progress) -> dict[str, Any]:
     cls = heap.register_class(f"table-{TABLE_RECORD}", TABLE_RECORD)
@@ -730,10 +738,11 @@ def run_table(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, dura
     try:
         for rep in range(reps):
             row = {}
-            for name, (part, servers) in peers.items():
+            for name in TABLE_ORDER if rep % 2 == 0 else TABLE_ORDER[::-1]:
+                part, servers = peers[name]
                 progress(f"shared table, repetition {rep + 1}/{reps}: {name}")
                 row[name] = trial([part(w) for w in range(TABLE_WORKERS)], servers)
-            per_rep.append(row)
+            per_rep.append({name: row[name] for name in peers})
     finally:
         mgr.shutdown()
         table.close()
@@ -1224,9 +1233,10 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(size: str, progress, only: set[str] = frozenset(WORKLOADS)) -> dict[str, Any]:
-    reps, obj_s, table_s, stream_reps, stream_s, producer_counts = SIZES[size]
+    reps, obj_s, table_reps, table_s, stream_reps, stream_s, producer_counts = SIZES[size]
     result: dict[str, Any] = {"machine": machine(), "size": size,
-                              "parameters": {"repetitions": reps, "streaming_repetitions": stream_reps,
+                              "parameters": {"repetitions": reps, "table_repetitions": table_reps,
+                                             "streaming_repetitions": stream_reps,
                                              "objects_seconds": obj_s, "table_seconds": table_s,
                                              "streaming_seconds": stream_s, "producers": list(producer_counts),
                                              "batch": BATCH, "window": WINDOW, "object_size": OBJECT_SIZE,
@@ -1239,7 +1249,7 @@ def run(size: str, progress, only: set[str] = frozenset(WORKLOADS)) -> dict[str,
             if "objects" in only:
                 result["objects"] = run_objects(address, daemon.pid, reps, obj_s, progress)
             if "table" in only:
-                result["table"] = run_table(address, daemon.pid, heap, reps, table_s, progress)
+                result["table"] = run_table(address, daemon.pid, heap, table_reps, table_s, progress)
             if "streaming" in only:
                 result["streaming"] = run_streaming(address, daemon.pid, heap, stream_reps, stream_s, producer_counts,
                                                     progress)
@@ -1298,8 +1308,9 @@ def print_tables(result: dict[str, Any]) -> None:
 
     if "table" in result:
         t = Table(title=f"Shared mutable table ({TABLE_RECORDS:,} × {TABLE_RECORD} B, {TABLE_WORKERS} processes): "
-                  f"medians of {reps} repetitions", title_justify="left",
-                  caption="ratios: slitter (view per update | cached views | arena) ÷ peer, updates/s",
+                  f"medians of {result['parameters'].get('table_repetitions', reps)} repetitions", title_justify="left",
+                  caption="ratios: slitter (view per update | cached views | arena) ÷ peer, updates/s, medians of "
+                  "per-repetition ratios",
                   caption_justify="left")
         for col in ("peer", "updates/s", "CPU µs/update", "view per update ÷", "target", "cached views ÷", "target ",
                     "arena ÷", "target  "):
