@@ -7,7 +7,7 @@ A benchmark, not a test: it asserts nothing.  Two parts:
    and ``ffi.sizeof`` of the structs in native/layout.h) gives the data bytes
    (N * size), the runs needed, the metadata that belongs to the class (its
    span-table and run-table entries, its live-map bytes with each run's base
-   rounded up to 64 objects, its depot bits, its class-table entry and its
+   rounded up to 64 objects, its class-table entry and its
    entry in the per-class totals table) and its guard pages (one 4 KiB page
    per run).  The share (metadata + guards) / data is compared with the goal
    of at most 3 %.  Reported separately: the tail slack of each run
@@ -112,7 +112,6 @@ def space_model(size: int, n: int) -> dict[str, Any]:
         "span_table": spans * SIZEOF["span"],
         "run_table": runs * SIZEOF["run"],
         "live_map": runs * live_per_run,          # one byte per object
-        "depot_bits": runs * live_per_run // 8,   # one bit per object, daemon only
         "class_table": SIZEOF["class"] + SIZEOF["class_totals"],  # and its per-class totals entry
     }
     metadata = sum(parts.values())
@@ -140,7 +139,7 @@ def space_model(size: int, n: int) -> dict[str, Any]:
         # Pages of meta the class makes resident (each table page-rounded; the
         # span table starts at span 1: span 0 is the guard span).
         "metadata_pages_bytes": (page_round((1 + spans) * SIZEOF["span"]) + page_round(parts["run_table"])
-                                 + page_round(parts["live_map"]) + page_round(parts["depot_bits"])
+                                 + page_round(parts["live_map"])
                                  + len(class_table_pages(MODEL_CLASS_ID)) * PAGE),
     }
 
@@ -189,7 +188,6 @@ class Segments:
             "run_table": (h.run_table_off, h.class_table_off),
             "class_table": (h.class_table_off, h.tables_end),  # and the totals table
             "live_map": (h.live_map_off, h.live_map_off + h.live_map_bytes),
-            "depot_bits": (h.depot_bits_off, h.depot_bits_off + h.depot_bits_bytes),
         }
 
     def measure(self) -> dict[str, int]:
@@ -235,7 +233,7 @@ def measure_class_in(daemon: slitter.spawn_daemon, size: int, m: int, progress) 
         return {k: after[k] - base[k] for k in after}
 
     d_live, d_rel = delta(live), delta(released)
-    meta_keys = ("span_table", "run_table", "live_map", "depot_bits", "class_table")
+    meta_keys = ("span_table", "run_table", "live_map", "class_table")
     measured_meta = sum(d_rel[k] for k in meta_keys)
     model = space_model(size, m)
     return {
@@ -380,7 +378,6 @@ def print_tables(result: dict[str, Any]) -> None:
     row(f"span-table entries ({sz['span']} B/span)", lambda m: fmt_bytes(m["metadata"]["span_table"]))
     row(f"run-table entries ({sz['run']} B/run)", lambda m: fmt_bytes(m["metadata"]["run_table"]))
     row("live map (1 B/object, 64-rounded)", lambda m: fmt_bytes(m["metadata"]["live_map"]))
-    row("depot bits (1 bit/object)", lambda m: fmt_bytes(m["metadata"]["depot_bits"]))
     row(f"class + totals entries ({sz['class']}+{sz['class_totals']} B)",
         lambda m: fmt_bytes(m["metadata"]["class_table"]))
     row("metadata total", lambda m: f"{fmt_bytes(m['metadata_bytes'])}  {_pct(m['metadata_share'])}")
@@ -415,7 +412,7 @@ def print_tables(result: dict[str, Any]) -> None:
     vrow("runs carved (daemon) / model", lambda r: f"{r['runs']:,} / {r['model_runs']:,}")
     vrow("data committed / model",
          lambda r: f"{fmt_bytes(r['data_committed_bytes'])} / {fmt_bytes(r['model_data_committed_bytes'])}")
-    for k in ("span_table", "run_table", "live_map", "depot_bits", "class_table"):
+    for k in ("span_table", "run_table", "live_map", "class_table"):
         name = "class table + totals" if k == "class_table" else k.replace("_", " ")
         vrow(f"  {name}", lambda r, k=k: _kib(r["delta_after_release"][k]))
     vrow("meta committed / model (pages)",
@@ -427,7 +424,7 @@ def print_tables(result: dict[str, Any]) -> None:
     vrow("client rack committed (not per class)", lambda r: fmt_bytes(r["rack_committed_bytes"]))
     vrow("meta committed, objects all live", lambda r: _kib(sum(r["delta_all_live"][k] for k in
                                                           ("span_table", "run_table", "live_map",
-                                                           "depot_bits", "class_table"))))
+                                                           "class_table"))))
     vrow("seconds (allocate + release)", lambda r: f"{r['seconds']:.1f}")
     console.print(v)
     if any(me[s]["extrapolated"] for s in sizes):

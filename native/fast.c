@@ -100,8 +100,7 @@ static void slitter__thread_exit(void *value)
     free(b);
 }
 
-void slitter_view_init(struct slitter_view *v, const void *meta_tables,
-                       void *live_map, void *depot_bits, void *data)
+void slitter_view_init(struct slitter_view *v, const void *meta_tables, void *live_map, void *data)
 {
     const struct slitter_header *h = meta_tables;
     const unsigned char *base = meta_tables;
@@ -109,7 +108,6 @@ void slitter_view_init(struct slitter_view *v, const void *meta_tables,
     v->spans = (const struct slitter_span *)(base + h->span_table_off);
     v->classes = (const struct slitter_class *)(base + h->class_table_off);
     v->live_map = live_map;
-    v->depot_bits = depot_bits;
     v->data = data;
 }
 
@@ -120,7 +118,7 @@ int slitter_client_open(struct slitter_client *c, const void *meta_tables, void 
     int err = pthread_key_create(&key, slitter__thread_exit);
     if (err != 0)
         return err;
-    slitter_view_init(&c->view, meta_tables, live_map, NULL, data);
+    slitter_view_init(&c->view, meta_tables, live_map, data);
     c->rack = rack;
     c->shelf = shelf;
     c->cache_tag = (uint8_t)SLITTER_TAG(rack_index);
@@ -1111,7 +1109,6 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, ui
     /* The class's constants in locals: the live-map stores below would
      * otherwise reload them per handle (see slitter__cursor). */
     const struct slitter__cursor k = slitter__view_cursor(v, class_id);
-    uint64_t *depot_bits = v->depot_bits;
     for (uint32_t i = 0; i < n; i++) {
         uint64_t handle = handles[i];
         int64_t obj = slitter__check_at(&k, handle);
@@ -1127,7 +1124,6 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, ui
             else {
                 /* Only this rack moves objects out of its tag; it waits for us. */
                 __atomic_store_n(&k.live[obj], SLITTER_FREE, __ATOMIC_RELEASE);
-                depot_bits[obj >> 6] |= 1ULL << (obj & 63);
             }
         }
         if (kind < 0) {
@@ -1142,29 +1138,34 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, ui
     return nacc;
 }
 
-uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *adopted)
-{
-    uint64_t live = 0;
-    for (uint32_t i = 0; i < run->nobjects; i++) {
-        uint64_t obj = run->obj_base + i;
-        uint8_t state = __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE);
-        int carved = i < run->carved;
-        int keep = carved && (state == SLITTER_LIVE || (state >= SLITTER_TAG_BASE && adopted[state]));
-        live += carved && state == SLITTER_LIVE;
-        if (carved && !keep) {
-            __atomic_store_n(&v->live_map[obj], SLITTER_FREE, __ATOMIC_RELEASE);
-            v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
-        } else {
-            v->depot_bits[obj >> 6] &= ~(1ULL << (obj & 63));
-        }
-    }
-    return live;
-}
-
 /* The objects of a run a scan looks at: those carved (trusted up to the run's size). */
 static inline uint32_t slitter__scanned(const struct slitter_run *run)
 {
     return run->carved < run->nobjects ? run->carved : run->nobjects;
+}
+
+uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *adopted,
+                             uint64_t *free_out, uint32_t *nfree)
+{
+    const struct slitter_class *cls = &v->classes[run->class_id];
+    uint64_t base = (uint64_t)run->first_span << SLITTER_SPAN_SHIFT;
+    uint64_t live = 0;
+    uint32_t n = 0;
+    /* Highest address first, as slitter_reclaim_run: the depot hands them out rising. */
+    for (uint32_t i = slitter__scanned(run); i-- > 0;) {
+        uint64_t obj = run->obj_base + i;
+        /* One read decides: an adopted client's fast path goes on meanwhile,
+         * and what it pops or pushes is LIVE or its own tag, which we keep. */
+        uint8_t state = __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE);
+        if (state == SLITTER_LIVE) {
+            live++;
+        } else if (!(state >= SLITTER_TAG_BASE && adopted[state])) {
+            __atomic_store_n(&v->live_map[obj], SLITTER_FREE, __ATOMIC_RELEASE);
+            free_out[n++] = base + (uint64_t)i * cls->stride;
+        }
+    }
+    *nfree = n;
+    return live;
 }
 
 static int slitter__cmp_handles(const void *a, const void *b)
@@ -1305,22 +1306,8 @@ uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_
         uint8_t state = __atomic_load_n(&v->live_map[obj], __ATOMIC_ACQUIRE);
         if (state >= SLITTER_TAG_BASE && tags[state]) {
             __atomic_store_n(&v->live_map[obj], SLITTER_FREE, __ATOMIC_RELEASE);
-            v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
             out[n++] = base + (uint64_t)i * cls->stride;
         }
-    }
-    return n;
-}
-
-uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitter_run *run, uint64_t *out)
-{
-    const struct slitter_class *cls = &v->classes[run->class_id];
-    uint64_t base = (uint64_t)run->first_span << SLITTER_SPAN_SHIFT;
-    uint32_t n = 0;
-    for (uint32_t i = slitter__scanned(run); i-- > 0;) {   /* highest first, as slitter_reclaim_run */
-        uint64_t obj = run->obj_base + i;
-        if (v->depot_bits[obj >> 6] & (1ULL << (obj & 63)))
-            out[n++] = base + (uint64_t)i * cls->stride;
     }
     return n;
 }
@@ -1372,7 +1359,6 @@ uint32_t slitter_shelf_drain(const struct slitter_view *v, struct slitter_shelf 
         uint8_t expected = slot_tag;
         if (obj >= 0 && __atomic_compare_exchange_n(&k.live[obj], &expected, SLITTER_FREE, 0,
                                                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
-            v->depot_bits[obj >> 6] |= 1ULL << (obj & 63);
             out[n++] = handle;
         }
     }
@@ -1391,13 +1377,10 @@ void slitter_hand_out(const struct slitter_view *v, uint32_t class_id, const uin
                       uint8_t tag)
 {
     const struct slitter__cursor k = slitter__view_cursor(v, class_id);
-    uint64_t *depot_bits = v->depot_bits;
     for (uint32_t i = 0; i < n; i++) {
         int64_t obj = slitter__check_at(&k, handles[i]);
-        if (obj >= 0) {
-            depot_bits[obj >> 6] &= ~(1ULL << (obj & 63));
+        if (obj >= 0)
             __atomic_store_n(&k.live[obj], tag, __ATOMIC_RELEASE);
-        }
     }
 }
 

@@ -13,7 +13,7 @@
  *   meta  /slitter.NAME.meta   header | span table | run table | class table
  *                              (clients map these read-only) | live map,
  *                              one byte per object (clients map read-write)
- *                              | depot bits and rack owners (daemon only)
+ *                              | rack owners (daemon only)
  *                              | racks (each client maps its own)
  *                              | the shelf (every client maps it read-write).
  *
@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define SLITTER_LAYOUT_MAGIC   0x2152455454494C53ULL /* "SLITTER!" little-endian */
-#define SLITTER_LAYOUT_VERSION 3
+#define SLITTER_LAYOUT_VERSION 4
 
 #define SLITTER_PAGE_SIZE      4096
 #define SLITTER_SPAN_SHIFT     16          /* 64 KiB spans */
@@ -103,8 +103,6 @@ struct slitter_header {
     uint64_t tables_end;       /* end of the read-only part (page aligned) */
     uint64_t live_map_off;     /* one byte per object: SLITTER_FREE, SLITTER_LIVE or a cache tag */
     uint64_t live_map_bytes;
-    uint64_t depot_bits_off;   /* one bit per object: 1 = in the depot */
-    uint64_t depot_bits_bytes;
     uint64_t owners_off;       /* struct slitter_rack_owner[max_racks]: daemon only */
     uint64_t departed_off;     /* struct slitter_departed_log: daemon only */
     uint64_t rack_area_off;    /* struct slitter_rack, max_racks of them */
@@ -120,9 +118,8 @@ struct slitter_header {
     uint32_t nclasses;         /* highest class id in use */
     uint32_t daemon_pid;
     uint64_t generation;       /* daemon starts over these segments, 1 for the creator */
-    /* Since version 3, at the end so that every field before keeps its
-     * offset: a client of version 2 reads the header as it did, and never
-     * uses the shelf. */
+    /* Since version 3 (version 4 dropped the depot bitmap's two fields
+     * before these). */
     uint64_t shelf_off;        /* struct slitter_shelf: every client maps it read-write */
     uint64_t shelf_bytes;
 };

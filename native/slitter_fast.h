@@ -14,16 +14,12 @@
 #include <stdint.h>
 #include "layout.h"
 
-/**
- * Pointers into one process's mappings of an instance.  `depot_bits` is
- * NULL in clients (they never map it); the daemon's view has all of them.
- */
+/** Pointers into one process's mappings of an instance (the daemon's and every client's alike). */
 struct slitter_view {
     const struct slitter_header *header;
     const struct slitter_span *spans;
     const struct slitter_class *classes;
     uint8_t *live_map;
-    uint64_t *depot_bits;
     unsigned char *data;
 };
 
@@ -59,8 +55,7 @@ void slitter_spare_taken(struct slitter_client *c, uint32_t thread, uint32_t cla
 void slitter_outgoing_ready(struct slitter_client *c, uint32_t thread, uint32_t class_id);
 
 /** Fill `v` from a mapping of the meta segment's tables (read-only is enough). */
-void slitter_view_init(struct slitter_view *v, const void *meta_tables,
-                       void *live_map, void *depot_bits, void *data);
+void slitter_view_init(struct slitter_view *v, const void *meta_tables, void *live_map, void *data);
 
 /**
  * Open a client over its mappings (`shelf` may be NULL: no shelf).
@@ -235,8 +230,8 @@ void *slitter_object(const struct slitter_view *v, uint64_t handle,
  * Daemon: audit `n` handles the rack tagged `tag` flushed as `class_id`.
  * Each must be an object start of that class whose live byte is `tag` (so
  * cached by that very rack: not live, not in the depot, not in another
- * rack, not repeated in the batch).  Accepted ones become SLITTER_FREE with
- * their depot bit set and are written to `accepted`; refused ones go to
+ * rack, not repeated in the batch).  Accepted ones become SLITTER_FREE and
+ * are written to `accepted`; refused ones go to
  * `refused` with their SLITTER_ERR_* kind in `refused_kind`.  Returns the
  * number accepted; `*nrefused` gets the rest.
  */
@@ -247,10 +242,14 @@ uint32_t slitter_audit_flush(const struct slitter_view *v, uint32_t class_id, ui
 
 /**
  * Daemon recovery: every carved object of `run` that is neither live nor
- * cached by a rack with `adopted[tag]` set becomes SLITTER_FREE with its
- * depot bit set; the others' depot bits are cleared.  Returns how many are live.
+ * cached by a rack with `adopted[tag]` set becomes SLITTER_FREE and its
+ * handle is written to `free_out` (room for run->carved, at most
+ * run->nobjects), highest address first; `*nfree` gets how many.  Each
+ * live byte is read once, and what is written to `free_out` is decided by
+ * that one read.  Returns how many are live.
  */
-uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *adopted);
+uint64_t slitter_recover_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *adopted,
+                             uint64_t *free_out, uint32_t *nfree);
 
 /*
  * Daemon: the operations of a dead client's threads on `class_id` caught
@@ -265,19 +264,13 @@ uint32_t slitter_settle_counting(const struct slitter_view *v, struct slitter_ra
 
 /**
  * Daemon: every object of `run` whose live byte is a tag with `tags[tag]`
- * set (a rack's, or a shelf slot's) becomes SLITTER_FREE with its depot bit
- * set and is written to `out`; returns how many.  The live map is the
+ * set (a rack's, or a shelf slot's) becomes SLITTER_FREE and is written to
+ * `out`; returns how many.  The live map is the
  * truth, so whatever the rack or the slot says, nothing of a reclaimed
  * rack or slot stays cached.
  */
 uint32_t slitter_reclaim_run(const struct slitter_view *v, const struct slitter_run *run, const uint8_t *tags,
                              uint64_t *out);
-
-/**
- * Daemon recovery: write to `out` the handles of `run` whose depot bit is
- * set; returns how many (at most run->carved).
- */
-uint32_t slitter_collect_depot(const struct slitter_view *v, const struct slitter_run *run, uint64_t *out);
 
 /**
  * Daemon: the objects on the shelf, per class (`out[class_id]`, zeroed
@@ -302,8 +295,8 @@ int slitter_shelf_seize(struct slitter_shelf *shelf, uint32_t index, uint32_t se
 /**
  * Daemon: the objects of slot `index`, which the daemon holds (seized from
  * FULL | class_id), back to the depot: each handle that is an object start
- * of `class_id` under the slot's tag becomes SLITTER_FREE with its depot
- * bit set and is written to `out` (SLITTER_MAG_CAP entries).  Others are
+ * of `class_id` under the slot's tag becomes SLITTER_FREE and is written to
+ * `out` (SLITTER_MAG_CAP entries).  Others are
  * skipped, as a take would.  Returns how many.
  */
 uint32_t slitter_shelf_drain(const struct slitter_view *v, struct slitter_shelf *shelf, uint32_t index,
@@ -312,7 +305,7 @@ uint32_t slitter_shelf_drain(const struct slitter_view *v, struct slitter_shelf 
 /** Daemon: empty slot `index`, which it or a dead client holds (count 0, then state EMPTY, release). */
 void slitter_shelf_release(struct slitter_shelf *shelf, uint32_t index);
 
-/** Daemon: `n` handles of class `class_id` leave the depot for the rack tagged `tag` (depot bit cleared, live byte = tag). */
+/** Daemon: `n` handles of class `class_id` leave the depot for the rack tagged `tag` (live byte = tag). */
 void slitter_hand_out(const struct slitter_view *v, uint32_t class_id, const uint64_t *handles, uint32_t n,
                       uint8_t tag);
 

@@ -36,8 +36,6 @@ class Geometry:
     tables_end: int
     live_map_off: int
     live_map_bytes: int
-    depot_bits_off: int
-    depot_bits_bytes: int
     owners_off: int
     departed_off: int
     rack_area_off: int
@@ -66,15 +64,14 @@ class Geometry:
         # A run rounds its first object up to a multiple of 64 entries.
         objects = arena_size // lib.SLITTER_MIN_STRIDE + 64 * nspans
         live_map_off, live_map_bytes = tables_end, page_align(objects)
-        depot_bits_off, depot_bits_bytes = live_map_off + live_map_bytes, page_align(objects // 8)
-        owners_off = depot_bits_off + depot_bits_bytes  # daemon-only, like the depot bits
+        owners_off = live_map_off + live_map_bytes  # daemon-only
         departed_off = owners_off + page_align(max_racks * ffi.sizeof("struct slitter_rack_owner"))
         rack_area_off = departed_off + page_align(ffi.sizeof("struct slitter_departed_log"))
         rack_size = page_align(ffi.sizeof("struct slitter_rack"))
         shelf_off = rack_area_off + rack_size * max_racks
         shelf_bytes = page_align(ffi.sizeof("struct slitter_shelf"))
         return cls(arena_size, nspans, span_table_off, run_table_off, class_table_off, totals_off, tables_end,
-                   live_map_off, live_map_bytes, depot_bits_off, depot_bits_bytes, owners_off, departed_off,
+                   live_map_off, live_map_bytes, owners_off, departed_off,
                    rack_area_off, rack_size, max_racks, shelf_off, shelf_bytes, shelf_off + shelf_bytes)
 
 
@@ -104,7 +101,7 @@ class Arena:
     def _init_view(self) -> None:
         """Point the native view at the tables (again, once a new header is written)."""
         base, g = self.meta.ptr, self.geometry
-        lib.slitter_view_init(self.view, base, base + g.live_map_off, base + g.depot_bits_off, self.data.ptr)
+        lib.slitter_view_init(self.view, base, base + g.live_map_off, self.data.ptr)
 
     @classmethod
     def create(cls, instance: str, arena_size: int, max_racks: int, mode: int = 0o600) -> Arena:
@@ -172,8 +169,7 @@ class Arena:
         h.span_table_off, h.run_table_off, h.class_table_off = g.span_table_off, g.run_table_off, g.class_table_off
         h.totals_off = g.totals_off
         h.tables_end, h.live_map_off, h.live_map_bytes = g.tables_end, g.live_map_off, g.live_map_bytes
-        h.depot_bits_off, h.depot_bits_bytes, h.owners_off = g.depot_bits_off, g.depot_bits_bytes, g.owners_off
-        h.departed_off = g.departed_off
+        h.owners_off, h.departed_off = g.owners_off, g.departed_off
         h.rack_area_off, h.rack_size = g.rack_area_off, g.rack_size
         h.shelf_off, h.shelf_bytes = g.shelf_off, g.shelf_bytes
         h.max_racks, h.max_classes = g.max_racks, lib.SLITTER_MAX_CLASSES

@@ -3,10 +3,9 @@
 Clients' refills drain it and their flushes (after the audit) fill it; when
 it runs dry it carves fresh objects from the class's current run, and asks
 the ``Mill`` for a new run when that one is used up.  The audit refuses a
-handle that is already here by its live byte (``SLITTER_FREE``).  Objects
-in the depot also have their depot bit set in the meta segment; recovery
-rebuilds those bits from the live map before it reads them, so the bits
-the audit and ``slitter_hand_out`` write are never read (left as they are).
+handle that is already here by its live byte (``SLITTER_FREE``).  The
+depot itself lives in the daemon's memory only: after a restart, recovery
+rebuilds it from the live map (``slitter_recover_run``).
 """
 
 from __future__ import annotations
@@ -44,8 +43,8 @@ class Depot:
     def take(self, n: int) -> array:
         """Up to ``n`` objects: free ones first, then freshly carved.
 
-        The caller hands them out (``slitter_hand_out``), which clears their
-        depot bits and tags them with the receiving rack.
+        The caller hands them out (``slitter_hand_out``), which tags them
+        with the receiving rack.
 
         Returns fewer than ``n`` only when the arena is exhausted after at
         least one object was found.
@@ -89,8 +88,8 @@ class Depot:
         """Let ``audit(top)`` write up to ``n`` accepted handles straight onto the stack; keep those.
 
         ``top`` points just past the free handles, with room for ``n``;
-        ``audit`` returns how many it wrote there (already FREE, depot bits
-        set), and so does this.
+        ``audit`` returns how many it wrote there (already FREE), and so
+        does this.
         """
         self._room(n)
         with ffi.from_buffer("uint64_t[]", self._stack, require_writable=True) as stack:  # released on exit
@@ -101,7 +100,7 @@ class Depot:
         return kept
 
     def give(self, handles: array) -> None:
-        """Take back audited or reclaimed objects (already FREE, depot bits set)."""
+        """Take back audited or reclaimed objects (already FREE)."""
         end = self.nfree + len(handles)
         self._room(len(handles))
         self._stack[self.nfree:end] = handles

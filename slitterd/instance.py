@@ -411,13 +411,14 @@ class Instance:
         """The live-map scan of recovery: (live objects by class id, objects returned to the depots)."""
         live = dict.fromkeys(self.depots, 0)
         free = 0
-        for index in range(self.arena.header.nruns):  # each run on its own: states first, then its free objects
+        nfree = ffi.new("uint32_t *")
+        for index in range(self.arena.header.nruns):
             run = self.arena.runs + index
-            live[run.class_id] += lib.slitter_recover_run(self.arena.view, run, adopted_tags)
             out = array("Q", bytes(8 * run.carved))
-            n = lib.slitter_collect_depot(self.arena.view, run, ffi.from_buffer("uint64_t[]", out))
-            self.depots[run.class_id].give(out[:n])
-            free += n
+            live[run.class_id] += lib.slitter_recover_run(self.arena.view, run, adopted_tags,
+                                                          ffi.from_buffer("uint64_t[]", out), nfree)
+            self.depots[run.class_id].give(out[:nfree[0]])
+            free += nfree[0]
         return live, free
 
     def _reconcile(self, live: dict[int, int]) -> None:

@@ -248,3 +248,37 @@ def test_counters_out_of_step_with_the_live_map_are_reconciled_at_recovery(manua
         figures = heap.stats()["classes"]["recount"]
     assert figures["live"] == held and workers.balanced(figures), (figures, held)
     assert "class 'recount': counters said 15 live, the live map says 10; reconciled" in d.log.read_text()
+
+
+def test_an_adopted_client_keeps_what_its_magazines_cache(manual_daemon):
+    """A client that runs on through a daemon SIGKILL is adopted with its magazines: recovery leaves
+    the objects they cache out of the depot (else another client would be handed them too), and the
+    client allocates exactly those objects afterwards, with no refusal."""
+    d = manual_daemon().start()
+    with slitter.connect(d.address, timeout=30) as heap:
+        cls = heap.register_class("cached", size=64)
+        first = cls.allocate()  # the refill fills this thread's allocation and spare magazines
+        tc = thread_class(heap, cls)
+        cached = {tc.alloc[i] for i in range(tc.alloc_count)} | {tc.spare[i] for i in range(tc.spare_count)}
+        before = heap.stats()["classes"]["cached"]
+        assert before["cached"] == len(cached) > 0 and before["free"] == 0, before
+        released = [cls.allocate() for _ in range(3)]  # three more, given back to the depot via another client
+        cached -= set(released)
+        with slitter.connect(d.address, name="releaser") as other:
+            other.register_class("cached", size=64).release_many(released)  # its detach reclaims them
+        d.kill(signal.SIGKILL)
+        d.start()
+        after = heap.stats()["classes"]["cached"]  # waits for the daemon to be back; adopts this client
+        assert after["cached"] == len(cached) and after["live"] == 1, after
+        assert after["carved"] == after["live"] + after["cached"] + after["free"], after
+        with slitter.connect(d.address, name="second") as second:
+            other_cls = second.register_class("cached", size=64)
+            theirs = other_cls.allocate_many(after["free"] + len(cached))
+            assert not set(theirs) & cached, "an object cached by the adopted client was handed out again"
+            assert set(released) <= set(theirs), "what the releaser gave back is in the recovered depot"
+            mine = cls.allocate_many(len(cached))  # its allocation magazine, then its spare
+            assert set(mine) == cached, "the adopted client's magazines did not hand out what they cached"
+            figures = heap.stats()["classes"]["cached"]
+            assert sum(figures["errors"].values()) == 0, figures
+            other_cls.release_many(theirs)
+        cls.release_many([*mine, first])
