@@ -1,19 +1,18 @@
 """The only module that touches ``slitter._native``'s fast path.
 
-It hands each class its own native entry points (``entry_points``), binds
-``slitter._batch`` (the batch calls' argument adapter, native/batch_ext.c) to
-the fast path's batch entry points, and turns the native result codes into
-the named exceptions, with messages that say which handle and class.
+It binds ``slitter._entry`` (a class's ``allocate`` and ``release`` as C
+callables, native/entry_ext.c) to the fast path's keyed entry points and
+``slitter._batch`` (the batch calls' argument adapter, native/batch_ext.c)
+to its batch entry points, and turns the native result codes into the named
+exceptions, with messages that say which handle and class.
 """
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Callable
-from functools import partial
-from typing import NamedTuple
 
-from slitter import _batch, errors
+from slitter import _batch, _entry, errors
 from slitter._native import ffi, lib
 
 allocate = lib.slitter_allocate
@@ -24,26 +23,15 @@ NEED_FLUSH = lib.SLITTER_NEED_FLUSH
 NEED_SLOW = lib.SLITTER_NEED_SLOW
 
 
-class EntryPoints(NamedTuple):
-    """A class key's single-object native calls, the key bound in (the batch calls take the key: ``check_array``)."""
-
-    allocate: Callable[[], int]
-    release: Callable[[int], int]
-
-
-def entry_points(key: int) -> EntryPoints:
-    """The native calls of a class key.
-
-    The first SLITTER_KEY_ENTRY_POINTS keys have functions of their own, so
-    Python passes no key; later keys bind it with functools.partial.
-    """
-    if key < lib.SLITTER_KEY_ENTRY_POINTS:
-        return EntryPoints(getattr(lib, f"slitter_allocate_k{key}"), getattr(lib, f"slitter_release_k{key}"))
-    return EntryPoints(partial(lib.slitter_allocate_key, key), partial(lib.slitter_release_as, key))
-
-
 def _address(name: str) -> int:
     return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+
+
+# Class.allocate and Class.release are slitter._entry objects (native/entry_ext.c):
+# Allocate(key, cls)() and Release(key, cls)(handle) call these with no Python frame.
+_entry.bind(_address("slitter_allocate_key"), _address("slitter_release_as"))
+Allocate: Callable[[int, object], Callable[[], int]] = _entry.Allocate
+Release: Callable[[int, object], Callable[[int], None]] = _entry.Release
 
 
 # The batch calls take an array('Q') through slitter._batch (native/batch_ext.c),

@@ -1,14 +1,16 @@
 """``Class``: one allocation class as a client sees it; ``allocate`` and ``release``.
 
-Both are one native call on the fast path; everything else (binding the
-thread, refills, flushes, turning refusals into exceptions) is the heap's
-slow path.
+Both are C callables (``slitter._entry``, native/entry_ext.c) that call the
+fast path with no Python frame; what it does not finish (binding the
+thread, refills, flushes, turning refusals into exceptions) comes back to
+this class's ``_allocate_slow``, ``_release_slow`` and ``_release_other``,
+and from them to the heap's slow path.
 """
 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from slitter import _fastpath
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     from slitter.heap import Heap
 
 _FOREIGN_KIND = _fastpath.lib.SLITTER_ERR_FOREIGN_ADDRESS
+_release_as = _fastpath.lib.slitter_release_as
 _ZEROS = array("Q", [0])
 _OK = _fastpath.OK
 _NEED_SLOW = _fastpath.NEED_SLOW
@@ -28,17 +31,35 @@ _release_array = _fastpath.release_array
 
 
 class Class:
-    """A registered allocation class.  Get one from ``Heap.register_class``."""
+    """A registered allocation class.  Get one from ``Heap.register_class``.
 
-    __slots__ = ("_allocate", "_heap", "_key", "_release", "id", "name", "policy", "size", "stride", "zero_init")
+    ``allocate() -> int``: a handle to a fresh object of this class (zeroed
+    if ``zero_init``).  Raises OutOfMemory when the arena cannot hold
+    another run of the class, DaemonUnavailable when a refill was needed
+    and the daemon did not answer.
+
+    ``release(handle)``: give an object back.  Checked in O(1); on error
+    nothing changes.  Raises ClassMismatch, InteriorPointer, ForeignAddress
+    or DoubleFree under the "raise" policy (the default); "log" logs and
+    returns, "abort" aborts.  Every refusal is reported to the daemon's
+    audit log first.
+
+    Both are attributes that hold C callables, not methods: the fast path
+    is one native call with no Python frame (doc/fast_path.md).
+    """
+
+    __slots__ = ("_heap", "_key", "allocate", "id", "name", "policy", "release", "size", "stride", "zero_init")
+
+    allocate: Callable[[], int]
+    release: Callable[[int], None]
 
     def __init__(self, heap: Heap, class_id: int, name: str, size: int, stride: int, zero_init: bool,
                  policy: str) -> None:
         self._heap = heap
         # One small int stands for (this heap, this class) in the native calls.
         self._key = heap._class_key(class_id, name)
-        # The class's own native entry points: allocate() with no argument, release(handle).
-        self._allocate, self._release = _fastpath.entry_points(self._key)
+        self.allocate = _fastpath.Allocate(self._key, self)
+        self.release = _fastpath.Release(self._key, self)
         self.id = class_id
         self.name = name
         self.size = size
@@ -47,32 +68,26 @@ class Class:
         #: What a refused release does here, unless the heap was given a policy.
         self.policy = policy
 
-    def allocate(self) -> int:
-        """A handle to a fresh object of this class (zeroed if ``zero_init``).
-
-        Raises:
-            OutOfMemory: the arena cannot hold another run of this class.
-            DaemonUnavailable: a refill was needed and the daemon did not answer.
-        """
-        # Through a local: `self._allocate()` would be an unspecialised
-        # LOAD_METHOD of a slot, about 15 ns dearer in CPython 3.11.
-        entry = self._allocate
-        handle = entry()
-        if handle:
-            return handle
+    def _allocate_slow(self) -> int:
+        """``allocate()`` when the fast path gave nothing: bind, refill, or the named error."""
         return self._heap._allocate_slow(self)
 
-    def release(self, handle: int) -> None:
-        """Give an object back.  Checked in O(1); on error nothing changes.
+    def _release_slow(self, handle: int, result: int) -> None:
+        """``release(handle)`` when the fast path returned ``result`` (not OK): flush, or the named error."""
+        self._heap._release_slow(self, handle, result)
 
-        Raises:
-            ClassMismatch, InteriorPointer, ForeignAddress, DoubleFree: under the
-            "raise" policy (the default); "log" logs and returns, "abort" aborts.
-            Every refusal is reported to the daemon's audit log first.
+    def _release_other(self, handle: object) -> None:
+        """``release(handle)`` of anything but an int in [0, 2**64): cffi's rules for a uint64_t.
+
+        A negative or too big int is a ForeignAddress, a bool or another
+        int subclass is taken as its int value (also in the report to the
+        audit log, which takes only an int); anything else is cffi's
+        TypeError.
         """
-        entry = self._release
+        if isinstance(handle, int):
+            handle = int(handle)
         try:
-            result = entry(handle)
+            result = _release_as(self._key, handle)
         except OverflowError:  # negative, or beyond a uint64
             self._heap._refused(self, handle, _FOREIGN_KIND, counted=False)
             return

@@ -40,24 +40,11 @@ def cdef_of(text: str) -> str:
     return re.sub(r"\[SLITTER_\w+\]", "[...]", text)
 
 
-def key_entry_points() -> tuple[str, str]:
-    """(declarations, definitions) of the per-key entry points slitter_fast.h describes."""
-    count = int(re.search(r"^#define SLITTER_KEY_ENTRY_POINTS\s+(\d+)",
-                          (HERE / "slitter_fast.h").read_text(), flags=re.MULTILINE)[1])
-    decls, defs = [], []
-    for k in range(1, count):  # key 0 is never made
-        decls.append(f"uint64_t slitter_allocate_k{k}(void);\nint slitter_release_k{k}(uint64_t handle);\n")
-        defs.append(f"uint64_t slitter_allocate_k{k}(void) {{ return slitter_allocate_key({k}); }}\n"
-                    f"int slitter_release_k{k}(uint64_t handle) {{ return slitter_release_as({k}, handle); }}\n")
-    return "".join(decls), "".join(defs)
-
-
-ENTRY_DECLS, ENTRY_DEFS = key_entry_points()
 ffibuilder = FFI()
 # The calls from C into Python: defined by slitter.heap with @ffi.def_extern().
 HOOKS = re.sub(r"^void (slitter_spare_taken|slitter_outgoing_ready)", r'extern "Python+C" void \1',
                "".join(cdef_of((HERE / h).read_text()) for h in HEADERS), flags=re.MULTILINE)
-ffibuilder.cdef(HOOKS + ENTRY_DECLS + LIBC)
+ffibuilder.cdef(HOOKS + LIBC)
 # cffi releases the GIL around every call (PyEval_SaveThread/RestoreThread:
 # about 45 ns here, three times the work of an allocate+release pair).  No
 # function of this module blocks: the fast path never makes a system call,
@@ -75,7 +62,7 @@ void slitter_noop_standard(void) { PyThreadState *save = PyEval_SaveThread(); Py
 """
 ffibuilder.set_source(
     "slitter._native",
-    HOLD_THE_GIL + '#include <fcntl.h>\n#include <sys/mman.h>\n#include "slitter_fast.h"\n' + ENTRY_DEFS,
+    HOLD_THE_GIL + '#include <fcntl.h>\n#include <sys/mman.h>\n#include "slitter_fast.h"\n',
     # setuptools wants paths relative to setup.py's directory, the repository root.
     sources=[f"native/{s}" for s in SOURCES],
     include_dirs=["native"],

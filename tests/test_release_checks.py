@@ -129,16 +129,15 @@ def test_refused_release_changes_nothing(heap, classes):
 
 
 
-def test_every_check_through_both_native_entry_points(daemon):
-    """Class keys with entry points of their own, and later keys without: the same checks."""
+def test_every_check_for_early_and_late_class_keys(daemon):
+    """The first class keys of a process and keys past 256: the same checks."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=workers.checks_per_entry_point, args=(daemon.address, queue))
+    child = ctx.Process(target=workers.checks_per_class_key, args=(daemon.address, queue))
     child.start()
     results = queue.get(timeout=60)
     child.join(30)
-    assert results["early"]["own entry points"] is True
-    assert results["late"]["own entry points"] is False
+    assert results["early"]["key"] < 256 <= results["late"]["key"]
     for label in ("early", "late"):
         r = results[label]
         assert r["mismatch"] == "ClassMismatch", label
@@ -189,3 +188,31 @@ def test_a_u64_beyond_any_handle_is_refused_and_counted(heap):
         assert info.value.handle == 1 << 50
     assert heap.stats()["classes"]["order"]["errors"]["foreign_address"] == 4  # check() counts nothing
     assert [e[4] for e in heap.audit()["entries"]] == [1 << 48, 1 << 50, 2**64 - 1, 1 << 50]
+
+
+def test_a_handle_that_is_no_plain_int_and_wrong_arguments(heap):
+    """``release`` takes an int in [0, 2**64) on its fast path (slitter._entry); a bool or an int
+    subclass is taken as its value, reported to the audit log as a plain int; anything else, and a
+    wrong number of arguments to either call, is a TypeError that changes and counts nothing."""
+    class Handle(int):
+        pass
+
+    order = heap.register_class("order", size=64)
+    live = order.allocate()
+    for bad in (True, Handle(8)):
+        with pytest.raises(slitter.ForeignAddress) as info:
+            order.release(bad)
+        assert info.value.handle == int(bad) and type(info.value.handle) is int
+    order.release(Handle(live))  # an int subclass of a live handle releases it
+    with pytest.raises(slitter.DoubleFree):
+        order.release(live)
+    for call in (lambda: order.release(1.5), lambda: order.release("x"), lambda: order.release(None),
+                 lambda: order.allocate(1), lambda: order.allocate(key=1), lambda: order.release(),
+                 lambda: order.release(live, live), lambda: order.release(handle=live)):
+        with pytest.raises(TypeError):
+            call()
+    figures = heap.stats()["classes"]["order"]
+    assert figures["errors"]["foreign_address"] == 2 and figures["errors"]["double_free"] == 1, figures
+    assert (figures["allocations"], figures["releases"]) == (1, 1), figures
+    handles = [e[4] for e in heap.audit()["entries"]]
+    assert handles == [1, 8, live] and all(type(h) is int for h in handles), handles

@@ -357,12 +357,13 @@ def death_bystander(address, seed, sizes, conn):
     conn.send(("done", bad))
 
 
-def checks_per_entry_point(address, queue):
-    """Every release check through a class's own entry points and through the shared ones.
+def checks_per_class_key(address, queue):
+    """Every release check for the first class keys of a process and for keys past 256.
 
-    The first SLITTER_KEY_ENTRY_POINTS class keys of a process get native
-    functions of their own; later keys go through the shared calls.  This
-    fresh process makes keys past that line, so both paths run.
+    A class key is 16 bits (SLITTER_KEY_BITS); this fresh process makes
+    classes before and after using up 256 keys, so keys of one byte and of
+    two go through ``Class.allocate``/``release`` (slitter._entry) and the
+    batch calls alike.
     """
     from slitter._native import lib
 
@@ -376,13 +377,13 @@ def checks_per_entry_point(address, queue):
     results = {}
     with slitter.connect(address) as heap:
         early = heap.register_class("order", size=64), heap.register_class("trade", size=1000)
-        for _ in range(lib.SLITTER_KEY_ENTRY_POINTS):  # use up the keys that have entry points
+        for _ in range(256):  # past the keys of one byte
             lib.slitter_key_new(heap._client, early[0].id)
         late = heap.register_class("late-order", size=64), heap.register_class("late-trade", size=1000)
         for label, (order, trade) in (("early", early), ("late", late)):
             h, t = order.allocate(), trade.allocate()
             results[label] = {
-                "own entry points": order._key < lib.SLITTER_KEY_ENTRY_POINTS,
+                "key": order._key,
                 "mismatch": outcome(lambda: order.release(t)),
                 "interior": outcome(lambda: trade.release(t + 8)),
                 "foreign": [outcome(lambda b=b: order.release(b)) for b in (0, 1 << 48, (1 << 64) - 1, 1 << 70, -16)],
