@@ -40,7 +40,7 @@
 
 #define SLITTER_MAX_CLASSES    64          /* class ids 1..63; 0 = no class */
 #define SLITTER_MAX_THREADS    32          /* thread slots per rack */
-#define SLITTER_MAG_CAP        4096        /* handles per magazine, at most */
+#define SLITTER_MAG_CAP        16384       /* handles per magazine, at most; a class starts at 4096 or fewer */
 #define SLITTER_CLASS_NAME_MAX 48          /* including the NUL */
 #define SLITTER_CLIENT_NAME_MAX 32         /* client names as kept, including the NUL */
 #define SLITTER_DEPARTED_MAX   128         /* departed clients remembered */

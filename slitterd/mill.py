@@ -22,6 +22,8 @@ from slitterd.arena import Arena
 SPAN = lib.SLITTER_SPAN_SIZE
 MIN_RUN_BYTES = 1 << 20
 MIN_RUN_OBJECTS = 16  # a run is committed whole: keep runs of large objects modest
+#: A class's magazines start at most this big; a streaming thread's grow to SLITTER_MAG_CAP.
+START_MAG_CAP = 4096
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,14 @@ class ClassGeometry:
         target = min(max(MIN_RUN_BYTES, MIN_RUN_OBJECTS * stride) + PAGE, lib.SLITTER_MAX_RUN)
         spans = -(-target // SPAN)
         objects = (spans * SPAN - PAGE) // stride
-        # Magazines hold up to 1 MiB of objects (and at most the layout's
-        # 4096) and at least 64 large ones, so a batch of 64 takes one round
-        # trip whatever the size (64 KiB objects: 4 MiB per magazine).  A
-        # message costs the daemon about 75 µs of CPU and the sending thread
-        # 25-30 µs even unanswered, so small objects get big magazines.
-        capacity = max(64, min(lib.SLITTER_MAG_CAP, (1 << 20) // stride))
+        # Magazines start at up to 1 MiB of objects (and at most 4096
+        # handles) and at least 64 large ones, so a batch of 64 takes one
+        # round trip whatever the size (64 KiB objects: 4 MiB per magazine).
+        # A message costs the daemon about 75 µs of CPU and the sending
+        # thread 25-30 µs even unanswered, so small objects get big
+        # magazines, and a thread that streams grows its own up to the
+        # layout's SLITTER_MAG_CAP (Instance._magazine_size).
+        capacity = max(64, min(START_MAG_CAP, (1 << 20) // stride))
         return cls(size, stride, objects, spans, capacity)
 
 

@@ -187,8 +187,9 @@ def test_a_chunked_release_many_cut_short_by_close_says_how_many_went_back(daemo
     heap = slitter.connect(daemon.address)
     try:
         cls = heap.register_class("close-chunks", size=64)
-        cap = heap._classes_table[cls.id].mag_capacity
-        handles = list(cls.allocate_many(12 * cap))  # a list: the general path, in chunks
+        # More magazines than the shelf takes of one class, whatever size this thread's grew to;
+        # a list: the general path, in chunks.
+        handles = list(cls.allocate_many((lib.SLITTER_SHELF_PER_CLASS + 8) * lib.SLITTER_MAG_CAP))
         heap._send_ahead = lambda *args, **kwargs: None  # no flush ahead: past the shelf, each chunk waits for one
         closer = threading.Thread(target=heap.close)
         call = heap._transport.call

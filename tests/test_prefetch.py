@@ -46,8 +46,10 @@ def test_prefetched_objects_are_reclaimed_with_the_client(daemon):
 
 def test_full_release_magazines_are_flushed_without_waiting(heap):
     cls = heap.register_class("drain", size=64)
-    cap = heap._classes_table[cls.id].mag_capacity
-    handles = list(cls.allocate_many(8 * cap))
+    # More magazines than the shelf takes of one class, at the size this thread's grew to.
+    handles = list(cls.allocate_many((lib.SLITTER_SHELF_PER_CLASS + 8) * lib.SLITTER_MAG_CAP))
+    heap.stats()  # after the last prefetch: the daemon grows magazines only when it serves one
+    cap = thread_class(heap, cls).capacity
     transport = heap._transport
     waited = transport.round_trips
     flushes = transport.sent["flush"]

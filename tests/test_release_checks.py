@@ -6,7 +6,7 @@ import multiprocessing
 from array import array
 
 import pytest
-from conftest import run_spawned
+from conftest import run_spawned, thread_class
 
 import slitter
 import workers
@@ -87,11 +87,13 @@ def test_double_free_back_to_back(heap, classes):
 
 def test_double_free_after_many_other_releases_shelved_and_flushed(heap, classes):
     order, _ = classes
-    capacity = heap._classes_table[order.id].mag_capacity
-    # Released in order: a magazine's worth refills the allocation magazine,
-    # the next SLITTER_SHELF_PER_CLASS go on the shelf, the rest to the daemon.
-    handles = [order.allocate() for _ in range(capacity * (lib.SLITTER_SHELF_PER_CLASS + 3))]
-    on_shelf, in_depot = handles[capacity], handles[capacity * (lib.SLITTER_SHELF_PER_CLASS + 1) + 1]
+    handles = [order.allocate() for _ in range(lib.SLITTER_MAG_CAP * (lib.SLITTER_SHELF_PER_CLASS + 3))]
+    heap.stats()  # after the last prefetch: the daemon grows magazines only when it serves one
+    tc = thread_class(heap, order)
+    capacity, room = tc.capacity, tc.capacity - tc.alloc_count  # the thread's magazines, grown as it allocated
+    # Released in order: the first `room` fill the allocation magazine, the next
+    # SLITTER_SHELF_PER_CLASS magazines go on the shelf, the rest to the daemon.
+    on_shelf, in_depot = handles[room], handles[room + capacity * lib.SLITTER_SHELF_PER_CLASS + 1]
     for h in handles:
         order.release(h)
     figures = heap.stats()["classes"]["order"]

@@ -15,7 +15,7 @@ import random
 import time
 
 import pytest
-from conftest import collect_spawned, start_spawned, wait_reclaimed
+from conftest import collect_spawned, start_spawned, thread_class, wait_reclaimed
 
 import slitter
 import workers
@@ -27,6 +27,20 @@ SIZE = 4096  # 256 handles a magazine: a stream of a few magazines stays small
 
 def _capacity(heap, cls) -> int:
     return heap._classes_table[cls.id].mag_capacity
+
+
+def _shelve_full(heap, cls) -> int:
+    """SLITTER_SHELF_PER_CLASS full release magazines of ``cls`` on the shelf, the rest to the daemon.
+
+    Returns the size of those magazines: this thread's, grown by the
+    allocations' prefetches (they come close together) from the class's
+    starting size up to at most SLITTER_MAG_CAP.
+    """
+    handles = cls.allocate_many((lib.SLITTER_SHELF_PER_CLASS + 2) * lib.SLITTER_MAG_CAP)
+    heap.stats()  # after the last prefetch: the daemon grows magazines only when it serves one
+    cap = thread_class(heap, cls).capacity
+    cls.release_many(handles)  # one magazine refills ours, the next ones go on the shelf
+    return cap
 
 
 def _shelve_one(heap, cls) -> int:
@@ -151,23 +165,21 @@ def test_a_nearly_full_shelf_gives_back_the_magazines_nobody_takes():
     per_class = lib.SLITTER_SHELF_PER_CLASS
     with slitter.spawn_daemon(arena_size="1G", args=("--shelf-idle", "3600")) as address, \
             slitter.connect(address) as heap:
-        # 64 B: magazines start at the layout's 4096 handles, so demand cannot grow them.
         classes = [heap.register_class(f"shelf-pressed-{i}", size=64) for i in range(7)]
-        cap = _capacity(heap, classes[0])
-        assert cap == lib.SLITTER_MAG_CAP
+        caps = {}
 
-        def shelve(cls) -> None:  # one magazine refills ours, the next ones go on the shelf
-            cls.release_many(cls.allocate_many((per_class + 1) * cap))
+        def shelve(cls) -> None:
+            caps[cls.name] = _shelve_full(heap, cls)
 
         def shelved() -> int:
             return sum(c["shelved"] for c in heap.stats()["classes"].values())
 
         shelve(classes[0])
         time.sleep(1.0)  # plenty of empty slots: an hour's shelf_idle holds
-        assert shelved() == per_class * cap
+        first = classes[0].name
+        assert shelved() == per_class * caps[first]
         for cls in classes[1:]:  # 28 of 32 slots full: fewer than a quarter empty
             shelve(cls)
-        first = classes[0].name
 
         def first_shelved() -> int:
             return heap.stats()["classes"][first]["shelved"]
@@ -176,12 +188,12 @@ def test_a_nearly_full_shelf_gives_back_the_magazines_nobody_takes():
         while first_shelved() and time.monotonic() < deadline:
             time.sleep(0.05)
         stats = heap.stats()["classes"]
-        assert stats[first]["shelved"] == 0 and stats[first]["free"] >= per_class * cap, stats[first]
+        assert stats[first]["shelved"] == 0 and stats[first]["free"] >= per_class * caps[first], stats[first]
         assert len(workers.slots_in_state(heap, lib.SLITTER_SHELF_EMPTY)) >= lib.SLITTER_SHELF_SLOTS // 4
         assert all(workers.balanced(figures) for figures in stats.values()), stats
         time.sleep(1.0)  # a quarter empty again: the others wait for their hour
         stats = heap.stats()["classes"]
-        assert [stats[c.name]["shelved"] for c in classes[1:]] == [per_class * cap] * 6, stats
+        assert [stats[c.name]["shelved"] for c in classes[1:]] == [per_class * caps[c.name] for c in classes[1:]], stats
 
 
 def test_a_restarted_daemon_keeps_the_shelf_for_an_adopted_client(manual_daemon):
@@ -360,17 +372,17 @@ def test_a_pressed_shelf_gives_back_only_as_many_classes_as_bring_a_quarter_empt
     with slitter.spawn_daemon(arena_size="1G", args=("--shelf-idle", "3600")) as address, \
             slitter.connect(address) as heap:
         classes = [heap.register_class(f"shelf-quarter-{i}", size=64) for i in range(7)]
-        cap = _capacity(heap, classes[0])
         assert 6 * per_class == lib.SLITTER_SHELF_SLOTS * 3 // 4  # six classes leave exactly a quarter empty
+        caps = {}
 
         def shelve(cls) -> None:
-            cls.release_many(cls.allocate_many((per_class + 1) * cap))
+            caps[cls.name] = _shelve_full(heap, cls)
 
         for cls in classes[:6]:
             shelve(cls)
         time.sleep(1.0)  # all six idle past the pressed threshold; a quarter empty, so none goes back
         stats = heap.stats()["classes"]
-        assert [stats[c.name]["shelved"] for c in classes[:6]] == [per_class * cap] * 6, stats
+        assert [stats[c.name]["shelved"] for c in classes[:6]] == [per_class * caps[c.name] for c in classes[:6]], stats
         shelve(classes[6])  # pressed now: fewer than a quarter of the slots empty
 
         def gone_back() -> list[str]:
@@ -383,5 +395,5 @@ def test_a_pressed_shelf_gives_back_only_as_many_classes_as_bring_a_quarter_empt
         time.sleep(0.5)  # several more sweeps
         assert len(gone_back()) == 1, heap.stats()["classes"]
         stats = heap.stats()["classes"]
-        assert stats[classes[6].name]["shelved"] == per_class * cap  # not idle: it stays
+        assert stats[classes[6].name]["shelved"] == per_class * caps[classes[6].name]  # not idle: it stays
         assert all(workers.balanced(figures) for figures in stats.values()), stats
