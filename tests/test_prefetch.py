@@ -8,6 +8,7 @@ import msgpack
 from conftest import dealer, thread_class
 
 import slitter
+import workers
 from slitter import protocol
 from slitter._native import lib
 from slitter.protocol import ErrorCode, Op
@@ -142,6 +143,30 @@ def test_magazines_grow_for_a_thread_that_streams(heap):
         cls.release_many(batch)
     stats = heap.stats()["classes"]["grow"]
     assert stats["live"] == 0 and stats["carved"] == stats["cached"] + stats["free"]
+
+
+def test_magazines_of_small_objects_grow_past_their_starting_size(heap):
+    """64 B objects start at 4096 handles a magazine, a quarter of the layout's cap: a thread that
+    streams grows them to SLITTER_MAG_CAP, so a burst of 100,000 pairs sends a message per 16384
+    objects or fewer, not one per 4096."""
+    cls = heap.register_class("grow-small", size=64)
+    base = heap._classes_table[cls.id].mag_capacity
+    assert base == 4096 and lib.SLITTER_MAG_CAP == 4 * base
+    tc = thread_class(heap, cls)
+    held = []
+    deadline = time.monotonic() + 10
+    while tc.capacity < lib.SLITTER_MAG_CAP and time.monotonic() < deadline:
+        held.append(cls.allocate_many(base))  # takes the spare, asks for the next one at once
+    assert tc.capacity == lib.SLITTER_MAG_CAP
+    for batch in held:
+        cls.release_many(batch)
+    sent = heap.messages_sent
+    handles = [cls.allocate() for _ in range(100_000)]
+    for h in handles:
+        cls.release(h)
+    assert heap.messages_sent - sent < 100_000 // base, heap.messages_sent - sent
+    stats = heap.stats()["classes"]["grow-small"]
+    assert stats["live"] == 0 and workers.balanced(stats), stats
 
 
 def test_magazines_keep_the_class_size_for_a_thread_that_allocates_slowly(heap):
