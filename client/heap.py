@@ -635,8 +635,13 @@ class Heap:
     @_in_use
     def _flush(self, cls: Class, slot: int) -> None:
         reply = self._call(Op.FLUSH, thread=slot, class_id=cls.id)
-        for handle, kind in reply["refused"]:
+        refused = reply["refused"]
+        for handle, kind in refused:
             log.warning("the daemon's audit refused handle %#x of class '%s': %s", handle, cls.name, kind)
+        unlisted = reply.get("refused_total", len(refused)) - len(refused)  # a daemon before it sends no total
+        if unlisted > 0:
+            log.warning("the daemon's audit refused %d more handles of class '%s' (see its audit log)",
+                        unlisted, cls.name)
 
     def _release_error(self, cls: Class, handle: object, kind: int,
                        verb: str = _fastpath.RELEASED) -> errors.ReleaseError:

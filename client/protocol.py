@@ -23,6 +23,9 @@ from slitter import errors
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
+#: A flush reply lists at most this many refused handles (``refused``) and counts them all
+#: (``refused_total``): two magazines of garbage would make a reply no client could decode.
+MAX_REFUSED_LISTED = 256
 MAX_CLASS_NAME = 47  # bytes of UTF-8; the class table keeps a NUL after it
 #: Why a name with a NUL or control character is refused (the class table is C strings).
 CLASS_NAME_PRINTABLE = "a class name must be printable (no NUL or control characters)"

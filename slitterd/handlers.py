@@ -15,8 +15,8 @@ from typing import Any
 
 from slitter import errors
 from slitter._native import lib
-from slitter.protocol import (CLASS_NAME_PRINTABLE, ERROR_KINDS, FEATURES, POLICIES, PROTOCOL_VERSION, ErrorCode, Op,
-                              Refusal, Request)
+from slitter.protocol import (CLASS_NAME_PRINTABLE, ERROR_KINDS, FEATURES, MAX_REFUSED_LISTED, POLICIES,
+                              PROTOCOL_VERSION, ErrorCode, Op, Refusal, Request)
 
 from slitterd.instance import ClassSpec, Instance
 from slitterd.rack import Client
@@ -96,7 +96,8 @@ def refill(inst: Instance, req: Request) -> Reply:
 
 def flush(inst: Instance, req: Request) -> Reply:
     accepted, refused = inst.flush(*_slot(inst, req), outgoing=req.args["outgoing"])
-    return {"accepted": accepted, "refused": refused}  # (handle, kind) pairs: msgpack packs tuples as arrays
+    # (handle, kind) pairs: msgpack packs tuples as arrays.  Every one is counted and in the audit log.
+    return {"accepted": accepted, "refused": refused[:MAX_REFUSED_LISTED], "refused_total": len(refused)}
 
 
 def stats(inst: Instance, req: Request) -> Reply:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -184,6 +185,33 @@ def test_a_garbage_magazine_is_one_log_line_in_the_daemon(manual_daemon):
     lines = [line for line in d.log.read_text().splitlines() if "audit:" in line]
     assert len(lines) == 1, lines
     assert f"audit: {n} handles refused in class 'garbage'" in lines[0] and f"{n} foreign_address" in lines[0]
+
+
+def test_a_flush_of_two_magazines_of_garbage_is_answered_with_a_count(heap, caplog):
+    """Both magazines full of garbage (2 x SLITTER_MAG_CAP handles): the reply lists the first
+    MAX_REFUSED_LISTED and counts them all, so the client can decode it; every one is counted."""
+    from slitter.protocol import MAX_REFUSED_LISTED, Op
+
+    cls = heap.register_class("garbage-2", size=64)
+    cls.release(cls.allocate())
+    slot = lib.slitter_bind(heap._client, cls.id)
+    tc = ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
+    n = lib.SLITTER_MAG_CAP
+    for i in range(n):  # in the guard span before the first run: every one a foreign address
+        tc.release[i] = tc.outgoing[i] = 0x10 + 8 * (i % 8000)
+    tc.release_count = tc.outgoing_count = n
+    reply = heap._call(Op.FLUSH, thread=slot, class_id=cls.id)
+    assert (reply["accepted"], reply["refused_total"], len(reply["refused"])) == (0, 2 * n, MAX_REFUSED_LISTED)
+    assert reply["refused"][0] == [0x10, "foreign_address"]
+    assert heap.audit()["counters"]["garbage-2"]["foreign_address"] == 2 * n
+    for i in range(n):  # again through the client's flush, which logs what the reply lists and the rest
+        tc.release[i] = 0x10 + 8 * (i % 8000)
+    tc.release_count = n
+    with caplog.at_level(logging.WARNING, logger="slitter"):
+        heap._flush(cls, slot)
+    warnings = [r.getMessage() for r in caplog.records if "audit refused" in r.getMessage()]
+    assert len(warnings) == MAX_REFUSED_LISTED + 1, len(warnings)
+    assert f"refused {n - MAX_REFUSED_LISTED} more handles of class 'garbage-2'" in warnings[-1]
 
 
 def test_a_client_over_its_line_budget_gets_a_summary_when_it_leaves(manual_daemon):
