@@ -590,6 +590,8 @@ class Run:
             self.audited["accepted"] += reply["accepted"]
             for _h, kind in reply["refused"]:
                 self.audited[kind] += 1
+            # The reply lists the first MAX_REFUSED_LISTED; the rest are counted, kind unknown here.
+            self.audited["unlisted"] += reply["refused_total"] - len(reply["refused"])
 
     def case(self) -> None:
         g, r = self.gen, self.rng
