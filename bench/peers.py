@@ -221,6 +221,12 @@ def template(size: int) -> bytes:
     return bytes((i * 7 + 3) & 0xFF for i in range(size))
 
 
+def abba(order: tuple[str, ...], rep: int) -> tuple[str, ...]:
+    """A repetition's trial order: as given in even repetitions, reversed in odd ones, so that a drift of the
+    host's speed over a repetition falls on both sides of a ratio in turn."""
+    return order if rep % 2 == 0 else order[::-1]
+
+
 def tracker_pid() -> int | None:
     return getattr(resource_tracker._resource_tracker, "_pid", None)
 
@@ -738,7 +744,7 @@ def run_table(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, dura
     try:
         for rep in range(reps):
             row = {}
-            for name in TABLE_ORDER if rep % 2 == 0 else TABLE_ORDER[::-1]:
+            for name in abba(TABLE_ORDER, rep):
                 part, servers = peers[name]
                 progress(f"shared table, repetition {rep + 1}/{reps}: {name}")
                 row[name] = trial([part(w) for w in range(TABLE_WORKERS)], servers)
@@ -1169,7 +1175,7 @@ def run_streaming(address: str, daemon_pid: int, heap: slitter.Heap, reps: int, 
     for rep in range(reps):
         for size, producers in configs:
             row = {}
-            for peer in STREAM_ORDER if rep % 2 == 0 else STREAM_ORDER[::-1]:
+            for peer in abba(STREAM_ORDER, rep):
                 progress(f"streaming, repetition {rep + 1}/{reps}: {size} B, {producers} producer(s), {peer}")
                 row[peer] = stream_trial(peer, address, daemon_pid, heap, size, producers, duration)
             per_rep[(size, producers)].append({peer: row[peer] for peer in STREAM_PEERS})

@@ -146,40 +146,37 @@ static PyObject *entry_repr(PyObject *self)
     return PyUnicode_FromFormat("<%s of %R>", Py_TYPE(self)->tp_name, e->owner);
 }
 
-static PyTypeObject AllocateType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "slitter._entry.Allocate",
-    .tp_doc = PyDoc_STR("allocate() -> int: a handle to a fresh object of the class (zeroed if zero_init).\n\n"
-                        "Raises OutOfMemory when the arena cannot hold another run of the class, "
-                        "DaemonUnavailable when a refill was needed and the daemon did not answer."),
-    .tp_basicsize = sizeof(EntryObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_vectorcall_offset = offsetof(EntryObject, vectorcall),
-    .tp_call = PyVectorcall_Call,
-    .tp_new = allocate_new,
-    .tp_traverse = entry_traverse,
-    .tp_clear = entry_clear,
-    .tp_dealloc = entry_dealloc,
-    .tp_repr = entry_repr,
-};
+/* The two types differ only in name, doc and constructor (which sets the vectorcall). */
+#define SLITTER_ENTRY_TYPE(NAME, DOC, NEW)                                                  \
+    {                                                                                       \
+        PyVarObject_HEAD_INIT(NULL, 0)                                                      \
+        .tp_name = NAME,                                                                    \
+        .tp_doc = PyDoc_STR(DOC),                                                           \
+        .tp_basicsize = sizeof(EntryObject),                                                \
+        .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,   \
+        .tp_vectorcall_offset = offsetof(EntryObject, vectorcall),                          \
+        .tp_call = PyVectorcall_Call,                                                       \
+        .tp_new = NEW,                                                                      \
+        .tp_traverse = entry_traverse,                                                      \
+        .tp_clear = entry_clear,                                                            \
+        .tp_dealloc = entry_dealloc,                                                        \
+        .tp_repr = entry_repr,                                                              \
+    }
 
-static PyTypeObject ReleaseType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "slitter._entry.Release",
-    .tp_doc = PyDoc_STR("release(handle): give an object back; checked in O(1); on error nothing changes.\n\n"
-                        "Raises ClassMismatch, InteriorPointer, ForeignAddress or DoubleFree under the "
-                        "'raise' policy (the default); 'log' logs and returns, 'abort' aborts. Every "
-                        "refusal is reported to the daemon's audit log first."),
-    .tp_basicsize = sizeof(EntryObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_vectorcall_offset = offsetof(EntryObject, vectorcall),
-    .tp_call = PyVectorcall_Call,
-    .tp_new = release_new,
-    .tp_traverse = entry_traverse,
-    .tp_clear = entry_clear,
-    .tp_dealloc = entry_dealloc,
-    .tp_repr = entry_repr,
-};
+static PyTypeObject AllocateType = SLITTER_ENTRY_TYPE(
+    "slitter._entry.Allocate",
+    "allocate() -> int: a handle to a fresh object of the class (zeroed if zero_init).\n\n"
+    "Raises OutOfMemory when the arena cannot hold another run of the class, "
+    "DaemonUnavailable when a refill was needed and the daemon did not answer.",
+    allocate_new);
+
+static PyTypeObject ReleaseType = SLITTER_ENTRY_TYPE(
+    "slitter._entry.Release",
+    "release(handle): give an object back; checked in O(1); on error nothing changes.\n\n"
+    "Raises ClassMismatch, InteriorPointer, ForeignAddress or DoubleFree under the "
+    "'raise' policy (the default); 'log' logs and returns, 'abort' aborts. Every "
+    "refusal is reported to the daemon's audit log first.",
+    release_new);
 
 /* Once per process, by slitter._fastpath: a second bind could only point the calls elsewhere. */
 static PyObject *entry_bind(PyObject *self, PyObject *args)

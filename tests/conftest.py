@@ -122,6 +122,13 @@ def thread_class(heap: slitter.Heap, cls: slitter.Class):
     return ffi.cast("struct slitter_rack *", heap._rack.ptr).threads[slot].classes[cls.id]
 
 
+def settled_thread_class(heap: slitter.Heap, cls: slitter.Class):
+    """``thread_class`` once the daemon has served this thread's last prefetch, which may have grown its
+    magazines (it grows them only when it serves one): their ``capacity`` is final until the next one."""
+    heap.stats()  # a round trip behind every request the heap sent before it
+    return thread_class(heap, cls)
+
+
 def fork_child(body) -> Forked:
     """Fork; the child runs ``body(send)``, where ``send(data: bytes)`` reports to the parent, and exits:
     status 0 if ``body`` returned, 1 if it raised (the exception is its last report: ``report`` raises it)."""

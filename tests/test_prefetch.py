@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import msgpack
-from conftest import dealer, thread_class
+from conftest import dealer, settled_thread_class, thread_class
 
 import slitter
 import workers
@@ -49,8 +49,7 @@ def test_full_release_magazines_are_flushed_without_waiting(heap):
     cls = heap.register_class("drain", size=64)
     # More magazines than the shelf takes of one class, at the size this thread's grew to.
     handles = list(cls.allocate_many((lib.SLITTER_SHELF_PER_CLASS + 8) * lib.SLITTER_MAG_CAP))
-    heap.stats()  # after the last prefetch: the daemon grows magazines only when it serves one
-    cap = thread_class(heap, cls).capacity
+    cap = settled_thread_class(heap, cls).capacity
     transport = heap._transport
     waited = transport.round_trips
     flushes = transport.sent["flush"]

@@ -6,7 +6,7 @@ import multiprocessing
 from array import array
 
 import pytest
-from conftest import run_spawned, thread_class
+from conftest import run_spawned, settled_thread_class
 
 import slitter
 import workers
@@ -88,8 +88,7 @@ def test_double_free_back_to_back(heap, classes):
 def test_double_free_after_many_other_releases_shelved_and_flushed(heap, classes):
     order, _ = classes
     handles = [order.allocate() for _ in range(lib.SLITTER_MAG_CAP * (lib.SLITTER_SHELF_PER_CLASS + 3))]
-    heap.stats()  # after the last prefetch: the daemon grows magazines only when it serves one
-    tc = thread_class(heap, order)
+    tc = settled_thread_class(heap, order)
     capacity, room = tc.capacity, tc.capacity - tc.alloc_count  # the thread's magazines, grown as it allocated
     # Released in order: the first `room` fill the allocation magazine, the next
     # SLITTER_SHELF_PER_CLASS magazines go on the shelf, the rest to the daemon.

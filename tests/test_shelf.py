@@ -15,7 +15,7 @@ import random
 import time
 
 import pytest
-from conftest import collect_spawned, start_spawned, thread_class, wait_reclaimed
+from conftest import collect_spawned, settled_thread_class, start_spawned, wait_reclaimed
 
 import slitter
 import workers
@@ -37,8 +37,7 @@ def _shelve_full(heap, cls) -> int:
     starting size up to at most SLITTER_MAG_CAP.
     """
     handles = cls.allocate_many((lib.SLITTER_SHELF_PER_CLASS + 2) * lib.SLITTER_MAG_CAP)
-    heap.stats()  # after the last prefetch: the daemon grows magazines only when it serves one
-    cap = thread_class(heap, cls).capacity
+    cap = settled_thread_class(heap, cls).capacity
     cls.release_many(handles)  # one magazine refills ours, the next ones go on the shelf
     return cap
 
