@@ -32,11 +32,12 @@ log = logging.getLogger("slitterd")
 
 POLICY_SHIFT = lib.SLITTER_CLASS_POLICY_SHIFT
 TOTAL_LIMIT = (1 << 63) - 1  # what msgpack and the u64 totals can both carry
-# Magazines sized by demand: a thread whose prefetches of one class come this
-# close together gets magazines twice as big, up to the layout's 4096
-# handles and GROWN_MAGAZINE_BYTES of objects.  Each message costs the daemon
-# about 50 µs and the sender 25-30 µs, so a stream pays less per object; a
-# thread that allocates slowly keeps the class's size (ClassGeometry).
+# Magazines sized by demand: a thread whose prefetches, or whose flush-aheads,
+# of one class come this close together gets magazines twice as big, up to the
+# layout's SLITTER_MAG_CAP handles and GROWN_MAGAZINE_BYTES of objects.  Each
+# message costs the daemon about 50 µs and the sender 25-30 µs, so a stream
+# pays less per object; a thread that allocates or releases slowly keeps the
+# class's size (ClassGeometry).
 GROW_SECONDS = 0.05
 GROWN_MAGAZINE_BYTES = 4 << 20
 
@@ -176,21 +177,33 @@ class Instance:
         return written
 
     def _magazine_size(self, client: Client, thread: int, class_id: int, tc, spare: bool) -> int:
-        """How many handles to put in a magazine of this thread and class: its capacity, grown by demand.
+        """How many handles to put in a magazine of this thread and class: its capacity, grown by demand."""
+        if spare:
+            return self._grow_by_demand(client, thread, class_id, tc, "prefetch")
+        size = min(max(tc.capacity, self.mag_capacity(class_id)), lib.SLITTER_MAG_CAP)
+        if size > tc.capacity:
+            tc.capacity = size  # a thread bound before its class's first refill
+        return size
 
-        The capacity in the rack only grows here, never shrinks: the fast
-        path's room arithmetic assumes its counts never exceed it.
+    def _grow_by_demand(self, client: Client, thread: int, class_id: int, tc, ahead: str) -> int:
+        """The thread's capacity for the class, doubled if its last ``ahead`` message came within GROW_SECONDS.
+
+        ``ahead`` is "prefetch" (a spare refill sent without waiting) or
+        "flush" (an outgoing magazine sent without waiting): a thread that
+        streams either way grows its magazines, one that only releases too.
+        The capacity in the rack only grows, never shrinks: the fast path's
+        room arithmetic assumes its counts never exceed it.  The client
+        reads it once per call, so a change between two calls is safe.
         """
         base = self.mag_capacity(class_id)
         current = tc.capacity  # written by the client (at bind) and by us; trusted up to the arrays
         size = min(max(current, base), lib.SLITTER_MAG_CAP)
-        if spare:
-            now = time.monotonic()
-            last = client.last_prefetch.get((thread, class_id))
-            client.last_prefetch[(thread, class_id)] = now
-            limit = min(lib.SLITTER_MAG_CAP, max(base, GROWN_MAGAZINE_BYTES // self.arena.classes[class_id].stride))
-            if last is not None and now - last < GROW_SECONDS and size < limit:
-                size = min(size * 2, limit)
+        now = time.monotonic()
+        last = client.last_ahead.get((thread, class_id, ahead))
+        client.last_ahead[(thread, class_id, ahead)] = now
+        limit = min(lib.SLITTER_MAG_CAP, max(base, GROWN_MAGAZINE_BYTES // self.arena.classes[class_id].stride))
+        if last is not None and now - last < GROW_SECONDS and size < limit:
+            size = min(size * 2, limit)
         if size > current:
             tc.capacity = size  # before the magazine is published (spare_count is written last)
         return size
@@ -225,6 +238,8 @@ class Instance:
         if published:
             ffi.memmove(handles + n, tc.outgoing, 8 * published)
         result = self._audit_into_depot(client, class_id, handles, n + published, "flush")
+        if outgoing and tc.capacity:  # a bound thread's flush-ahead: its releases set the pace
+            self._grow_by_demand(client, thread, class_id, tc, "flush")
         if published:
             tc.outgoing_count = 0  # last: hands the outgoing magazine back to the client
         return result

@@ -61,8 +61,9 @@ class Client:
     pidfd: int | None
     #: (request id, audit seq) of the last REPORT recorded: a resent one is recorded once.
     last_report: tuple[int, int] = (0, 0)
-    #: time.monotonic() of the last prefetch per (thread, class id): magazines grow by demand.
-    last_prefetch: dict[tuple[int, int], float] = field(default_factory=dict)
+    #: time.monotonic() of the last prefetch and flush-ahead per (thread, class id, "prefetch" or "flush"):
+    #: magazines grow by demand (Instance._grow_by_demand).
+    last_ahead: dict[tuple[int, int, str], float] = field(default_factory=dict)
     #: The rack as a cffi pointer, and its thread-class entries by thread * MAX_CLASSES + class id:
     #: ``Racks.thread_class`` casts and indexes once, not on every refill and flush (0.6 µs).
     rack: Any = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import msgpack
@@ -165,6 +166,44 @@ def test_magazines_of_small_objects_grow_past_their_starting_size(heap):
         cls.release(h)
     assert heap.messages_sent - sent < 100_000 // base, heap.messages_sent - sent
     stats = heap.stats()["classes"]["grow-small"]
+    assert stats["live"] == 0 and workers.balanced(stats), stats
+
+
+def test_a_thread_that_only_releases_grows_its_magazines_too(heap):
+    """A consumer that releases a stream of objects it never allocated sends no prefetch: its
+    flush-aheads grow its magazines, to SLITTER_MAG_CAP for 64 B objects, so a burst of 100,000
+    releases then sends a message per 16384 objects, not one per 4096."""
+    cls = heap.register_class("grow-releaser", size=64)
+    base = heap._classes_table[cls.id].mag_capacity
+    assert base == 4096 and lib.SLITTER_MAG_CAP == 4 * base
+    pool = cls.allocate_many(40 * base)
+    burst = cls.allocate_many(100_000)
+    seen: dict[str, int] = {}
+
+    def consumer() -> None:
+        tc = thread_class(heap, cls)  # binds this thread; it never allocates
+        release = cls.release
+        for start in range(0, len(pool), base):
+            if tc.capacity == lib.SLITTER_MAG_CAP:
+                break
+            for h in pool[start:start + base]:
+                release(h)
+        heap.stats()  # the daemon has served every flush-ahead sent so far
+        seen["grown"] = tc.capacity
+        sent = heap.messages_sent
+        for h in burst:
+            release(h)
+        seen["burst_messages"] = heap.messages_sent - sent
+        seen["rest"] = start
+        for h in pool[start:]:
+            release(h)
+
+    worker = threading.Thread(target=consumer)
+    worker.start()
+    worker.join()
+    assert seen["grown"] == lib.SLITTER_MAG_CAP, seen
+    assert seen["burst_messages"] <= 100_000 // lib.SLITTER_MAG_CAP + 2, seen  # 24 at 4096 handles
+    stats = heap.stats()["classes"]["grow-releaser"]
     assert stats["live"] == 0 and workers.balanced(stats), stats
 
 
