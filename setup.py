@@ -7,8 +7,9 @@ setup(
     # The batch calls' argument adapter (native/batch_ext.c, doc/design.md (e)).
     ext_modules=[Extension("slitter._batch", ["native/batch_ext.c"], include_dirs=["native"],
                            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"]),
-                 # A class's allocate() and release() as C callables (native/entry_ext.c, doc/fast_path.md).
-                 Extension("slitter._entry", ["native/entry_ext.c"],
+                 # A class's allocate() and release(), a heap's view(), as C callables (native/entry_ext.c,
+                 # doc/fast_path.md).
+                 Extension("slitter._entry", ["native/entry_ext.c"], include_dirs=["native"],
                            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"]),
                  # Channels of handles (native/channel.c, doc/design.md (f)): a ring that blocks without the GIL.
                  Extension("slitter._channel", ["native/channel.c"],

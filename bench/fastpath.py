@@ -28,6 +28,10 @@ What it measures, in one run against a private daemon (``slitter.spawn_daemon()`
    the number of messages sent to the daemon meanwhile.  Target: 0.
 5. Batches: ``release_many(allocate_many(B))`` in a loop for B = 64 and
    1024, per object, against one empty cffi call.  Target: <= 0.25.
+   Views, per object over the same 64 live objects: ``heap.view(h)`` (a
+   C callable: the foreign/interior checks and a slice), ``cls.views(batch)``
+   (one check of the batch, then the slices) and ``arena[h:h + 64]`` in
+   Python (the slice alone, unchecked), in alternating blocks.
 6. Bursts: 100,000 ``allocate()`` in a row, then 100,000 ``release()``,
    with the time spent outside the fast path (the prefetch and flush-ahead
    hooks, and any waited refill or flush) measured by wrapping those
@@ -127,6 +131,31 @@ def loop_batch_pairs(cls: slitter.Class, batch: int, n: int) -> float:
     for _ in range(rounds):
         release_many(allocate_many(batch))
     return (perf_ns() - t0) / (rounds * batch)
+
+
+def view_costs(heap: slitter.Heap, cls: slitter.Class, n: int) -> dict[str, float]:
+    """ns per object: heap.view(h), cls.views(batch of 64) and a Python slice of the arena, over 64 live objects."""
+    batch = cls.allocate_many(64)
+    view, views, arena, size = heap.view, cls.views, heap.arena, cls.size
+    rounds = max(1, n // (64 * BLOCKS))
+    one = many = bare = 0
+    for _ in range(BLOCKS):
+        t0 = perf_ns()
+        for _ in range(rounds):
+            for h in batch:
+                view(h)
+        t1 = perf_ns()
+        for _ in range(rounds):
+            views(batch)
+        t2 = perf_ns()
+        for _ in range(rounds):
+            for h in batch:
+                arena[h:h + size]
+        t3 = perf_ns()
+        one, many, bare = one + t1 - t0, many + t2 - t1, bare + t3 - t2
+    cls.release_many(batch)
+    per = rounds * BLOCKS * 64
+    return {"view_ns": one / per, "views_ns": many / per, "arena_slice_ns": bare / per}
 
 
 def c_malloc_pairs(n: int) -> float:
@@ -421,6 +450,7 @@ def _run(address: str, size: str, progress, per_rep: list, samples: dict, releas
             for b in BATCHES:
                 r[f"batch{b}_ns"] = timed(loop_batch_pairs, cls, b, py_n)
                 r[f"batch{b}_ratio"] = r[f"batch{b}_ns"] / (r["two_noops_ns"] / 2)
+            r.update(timed(view_costs, heap, cls, py_n))
             samples["ping"] += timed(ping_round_trips, address, pings)
             samples["zmq"] += timed(zmq_round_trips, echo_endpoint, pings)
             for kind, values in timed(slow_path_trips, heap, TRIPS).items():
@@ -503,6 +533,9 @@ def print_table(result: dict[str, Any]) -> None:
         table.add_row(f"release_many(allocate_many({b})), per object", *ns(f"batch{b}_ns"), "")
         table.add_row("  ratio per object / 1 empty cffi call", *ratio(f"batch{b}_ratio"),
                       f"<= {TARGET_BATCH_RATIO} {verdict(f'batch{b}_ratio')}")
+    table.add_row("heap.view(h), per object", *ns("view_ns"), "")
+    table.add_row("cls.views(64 handles), per object", *ns("views_ns"), "")
+    table.add_row("  heap.arena sliced in Python (unchecked), per obj.", *ns("arena_slice_ns"), "")
     table.add_section()
     table.add_row("C allocate+release pair", *ns("c_pair_ns", 2), "")
     table.add_row("C glibc malloc(64)+free pair", *ns("malloc_pair_ns", 2), "")

@@ -1,6 +1,6 @@
 """The only module that touches ``slitter._native``'s fast path.
 
-It binds ``slitter._entry`` (a class's ``allocate`` and ``release`` as C
+It binds ``slitter._entry`` (a class's ``allocate`` and ``release``, a heap's ``view``, as C
 callables, native/entry_ext.c) to the fast path's keyed entry points and
 ``slitter._batch`` (the batch calls' argument adapter, native/batch_ext.c)
 to its batch entry points, and turns the native result codes into the named
@@ -27,11 +27,13 @@ def _address(name: str) -> int:
     return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
 
 
-# Class.allocate and Class.release are slitter._entry objects (native/entry_ext.c):
-# Allocate(key, cls)() and Release(key, cls)(handle) call these with no Python frame.
-_entry.bind(_address("slitter_allocate_key"), _address("slitter_release_as"))
+# Class.allocate, Class.release and Heap.view are slitter._entry objects (native/entry_ext.c):
+# Allocate(key, cls)(), Release(key, cls)(handle) and View(key, heap)(handle) call these with no
+# Python frame.
+_entry.bind(_address("slitter_allocate_key"), _address("slitter_release_as"), _address("slitter_object_size_key"))
 Allocate: Callable[[int, object], Callable[[], int]] = _entry.Allocate
 Release: Callable[[int, object], Callable[[int], None]] = _entry.Release
+View = _entry.View
 
 
 # The batch calls take an array('Q') through slitter._batch (native/batch_ext.c),

@@ -156,13 +156,15 @@ class Class:
     def views(self, handles: Iterable[int]) -> list[memoryview]:
         """Writable views of many live objects of this class: ``check``, then one slice each.
 
-        About a third of the cost of ``Heap.view`` per object.  Raises as ``check``.
+        About half the cost of ``Heap.view`` per object.  Raises as ``check``.
         """
         batch = self._checked(handles, "viewed as")
-        arena, size = self._heap._arena, self.size
-        if arena is None:  # closed by another thread since the check
+        if type(batch) is not array or batch.typecode != "Q":
+            batch = array("Q", batch)
+        views = self._heap.view._slices(batch, self.size)
+        if views is None:  # closed by another thread since the check
             raise self._heap._closed_error()
-        return [arena[h:h + size] for h in batch]
+        return views
 
     def _checked(self, handles: Iterable[int], verb: str) -> array:
         if _check_array(self._key, handles) == _OK:

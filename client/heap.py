@@ -19,7 +19,7 @@ import time
 import weakref
 from array import array
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from slitter import _fastpath, errors
@@ -77,7 +77,16 @@ def _in_use(method):
 
 
 class Heap:
-    """A connection to slitterd.  Use ``slitter.connect()``; close it, or use ``with``."""
+    """A connection to slitterd.  Use ``slitter.connect()``; close it, or use ``with``.
+
+    ``view(handle) -> memoryview``: a writable memoryview of exactly the
+    object's size.  Raises ForeignAddress or InteriorPointer when ``handle``
+    is not an object start.  An attribute that holds a C callable, as
+    ``Class.allocate`` is: the checks and the slice with no Python frame
+    (doc/fast_path.md); the rest comes back to ``_view_slow``.
+    """
+
+    view: Callable[[int], memoryview]
 
     def __init__(self, address: str | None = None, *, name: str = "", timeout: float = 10.0,
                  policy: str | None = None) -> None:
@@ -164,6 +173,8 @@ class Heap:
             # the mapping, so views outlive close() safely.
             data = self._data
             self._arena = memoryview(ffi.buffer(ffi.gc(data.ptr, lambda _p, _keep=data: None), data.length))
+            self.view = _fastpath.View(self._view_key, self)
+            self.view.arena = self._arena
         self._apply_guards()
         self._pid = os.getpid()
 
@@ -293,6 +304,7 @@ class Heap:
                 if mapping is not None:
                     mapping.close()
             self._data = self._arena = None  # the arena is unmapped when the last view goes
+            self.view.arena = None
         except BaseException:
             self._close_pending = True
             raise
@@ -381,11 +393,11 @@ class Heap:
         self._apply_guards()
         return self._arena
 
-    def view(self, handle: int) -> memoryview:
-        """A writable memoryview of exactly the object's size.
+    def _view_other(self, handle: int) -> memoryview:
+        """``view(handle)`` of anything but an int in [0, 2**48): Python's rules, then the same checks.
 
-        Raises:
-            ForeignAddress, InteriorPointer: ``handle`` is not an object start.
+        A negative or too big int is a ForeignAddress, a bool or another int
+        subclass is taken as its int value, anything else is a TypeError.
         """
         try:
             size = _object_size(handle << 16 | self._view_key)

@@ -81,6 +81,33 @@ def test_view_refuses_what_is_not_an_object(heap):
         heap.view(1 << 60)
 
 
+def test_view_of_a_handle_that_is_no_plain_int_and_wrong_arguments(heap):
+    """``view`` takes an int in [0, 2**48) on its fast path (slitter._entry.View); an int subclass is
+    taken as its value, a negative or too big int is a foreign address, anything else and a wrong
+    number of arguments is a TypeError; a view shares the arena's memory and is bounded by the object."""
+    class Handle(int):
+        pass
+
+    cls = heap.register_class("typed-views", size=48)
+    h = cls.allocate()
+    view = heap.view(Handle(h))
+    view[:5] = b"typed"
+    assert type(view) is memoryview and len(view) == 48 and view.nbytes == 48 and not view.readonly
+    assert view.contiguous and view.format == "B" and view.shape == (48,) and view.strides == (1,)
+    assert bytes(heap.arena[h:h + 5]) == b"typed" and bytes(heap.view(h)[:5]) == b"typed"
+    assert view.obj is heap.arena.obj  # the arena's exporter: the mapping lives while the view does
+    with pytest.raises(IndexError):
+        view[48]
+    for bad in (True, -1, -h, 1 << 48, (1 << 48) + h, 1 << 64, 1 << 80):
+        with pytest.raises(slitter.ForeignAddress):
+            heap.view(bad)
+    for call in (lambda: heap.view(1.5), lambda: heap.view("x"), lambda: heap.view(None), lambda: heap.view(),
+                 lambda: heap.view(h, h), lambda: heap.view(handle=h)):
+        with pytest.raises(TypeError):
+            call()
+    cls.release(h)
+
+
 def test_stats_shape(heap):
     cls = heap.register_class("s", size=64)
     handles = [cls.allocate() for _ in range(10)]
