@@ -120,9 +120,11 @@ typedef struct {
 static PyObject *arena_slice(PyObject *arena, uint64_t start, int64_t size)
 {
     Py_buffer *whole = PyMemoryView_GET_BUFFER(arena);
+    /* Never for a handle the checks passed (carved spans lie inside the arena); a slice would clamp. */
     if ((uint64_t)whole->len < start || (uint64_t)(whole->len - start) < (uint64_t)size)
-        return PySequence_GetSlice(arena, (Py_ssize_t)start, (Py_ssize_t)(start + size));  /* its rules */
-    PyObject *out = PyMemoryView_FromObject(arena);
+        return PyErr_Format(PyExc_IndexError, "handle %#llx + %lld bytes: past the arena's end",
+                            (unsigned long long)start, (long long)size);
+    PyObject *out = PyMemoryView_FromObject(arena);   /* ValueError if the arena view was released */
     if (out == NULL)
         return NULL;
     Py_buffer *part = PyMemoryView_GET_BUFFER(out);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from array import array
 
 import pytest
 
@@ -105,6 +106,12 @@ def test_view_of_a_handle_that_is_no_plain_int_and_wrong_arguments(heap):
                  lambda: heap.view(h, h), lambda: heap.view(handle=h)):
         with pytest.raises(TypeError):
             call()
+    # Class.views' slicer takes checked handles; one past the arena is an error, never a clamped view.
+    end = len(heap.arena)
+    assert [len(v) for v in heap.view._slices(array("Q", [h, end - 48]), 48)] == [48, 48]
+    for past in (end - 47, end, 1 << 63):
+        with pytest.raises(IndexError, match="past the arena"):
+            heap.view._slices(array("Q", [h, past]), 48)
     cls.release(h)
 
 
