@@ -167,11 +167,6 @@ OP_DOCS: dict[Op, str] = {
 _OPS_BY_NAME: dict[str, Op] = {op.value: op for op in Op}
 _ALLOWED_KEYS: dict[Op, frozenset[str]] = {
     op: frozenset({"v", "id", "op", *(f.name for f in fields)}) for op, fields in REQUEST_FIELDS.items()}
-#: Per op, each field as (name, kind, low, high, default, Field): plain tuple items, not
-#: dataclass attributes, for the daemon's per-field loop (about 0.1 µs a field less).
-_FIELD_RULES: dict[Op, tuple[tuple[str, type, int, int, Any, Field], ...]] = {
-    op: tuple((f.name, f.kind, f.low, f.high, f.default, f) for f in fields)
-    for op, fields in REQUEST_FIELDS.items()}
 _ABSENT = object()  # a field the message does not carry (None is a value msgpack can carry)
 
 _UNPACK_LIMITS = {
@@ -287,20 +282,49 @@ def parse_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
     if not _ALLOWED_KEYS[op].issuperset(message):
         extra = set(message) - _ALLOWED_KEYS[op]
         raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: unexpected fields {sorted(map(str, extra))}", request_id)
-    args = {}
-    get = message.get
-    for name, kind, low, high, default, field in _FIELD_RULES[op]:
-        value = get(name, _ABSENT)
-        # The common case inline (an int in range, or a bool); _check has every rule and every message.
-        if type(value) is kind and (kind is bool or (kind is int and low <= value <= high)):
-            args[name] = value
-        elif value is _ABSENT:
-            if default is None:
-                raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{name}'", request_id)
-            args[name] = default
+    return Request(op, request_id, _FIELD_CHECKS[op](message, request_id))
+
+
+def _field(op: Op, field: Field, value: Any, request_id: int) -> Any:
+    """A field the inline test of ``_field_check`` did not pass: its default, or its value, or the refusal."""
+    if value is _ABSENT:
+        if field.default is None:
+            raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{field.name}'", request_id)
+        return field.default
+    return _check(op, field, value, request_id)
+
+
+def _field_check(op: Op) -> Callable[[dict[str, Any], int], dict[str, Any]]:
+    """The daemon's check of one op's fields, as one straight-line function made from REQUEST_FIELDS.
+
+    The table stays the one declaration; this compiles it, as ``dataclasses``
+    compiles ``__init__``.  Each int field is one ``dict.get`` (an optional
+    field's default given to it), a type test and a range test inline; bool
+    fields a type test; anything else (a str, a required field absent, a bad
+    value) goes to ``_field``, which has every rule and every message.  A loop over the table did the same in about twice
+    the time (about 1 µs of a REFILL's 7-10 µs in the daemon).
+    """
+    fields = REQUEST_FIELDS[op]
+    lines = ["def check(message, request_id):", "    get = message.get"]
+    for i, f in enumerate(fields):
+        # An optional field absent reads as its default, which passes its own test.
+        lines.append(f"    v{i} = get({f.name!r}, {'ABSENT' if f.default is None else f'D{i}'})")
+        if f.kind is int:
+            lines.append(f"    if type(v{i}) is not int or not {f.low} <= v{i} <= {f.high}:")
+        elif f.kind is bool:
+            lines.append(f"    if type(v{i}) is not bool:")
         else:
-            args[name] = _check(op, field, value, request_id)
-    return Request(op, request_id, args)
+            lines.append("    if True:")
+        lines.append(f"        v{i} = field(OP, F{i}, v{i}, request_id)")
+    lines.append("    return {" + ", ".join(f"{f.name!r}: v{i}" for i, f in enumerate(fields)) + "}")
+    scope: dict[str, Any] = {"ABSENT": _ABSENT, "field": _field, "OP": op,
+                             **{f"F{i}": f for i, f in enumerate(fields)},
+                             **{f"D{i}": f.default for i, f in enumerate(fields)}}
+    exec(compile("\n".join(lines), f"<slitter.protocol: {op.value} fields>", "exec"), scope)  # noqa: S102
+    return scope["check"]
+
+
+_FIELD_CHECKS: dict[Op, Callable[[dict[str, Any], int], dict[str, Any]]] = {op: _field_check(op) for op in Op}
 
 
 def _check(op: Op, field: Field, value: Any, request_id: int) -> Any:

@@ -945,6 +945,34 @@ def test_a_bool_where_an_int_goes_is_refused(raw, op, field):
     assert reply["code"] == ErrorCode.INVALID_FIELD and f"field '{field}' must be int" in reply["error"], reply
 
 
+@pytest.mark.parametrize("op,field", [(op, f) for op, fields in REQUEST_FIELDS.items() for f in fields
+                                      if f.kind is int], ids=lambda x: getattr(x, "name", x))
+def test_an_int_field_just_past_either_end_of_its_range_is_refused_naming_it(raw, op, field):
+    """Spelled out against the table, not asked of protocol.parse_request (whose per-op checks are compiled
+    from that table): both ends are accepted by the schema, one past either end is refused by the daemon."""
+    for edge in (field.low, field.high):
+        assert protocol.parse_request(packed(protocol.request(op, 9, **{**minimal_args(op), field.name: edge}))) \
+            .args[field.name] == edge
+    for past in (field.low - 1, field.high + 1):
+        if past < 0 or past > U64:  # msgpack carries no int beyond [-2**63, 2**64): another test's frames
+            continue
+        reply = _refusal(raw, protocol.request(op, 9, **{**minimal_args(op), field.name: past}))
+        assert (reply["code"], reply["id"]) == (ErrorCode.INVALID_FIELD, 9), reply
+        assert f"field '{field.name}' = {past} is outside [{field.low}, {field.high}]" in reply["error"], reply
+
+
+@pytest.mark.parametrize("op,field", [(op, f) for op, fields in REQUEST_FIELDS.items() for f in fields
+                                      if f.kind is not int], ids=lambda x: getattr(x, "name", x))
+def test_a_bool_or_str_field_of_another_type_is_refused_and_an_optional_one_takes_its_default(raw, op, field):
+    wrong = 1 if field.kind is bool else b"x"
+    reply = _refusal(raw, protocol.request(op, 10, **{**minimal_args(op), field.name: wrong}))
+    assert reply["code"] == ErrorCode.INVALID_FIELD, reply
+    assert f"field '{field.name}' must be {field.kind.__name__}" in reply["error"], reply
+    if field.default is not None:
+        args = {k: v for k, v in minimal_args(op).items() if k != field.name}
+        assert protocol.parse_request(packed(protocol.request(op, 10, **args))).args[field.name] is field.default
+
+
 def test_a_class_name_is_limited_in_bytes_not_characters(raw):
     reply = raw.ask(protocol.request(Op.ATTACH, 1, pid=os.getpid(), name="namer"))
     creds = {"client": reply["client"], "token": reply["token"]}
