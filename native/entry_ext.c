@@ -47,13 +47,35 @@ static slitter__release_as_fn release_as;
 static slitter__object_size_key_fn object_size_key;
 static PyObject *str_allocate_slow, *str_release_slow, *str_release_other, *str_view_slow, *str_view_other;
 
-/* One class key, and the Class whose slow-path methods take over. */
+/* One key (a class's, or a heap's view key), the object whose slow-path methods take over,
+ * and for a View the heap's arena memoryview (NULL for the others, and once the heap is closed). */
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     uint32_t key;
     PyObject *owner;
+    PyObject *arena;
 } EntryObject;
+
+/* A call of one positional argument, or the TypeError `usage`. */
+static int one_argument(size_t nargsf, PyObject *kwnames, const char *usage)
+{
+    if (PyVectorcall_NARGS(nargsf) == 1 && (kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0))
+        return 1;
+    PyErr_SetString(PyExc_TypeError, usage);
+    return 0;
+}
+
+/* owner.<method>(h, code): the slow path, given what the fast path returned. */
+static PyObject *call_slow(PyObject *owner, PyObject *method, PyObject *h, long long code)
+{
+    PyObject *boxed = PyLong_FromLongLong(code);
+    if (boxed == NULL)
+        return NULL;
+    PyObject *out = PyObject_CallMethodObjArgs(owner, method, h, boxed, NULL);
+    Py_DECREF(boxed);
+    return out;
+}
 
 static PyObject *allocate_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -74,10 +96,8 @@ static PyObject *allocate_vectorcall(PyObject *self, PyObject *const *args, size
 static PyObject *release_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     EntryObject *e = (EntryObject *)self;
-    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
-        PyErr_SetString(PyExc_TypeError, "release() takes one handle");
+    if (!one_argument(nargsf, kwnames, "release() takes one handle"))
         return NULL;
-    }
     PyObject *h = args[0];
     /* An exact int only: a bool or an int subclass goes the way cffi takes it. */
     if (PyLong_CheckExact(h)) {
@@ -87,26 +107,12 @@ static PyObject *release_vectorcall(PyObject *self, PyObject *const *args, size_
             int result = release_as(e->key, handle);
             if (result == 0)
                 Py_RETURN_NONE;
-            PyObject *code = PyLong_FromLong(result);
-            if (code == NULL)
-                return NULL;
-            PyObject *out = PyObject_CallMethodObjArgs(e->owner, str_release_slow, h, code, NULL);
-            Py_DECREF(code);
-            return out;
+            return call_slow(e->owner, str_release_slow, h, result);
         }
         PyErr_Clear();   /* OverflowError: negative, or beyond a u64 */
     }
     return PyObject_CallMethodOneArg(e->owner, str_release_other, h);
 }
-
-/* A heap's view key, the heap whose slow path takes over, and its arena memoryview (None once closed). */
-typedef struct {
-    PyObject_HEAD
-    vectorcallfunc vectorcall;
-    uint32_t key;
-    PyObject *owner;
-    PyObject *arena;
-} ViewObject;
 
 /*
  * A slice of the arena without a slice object: a new memoryview of the
@@ -136,11 +142,9 @@ static PyObject *arena_slice(PyObject *arena, uint64_t start, int64_t size)
 
 static PyObject *view_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    ViewObject *v = (ViewObject *)self;
-    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
-        PyErr_SetString(PyExc_TypeError, "view() takes one handle");
+    EntryObject *v = (EntryObject *)self;
+    if (!one_argument(nargsf, kwnames, "view() takes one handle"))
         return NULL;
-    }
     PyObject *h = args[0];
     if (!PyLong_CheckExact(h))
         return PyObject_CallMethodOneArg(v->owner, str_view_other, h);
@@ -153,66 +157,13 @@ static PyObject *view_vectorcall(PyObject *self, PyObject *const *args, size_t n
     int64_t size = object_size_key(handle << SLITTER_KEY_BITS | v->key);
     if (size > 0 && v->arena != NULL && PyMemoryView_Check(v->arena))
         return arena_slice(v->arena, handle, size);
-    PyObject *code = PyLong_FromLongLong(size);
-    if (code == NULL)
-        return NULL;
-    PyObject *out = PyObject_CallMethodObjArgs(v->owner, str_view_slow, h, code, NULL);
-    Py_DECREF(code);
-    return out;
-}
-
-static PyObject *view_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    unsigned int key;
-    PyObject *owner;
-    static char *keywords[] = {"key", "owner", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IO", keywords, &key, &owner))
-        return NULL;
-    if (object_size_key == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "slitter._entry is not bound to the fast path");
-        return NULL;
-    }
-    ViewObject *v = PyObject_GC_New(ViewObject, type);
-    if (v == NULL)
-        return NULL;
-    v->vectorcall = view_vectorcall;
-    v->key = key;
-    v->owner = Py_NewRef(owner);
-    v->arena = NULL;
-    PyObject_GC_Track(v);
-    return (PyObject *)v;
-}
-
-static int view_traverse(PyObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(((ViewObject *)self)->owner);
-    Py_VISIT(((ViewObject *)self)->arena);
-    return 0;
-}
-
-static int view_clear(PyObject *self)
-{
-    Py_CLEAR(((ViewObject *)self)->owner);
-    Py_CLEAR(((ViewObject *)self)->arena);
-    return 0;
-}
-
-static void view_dealloc(PyObject *self)
-{
-    PyObject_GC_UnTrack(self);
-    view_clear(self);
-    PyObject_GC_Del(self);
-}
-
-static PyObject *view_repr(PyObject *self)
-{
-    return PyUnicode_FromFormat("<slitter._entry.View of %R>", ((ViewObject *)self)->owner);
+    return call_slow(v->owner, str_view_slow, h, size);
 }
 
 static PyObject *view_get_arena(PyObject *self, void *closure)
 {
     (void)closure;
-    PyObject *arena = ((ViewObject *)self)->arena;
+    PyObject *arena = ((EntryObject *)self)->arena;
     return Py_NewRef(arena != NULL ? arena : Py_None);
 }
 
@@ -224,8 +175,8 @@ static int view_set_arena(PyObject *self, PyObject *value, void *closure)
         PyErr_SetString(PyExc_TypeError, "View.arena is a memoryview or None");
         return -1;
     }
-    PyObject *old = ((ViewObject *)self)->arena;
-    ((ViewObject *)self)->arena = value != NULL && value != Py_None ? Py_NewRef(value) : NULL;
+    PyObject *old = ((EntryObject *)self)->arena;
+    ((EntryObject *)self)->arena = value != NULL && value != Py_None ? Py_NewRef(value) : NULL;
     Py_XDECREF(old);
     return 0;
 }
@@ -238,7 +189,7 @@ static int view_set_arena(PyObject *self, PyObject *value, void *closure)
  */
 static PyObject *view_slices(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    ViewObject *v = (ViewObject *)self;
+    EntryObject *v = (EntryObject *)self;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "_slices(handles, size)");
         return NULL;
@@ -293,23 +244,6 @@ static PyGetSetDef view_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject ViewType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "slitter._entry.View",
-    .tp_doc = PyDoc_STR("view(handle) -> memoryview: a writable memoryview of exactly the object's size.\n\n"
-                        "Raises ForeignAddress or InteriorPointer when the handle is not an object start."),
-    .tp_basicsize = sizeof(ViewObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_vectorcall_offset = offsetof(ViewObject, vectorcall),
-    .tp_call = PyVectorcall_Call,
-    .tp_new = view_new,
-    .tp_traverse = view_traverse,
-    .tp_clear = view_clear,
-    .tp_dealloc = view_dealloc,
-    .tp_repr = view_repr,
-    .tp_getset = view_getset,
-    .tp_methods = view_methods,
-};
 
 static PyObject *entry_new(PyTypeObject *type, PyObject *args, PyObject *kwds, vectorcallfunc call)
 {
@@ -328,6 +262,7 @@ static PyObject *entry_new(PyTypeObject *type, PyObject *args, PyObject *kwds, v
     e->vectorcall = call;
     e->key = key;
     e->owner = Py_NewRef(owner);
+    e->arena = NULL;   /* a View's: set by the heap once it has mapped the arena */
     PyObject_GC_Track(e);
     return (PyObject *)e;
 }
@@ -342,16 +277,23 @@ static PyObject *release_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return entry_new(type, args, kwds, release_vectorcall);
 }
 
-/* The owner is a Class, which holds this object: a cycle the GC must see. */
+static PyObject *view_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    return entry_new(type, args, kwds, view_vectorcall);
+}
+
+/* The owner is a Class or a Heap, which holds this object: a cycle the GC must see. */
 static int entry_traverse(PyObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(((EntryObject *)self)->owner);
+    Py_VISIT(((EntryObject *)self)->arena);
     return 0;
 }
 
 static int entry_clear(PyObject *self)
 {
     Py_CLEAR(((EntryObject *)self)->owner);
+    Py_CLEAR(((EntryObject *)self)->arena);
     return 0;
 }
 
@@ -368,8 +310,9 @@ static PyObject *entry_repr(PyObject *self)
     return PyUnicode_FromFormat("<%s of %R>", Py_TYPE(self)->tp_name, e->owner);
 }
 
-/* The two types differ only in name, doc and constructor (which sets the vectorcall). */
-#define SLITTER_ENTRY_TYPE(NAME, DOC, NEW)                                                  \
+/* The three types differ only in name, doc and constructor (which sets the vectorcall),
+ * and in the View's arena attribute and _slices method, given as extra members. */
+#define SLITTER_ENTRY_TYPE(NAME, DOC, NEW, ...)                                             \
     {                                                                                       \
         PyVarObject_HEAD_INIT(NULL, 0)                                                      \
         .tp_name = NAME,                                                                    \
@@ -383,6 +326,7 @@ static PyObject *entry_repr(PyObject *self)
         .tp_clear = entry_clear,                                                            \
         .tp_dealloc = entry_dealloc,                                                        \
         .tp_repr = entry_repr,                                                              \
+        __VA_ARGS__                                                                         \
     }
 
 static PyTypeObject AllocateType = SLITTER_ENTRY_TYPE(
@@ -399,6 +343,14 @@ static PyTypeObject ReleaseType = SLITTER_ENTRY_TYPE(
     "'raise' policy (the default); 'log' logs and returns, 'abort' aborts. Every "
     "refusal is reported to the daemon's audit log first.",
     release_new);
+
+static PyTypeObject ViewType = SLITTER_ENTRY_TYPE(
+    "slitter._entry.View",
+    "view(handle) -> memoryview: a writable memoryview of exactly the object's size.\n\n"
+    "Raises ForeignAddress or InteriorPointer when the handle is not an object start.",
+    view_new,
+    .tp_getset = view_getset,
+    .tp_methods = view_methods);
 
 /* Once per process, by slitter._fastpath: a second bind could only point the calls elsewhere. */
 static PyObject *entry_bind(PyObject *self, PyObject *args)
