@@ -273,7 +273,7 @@ class Instance:
     # -- clients ---------------------------------------------------------
 
     def _caps(self) -> dict[int, int]:
-        # A thread's magazines may have grown past the class's capacity (_magazine_size):
+        # A thread's magazines may have grown past the class's capacity (_grow_by_demand):
         # a rack's counts are trusted up to the size of the arrays.
         return {cid: lib.SLITTER_MAG_CAP for cid in self.depots}
 
