@@ -102,8 +102,19 @@ class Channel:
     # -- sending ------------------------------------------------------------
 
     def send(self, handle: int, timeout: float | None = None) -> None:
-        """Send one handle; waits while the ring is full (up to ``timeout`` seconds; None: no limit)."""
-        self.send_many(array("Q", (handle,)), timeout)
+        """Send one handle; waits while the ring is full (up to ``timeout`` seconds; None: no limit).
+
+        Raises as ``send_many``.
+        """
+        try:
+            one = array("Q", (handle,))  # straight to the native call: a second wrapper was a third of it
+        except OverflowError:
+            raise ValueError(f"channel {self.handle:#x}: a handle is an int from 0 to 2**64 - 1") from None
+        if self._heap._closed:
+            raise self._heap._closed_error()
+        sent, status, peer = _send(self._arena, self.handle, self.capacity, self._serial, one, timeout)
+        if status != _OK:
+            raise self._error(status, "send to", sent, peer)
 
     def send_many(self, handles: Iterable[int], timeout: float | None = None) -> None:
         """Send every handle, in order; waits for room as the receiver takes them.
@@ -145,7 +156,13 @@ class Channel:
             ChannelTimeout, ChannelInUse (another thread receives from it),
             ChannelError (released, or this thread is its sender and would wait forever).
         """
-        return self.recv_many(1, timeout)[0]
+        if self._heap._closed:
+            raise self._heap._closed_error()
+        out = _ZERO * 1
+        _got, status, peer = _recv(self._arena, self.handle, self.capacity, self._serial, out, timeout)
+        if status != _OK:
+            raise self._error(status, "receive from", 0, peer)
+        return out[0]
 
     def recv_many(self, limit: int = 1024, timeout: float | None = None) -> array:
         """The handles waiting, up to ``limit``, oldest first, as ``array('Q')``: at least one; waits for it.

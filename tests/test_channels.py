@@ -425,6 +425,29 @@ def test_send_many_refuses_bytes_and_an_empty_send_to_a_closed_channel(heap):
     assert channel._state()[3] == 0  # and claimed nothing
 
 
+def test_send_and_recv_of_one_handle_check_it_as_send_many_does(daemon):
+    """send(h) and recv() call the ring directly (not through send_many/recv_many): the same errors,
+    nothing sent by a refused call, and a closed heap refused on both ends."""
+    heap = slitter.connect(daemon.address)
+    channel = heap.channel(16)
+    for bad in (-1, 1 << 64):
+        with pytest.raises(ValueError, match="an int from 0 to 2\\*\\*64 - 1"):
+            channel.send(bad)
+    for bad in ("x", 1.5, None):
+        with pytest.raises(TypeError):
+            channel.send(bad)
+    assert len(channel) == 0
+    channel.send((1 << 64) - 1)
+    channel.send(True)  # an int subclass is its value, as array('Q') takes it
+    assert (channel.recv(), channel.recv()) == ((1 << 64) - 1, 1)
+    with pytest.raises(slitter.ChannelTimeout):
+        channel.recv(timeout=0)
+    heap.close()
+    for call in (lambda: channel.send(5), channel.recv):
+        with pytest.raises(slitter.SlitterError, match="closed"):
+            call()
+
+
 def test_a_header_of_another_capacity_or_a_stray_tail_is_contained(heap):
     channel = heap.channel(16)
     words = heap.view(channel.handle).cast("Q")
