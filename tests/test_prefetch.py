@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import msgpack
-from conftest import dealer, settled_thread_class, thread_class
+from conftest import dealer, fork_child, settled_thread_class, thread_class
 
 import slitter
 import workers
@@ -204,6 +205,41 @@ def test_a_thread_that_only_releases_grows_its_magazines_too(heap):
     assert seen["grown"] == lib.SLITTER_MAG_CAP, seen
     assert seen["burst_messages"] <= 100_000 // lib.SLITTER_MAG_CAP + 2, seen  # 24 at 4096 handles
     stats = heap.stats()["classes"]["grow-releaser"]
+    assert stats["live"] == 0 and workers.balanced(stats), stats
+
+
+def test_a_consumer_process_grows_its_magazines_as_a_consumer_thread_does(daemon, heap):
+    """The same in another process, as a consumer usually is: it releases what this one allocated,
+    reaches SLITTER_MAG_CAP, and its burst of 100,000 releases sends a message per 16384 objects."""
+    cls = heap.register_class("grow-consumer", size=64)
+    base = heap._classes_table[cls.id].mag_capacity
+    pool = cls.allocate_many(40 * base)
+    burst = cls.allocate_many(100_000)
+
+    def consumer(send) -> None:
+        with slitter.connect(daemon.address) as mine:
+            theirs = mine.register_class("grow-consumer", size=64)
+            tc = thread_class(mine, theirs)
+            release = theirs.release
+            start = 0
+            while start < len(pool) and tc.capacity < lib.SLITTER_MAG_CAP:
+                for h in pool[start:start + base]:
+                    release(h)
+                start += base
+            mine.stats()  # every flush-ahead sent so far served
+            grown, sent = tc.capacity, mine.messages_sent
+            for h in burst:
+                release(h)
+            messages = mine.messages_sent - sent
+            theirs.release_many(pool[start:])
+            send(f"{grown} {messages}".encode())
+
+    child = fork_child(consumer)
+    grown, messages = map(int, child.report().split())
+    assert os.waitstatus_to_exitcode(child.wait()) == 0
+    assert grown == lib.SLITTER_MAG_CAP
+    assert messages <= 100_000 // lib.SLITTER_MAG_CAP + 2, messages  # 24 with 4096-handle magazines
+    stats = heap.stats()["classes"]["grow-consumer"]
     assert stats["live"] == 0 and workers.balanced(stats), stats
 
 
