@@ -158,10 +158,7 @@ class Class:
 
         About half the cost of ``Heap.view`` per object.  Raises as ``check``.
         """
-        batch = self._checked(handles, "viewed as")
-        if type(batch) is not array or batch.typecode != "Q":
-            batch = array("Q", batch)
-        views = self._heap.view._slices(batch, self.size)
+        views = self._heap.view._slices(self._checked(handles, "viewed as"), self.size)
         if views is None:  # closed by another thread since the check
             raise self._heap._closed_error()
         return views

@@ -37,6 +37,7 @@ DEFAULT_CAPACITY = 1024
 
 _send, _recv, _wait_any = _channel.send, _channel.recv, _channel.wait_any
 _ZERO = array("Q", [0])
+_NOT_A_HANDLE = "a handle is an int from 0 to 2**64 - 1"  # send's and send_many's ValueError
 # Per thread, wait_any's last call: [channels, arena, [(handle, capacity, serial), ...], where the next
 # call's scan starts].  A consumer waits on the same channels batch after batch; rebuilding the list cost
 # about 1 us a call for four of them.  Per thread, so that consumer threads waiting on sets of their own
@@ -109,7 +110,7 @@ class Channel:
         try:
             one = array("Q", (handle,))  # straight to the native call: a second wrapper was a third of it
         except OverflowError:
-            raise ValueError(f"channel {self.handle:#x}: a handle is an int from 0 to 2**64 - 1") from None
+            raise ValueError(f"channel {self.handle:#x}: {_NOT_A_HANDLE}") from None
         if self._heap._closed:
             raise self._heap._closed_error()
         sent, status, peer = _send(self._arena, self.handle, self.capacity, self._serial, one, timeout)
@@ -137,7 +138,7 @@ class Channel:
             try:
                 handles = array("Q", handles)
             except OverflowError:
-                raise ValueError(f"channel {self.handle:#x}: a handle is an int from 0 to 2**64 - 1") from None
+                raise ValueError(f"channel {self.handle:#x}: {_NOT_A_HANDLE}") from None
         if self._heap._closed:  # the mapping outlives the heap; the channel does not
             raise self._heap._closed_error()
         sent, status, peer = _send(self._arena, self.handle, self.capacity, self._serial, handles, timeout)

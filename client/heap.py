@@ -106,7 +106,6 @@ class Heap:
         self._view_key: int | None = None
         #: Native key per class id: registering a class again reuses it (keys are never freed).
         self._class_keys: dict[int, int] = {}
-        self._arena: memoryview | None = None
         self._transport: Transport | None = None
         #: Extra fields of the requests sent ahead (see _attach).
         self._ahead_flags: dict[str, bool] = {}
@@ -169,12 +168,12 @@ class Heap:
         _BY_CLIENT[int(ffi.cast("uintptr_t", self._client))] = self
         if self._view_key is None:
             self._view_key = lib.slitter_key_new(self._client, 0)
-            # One memoryview of the whole arena: a view is a checked slice of it.  It owns
-            # the mapping, so views outlive close() safely.
+            # One memoryview of the whole arena, held by the View (``view.arena``, None once
+            # closed): a view is a checked slice of it.  It owns the mapping, so views outlive
+            # close() safely.
             data = self._data
-            self._arena = memoryview(ffi.buffer(ffi.gc(data.ptr, lambda _p, _keep=data: None), data.length))
             self.view = _fastpath.View(self._view_key, self)
-            self.view.arena = self._arena
+            self.view.arena = memoryview(ffi.buffer(ffi.gc(data.ptr, lambda _p, _keep=data: None), data.length))
         self._apply_guards()
         self._pid = os.getpid()
 
@@ -303,8 +302,7 @@ class Heap:
             for mapping in (self._rack, self._shelf, self._live_map, self._tables):
                 if mapping is not None:
                     mapping.close()
-            self._data = self._arena = None  # the arena is unmapped when the last view goes
-            self.view.arena = None
+            self._data = self.view.arena = None  # the arena is unmapped when the last view goes
         except BaseException:
             self._close_pending = True
             raise
@@ -379,7 +377,7 @@ class Heap:
         (one native call per batch) or ``view`` has checked.  It stays
         mapped while any view of it is alive, after ``close`` too.
         """
-        arena = self._arena
+        arena = self.view.arena
         if arena is not None and lib.slitter_arena_ready(self._client):
             return arena
         return self._arena_slow()
@@ -388,10 +386,10 @@ class Heap:
     def _arena_slow(self) -> memoryview:
         """``arena`` when the heap is closed, forked or has guard pages to protect first."""
         self._ensure_attached()
-        if self._arena is None:
+        if self.view.arena is None:
             raise self._closed_error()
         self._apply_guards()
-        return self._arena
+        return self.view.arena
 
     def _view_other(self, handle: int) -> memoryview:
         """``view(handle)`` of anything but an int in [0, 2**48): Python's rules, then the same checks.
@@ -403,14 +401,14 @@ class Heap:
             size = _object_size(handle << 16 | self._view_key)
         except OverflowError:
             size = _NOT_A_U48
-        arena = self._arena
+        arena = self.view.arena
         if size > 0 and arena is not None:
             return arena[handle:handle + size]
         return self._view_slow(handle, size)
 
     @_in_use
     def _view_slow(self, handle: int, size: int) -> memoryview:
-        if self._arena is None or self._closed:
+        if self.view.arena is None or self._closed:
             raise self._closed_error()
         if size == lib.SLITTER_VIEW_DETACHED:  # a forked child: get its own rack first
             self._ensure_attached()

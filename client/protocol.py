@@ -286,11 +286,12 @@ def parse_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
 
 
 def _field(op: Op, field: Field, value: Any, request_id: int) -> Any:
-    """A field the inline test of ``_field_check`` did not pass: its default, or its value, or the refusal."""
+    """A field the inline test of ``_field_check`` did not pass: its value, or the refusal.
+
+    Only a required field can be absent here: an optional one reads as its default.
+    """
     if value is _ABSENT:
-        if field.default is None:
-            raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{field.name}'", request_id)
-        return field.default
+        raise Refusal(ErrorCode.INVALID_FIELD, f"{op.value}: missing field '{field.name}'", request_id)
     return _check(op, field, value, request_id)
 
 
@@ -325,7 +326,16 @@ def _field_check(op: Op) -> Callable[[dict[str, Any], int], dict[str, Any]]:
     return scope["check"]
 
 
-_FIELD_CHECKS: dict[Op, Callable[[dict[str, Any], int], dict[str, Any]]] = {op: _field_check(op) for op in Op}
+class _FieldChecks(dict):
+    """Op -> its compiled field check, compiled on the op's first request: clients, which import this
+    module but parse no request, pay nothing (all nine took about 1.5 ms at import)."""
+
+    def __missing__(self, op: Op) -> Callable[[dict[str, Any], int], dict[str, Any]]:
+        check = self[op] = _field_check(op)
+        return check
+
+
+_FIELD_CHECKS = _FieldChecks()
 
 
 def _check(op: Op, field: Field, value: Any, request_id: int) -> Any:

@@ -35,6 +35,7 @@
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <structmember.h>
 
 #include "layout.h"   /* SLITTER_KEY_BITS */
 
@@ -160,27 +161,6 @@ static PyObject *view_vectorcall(PyObject *self, PyObject *const *args, size_t n
     return call_slow(v->owner, str_view_slow, h, size);
 }
 
-static PyObject *view_get_arena(PyObject *self, void *closure)
-{
-    (void)closure;
-    PyObject *arena = ((EntryObject *)self)->arena;
-    return Py_NewRef(arena != NULL ? arena : Py_None);
-}
-
-/* The heap sets it once mapped and clears it at close (None): then the mapping goes with the last view. */
-static int view_set_arena(PyObject *self, PyObject *value, void *closure)
-{
-    (void)closure;
-    if (value != NULL && value != Py_None && !PyMemoryView_Check(value)) {
-        PyErr_SetString(PyExc_TypeError, "View.arena is a memoryview or None");
-        return -1;
-    }
-    PyObject *old = ((EntryObject *)self)->arena;
-    ((EntryObject *)self)->arena = value != NULL && value != Py_None ? Py_NewRef(value) : NULL;
-    Py_XDECREF(old);
-    return 0;
-}
-
 /*
  * Class.views: slices of handles the caller has just checked (Class.check,
  * one native call for the batch), as a list, with no per-handle check but
@@ -239,9 +219,11 @@ static PyMethodDef view_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef view_getset[] = {
-    {"arena", view_get_arena, view_set_arena, "The heap's arena memoryview, or None.", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
+/* The heap sets it once mapped and to None at close: then the mapping goes with the last view.  Anything but
+ * a memoryview sends every call to the slow path (the calls check the type, not the setter). */
+static PyMemberDef view_members[] = {
+    {"arena", T_OBJECT, offsetof(EntryObject, arena), 0, "The heap's arena memoryview, or None."},
+    {NULL, 0, 0, 0, NULL},
 };
 
 
@@ -311,7 +293,7 @@ static PyObject *entry_repr(PyObject *self)
 }
 
 /* The three types differ only in name, doc and constructor (which sets the vectorcall),
- * and in the View's arena attribute and _slices method, given as extra members. */
+ * and in the View's arena member and _slices method, given as extra fields. */
 #define SLITTER_ENTRY_TYPE(NAME, DOC, NEW, ...)                                             \
     {                                                                                       \
         PyVarObject_HEAD_INIT(NULL, 0)                                                      \
@@ -349,7 +331,7 @@ static PyTypeObject ViewType = SLITTER_ENTRY_TYPE(
     "view(handle) -> memoryview: a writable memoryview of exactly the object's size.\n\n"
     "Raises ForeignAddress or InteriorPointer when the handle is not an object start.",
     view_new,
-    .tp_getset = view_getset,
+    .tp_members = view_members,
     .tp_methods = view_methods);
 
 /* Once per process, by slitter._fastpath: a second bind could only point the calls elsewhere. */

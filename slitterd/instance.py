@@ -69,7 +69,7 @@ class Instance:
         self.default_policy = "raise"
         # Scratch of the loop's thread for flush(): its magazines (release and
         # outgoing, each at most the layout's cap), and the audit's refusals.
-        most = 2 * lib.SLITTER_MAG_CAP
+        most = 2 * MAG_CAP
         self._flush_scratch = ffi.new("uint64_t[]", most)
         self._refused_scratch = (ffi.new("uint64_t[]", most), ffi.new("uint8_t[]", most), ffi.new("uint32_t *"))
 
@@ -158,7 +158,7 @@ class Instance:
         waiting when it took its spare.  Returns the handles written.
         """
         tc = self.racks.thread_class(client, thread, class_id)
-        cap = self._magazine_size(client, thread, class_id, tc, spare)
+        cap = self._magazine_size(client, thread, class_id, tc, "prefetch" if spare else None)
         self.arena.totals[class_id].refills += 1
         # Before any handle is written: stats and reclaim read only touched magazines.
         lib.slitter_mark_touched(self.racks.rack(client), thread, class_id)
@@ -177,38 +177,36 @@ class Instance:
             written += n
         return written
 
-    def _magazine_size(self, client: Client, thread: int, class_id: int, tc, spare: bool) -> int:
-        """How many handles to put in a magazine of this thread and class: its capacity, grown by demand."""
-        if spare:
-            return self._grow_by_demand(client, thread, class_id, tc, "prefetch")
-        # min(max(current, base), MAG_CAP) spelled out: on every waited refill, and min/max cost 0.4 µs here.
+    def _magazine_size(self, client: Client, thread: int, class_id: int, tc, ahead: str | None) -> int:
+        """How many handles a magazine of this thread and class holds: its capacity, grown by demand.
+
+        At least the class's capacity (a thread bound before its class's
+        first refill), at most the arrays' (a count the client wrote is
+        trusted up to them).  With ``ahead``, "prefetch" (a spare refill
+        sent without waiting) or "flush" (an outgoing magazine sent without
+        waiting), doubled when the thread's last message of that kind came
+        within GROW_SECONDS, up to GROWN_MAGAZINE_BYTES: a thread that
+        streams either way grows its magazines, one that only releases too.
+        The capacity in the rack only grows, never shrinks: the fast path's
+        room arithmetic assumes its counts never exceed it; the client reads
+        it once per call, so a change between two calls is safe.  Comparisons,
+        not min/max: this runs on every refill and flush, and min(max()) cost
+        0.4 µs here.
+        """
         current, base = tc.capacity, self.mag_capacity(class_id)
         size = current if current > base else base
         if size > MAG_CAP:
-            size = MAG_CAP
-        elif size > current:
-            tc.capacity = size  # a thread bound before its class's first refill
-        return size
-
-    def _grow_by_demand(self, client: Client, thread: int, class_id: int, tc, ahead: str) -> int:
-        """The thread's capacity for the class, doubled if its last ``ahead`` message came within GROW_SECONDS.
-
-        ``ahead`` is "prefetch" (a spare refill sent without waiting) or
-        "flush" (an outgoing magazine sent without waiting): a thread that
-        streams either way grows its magazines, one that only releases too.
-        The capacity in the rack only grows, never shrinks: the fast path's
-        room arithmetic assumes its counts never exceed it.  The client
-        reads it once per call, so a change between two calls is safe.
-        """
-        base = self.mag_capacity(class_id)
-        current = tc.capacity  # written by the client (at bind) and by us; trusted up to the arrays
-        size = min(max(current, base), MAG_CAP)
-        now = time.monotonic()
-        last = client.last_ahead.get((thread, class_id, ahead))
-        client.last_ahead[(thread, class_id, ahead)] = now
-        limit = min(MAG_CAP, max(base, GROWN_MAGAZINE_BYTES // self.arena.classes[class_id].stride))
-        if last is not None and now - last < GROW_SECONDS and size < limit:
-            size = min(size * 2, limit)
+            return MAG_CAP
+        if ahead is not None:
+            now = time.monotonic()
+            key = (thread, class_id, ahead)
+            last = client.last_ahead.get(key)
+            client.last_ahead[key] = now
+            if last is not None and now - last < GROW_SECONDS:
+                limit = GROWN_MAGAZINE_BYTES // self.arena.classes[class_id].stride
+                limit = MAG_CAP if limit > MAG_CAP else (base if limit < base else limit)
+                if size < limit:
+                    size = size * 2 if size * 2 < limit else limit
         if size > current:
             tc.capacity = size  # before the magazine is published (spare_count is written last)
         return size
@@ -249,7 +247,7 @@ class Instance:
             ffi.memmove(handles + n, tc.outgoing, 8 * published)
         result = self._audit_into_depot(client, class_id, handles, n + published, "flush")
         if outgoing and tc.capacity:  # a bound thread's flush-ahead: its releases set the pace
-            self._grow_by_demand(client, thread, class_id, tc, "flush")
+            self._magazine_size(client, thread, class_id, tc, "flush")
         if published:
             tc.outgoing_count = 0  # last: hands the outgoing magazine back to the client
         return result
@@ -283,7 +281,7 @@ class Instance:
     # -- clients ---------------------------------------------------------
 
     def _caps(self) -> dict[int, int]:
-        # A thread's magazines may have grown past the class's capacity (_grow_by_demand):
+        # A thread's magazines may have grown past the class's capacity (_magazine_size):
         # a rack's counts are trusted up to the size of the arrays.
         return {cid: MAG_CAP for cid in self.depots}
 

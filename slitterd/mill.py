@@ -48,7 +48,7 @@ class ClassGeometry:
         # A message costs the daemon about 75 µs of CPU and the sending
         # thread 25-30 µs even unanswered, so small objects get big
         # magazines, and a thread that streams grows its own up to the
-        # layout's SLITTER_MAG_CAP (Instance._grow_by_demand).
+        # layout's SLITTER_MAG_CAP (Instance._magazine_size).
         capacity = max(64, min(START_MAG_CAP, (1 << 20) // stride))
         return cls(size, stride, objects, spans, capacity)
 

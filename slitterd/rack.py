@@ -62,7 +62,7 @@ class Client:
     #: (request id, audit seq) of the last REPORT recorded: a resent one is recorded once.
     last_report: tuple[int, int] = (0, 0)
     #: time.monotonic() of the last prefetch and flush-ahead per (thread, class id, "prefetch" or "flush"):
-    #: magazines grow by demand (Instance._grow_by_demand).
+    #: magazines grow by demand (Instance._magazine_size).
     last_ahead: dict[tuple[int, int, str], float] = field(default_factory=dict)
     #: The rack as a cffi pointer, and its thread-class entries by thread * MAX_CLASSES + class id:
     #: ``Racks.thread_class`` casts and indexes once, not on every refill and flush (0.6 µs).
