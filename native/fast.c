@@ -537,6 +537,7 @@ static int slitter__call_hook(struct slitter_client *c, struct slitter_thread_sl
 static SLITTER_NOINLINE int slitter__refill_locally(struct slitter_client *c, struct slitter_thread_slot *slot,
                                                     struct slitter_thread_class *tc, uint32_t class_id)
 {
+    tc->releases_only = 0;   /* it allocates: its releases fill the allocation magazine again, LIFO */
     uint32_t n = tc->release_count;
     if (n != 0) {
         memcpy(tc->alloc, tc->release, n * sizeof(uint64_t));
@@ -612,17 +613,53 @@ uint64_t slitter_allocate(struct slitter_client *c, uint32_t class_id)
  * if the daemon is done with the last one, and ask Python to flush it
  * without waiting; else the slow path flushes and waits.
  */
+/*
+ * Rare (once per release magazine gone out): a thread that allocated nothing
+ * of the class while that magazine filled releases what others allocate (a
+ * consumer).  From now on its releases skip the allocation magazine, and
+ * what that magazine holds goes out with the release magazines to come,
+ * half a magazine at a time (so that the release magazine keeps room while
+ * the daemon audits the last one).  Without this a consumer kept a full
+ * allocation magazine, up to SLITTER_MAG_CAP objects, for allocations it
+ * never made, per thread and class, for as long as it lived.  (Its spare
+ * stays: at most one magazine, and the next burst of allocations of a
+ * thread that allocates in bursts takes it without waiting.)  Its next
+ * allocation that finds the allocation magazine empty ends this
+ * (slitter__refill_locally).  No counting bit: the objects keep our tag,
+ * and a kill between the stores leaves them where the reclaim, which goes
+ * by the live map, finds them.
+ */
+static void slitter__hand_back_unused(struct slitter_thread_class *tc)
+{
+    uint64_t allocated = tc->counters.allocations;
+    if (allocated != tc->allocations_seen) {
+        tc->allocations_seen = allocated;
+        return;
+    }
+    tc->releases_only = UINT32_MAX;
+    uint32_t n = tc->alloc_count, half = tc->capacity / 2;
+    if (n == 0 || tc->release_count != 0)
+        return;
+    uint32_t m = n < half ? n : half;
+    memcpy(tc->release, tc->alloc + (n - m), m * sizeof(uint64_t));
+    tc->alloc_count = n - m;
+    tc->release_count = m;
+}
+
 static SLITTER_NOINLINE int slitter__send_release_out(struct slitter_client *c, struct slitter_thread_slot *slot,
                                                       struct slitter_thread_class *tc, uint32_t class_id)
 {
-    if (slitter__put_on_shelf(c, tc, class_id))
+    if (slitter__put_on_shelf(c, tc, class_id)) {
+        slitter__hand_back_unused(tc);
         return SLITTER_OK;
+    }
     if (__atomic_load_n(&tc->outgoing_count, __ATOMIC_ACQUIRE) != 0)
         return SLITTER_NEED_FLUSH;
     uint32_t n = tc->release_count;
     memcpy(tc->outgoing, tc->release, n * sizeof(uint64_t));
     tc->release_count = 0;
     __atomic_store_n(&tc->outgoing_count, n, __ATOMIC_RELEASE);
+    slitter__hand_back_unused(tc);
     /* The release is done, in a child forked inside the hook too, and
      * nothing below touches the rack. */
     (void)slitter__call_hook(c, slot, class_id, slitter_outgoing_ready);
@@ -660,7 +697,10 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
      * counting bit set around the byte change: a kill in between leaves the
      * handle where the daemon looks (SLITTER_COUNTING). */
     uint32_t n = tc->alloc_count;
-    uint64_t *slot_of = n < capacity ? &tc->alloc[n] : &tc->release[tc->release_count];
+    /* A consumer's releases skip the allocation magazine: its room is masked
+     * to 0 (one load from the line `capacity` is on, and an and-not). */
+    const int into_alloc = n < (capacity & ~tc->releases_only);
+    uint64_t *slot_of = into_alloc ? &tc->alloc[n] : &tc->release[tc->release_count];
     *slot_of = handle;
     uint64_t counted = tc->counters.releases;
     slitter__store_counter(&tc->counters.releases, counted | SLITTER_COUNTING);
@@ -675,13 +715,13 @@ int slitter_release(struct slitter_client *c, uint32_t class_id, uint64_t handle
         return slitter__refuse(tc, SLITTER_ERR_DOUBLE_FREE);
     }
     slitter__store_counter(&tc->counters.releases, counted + 1);
-    if (slitter_likely(n < capacity)) {
+    if (slitter_likely(into_alloc)) {
         tc->alloc_count = n + 1;
         return SLITTER_OK;
     }
     uint32_t r = tc->release_count;
     tc->release_count = r + 1;
-    if (slitter_likely(r + 1 < capacity))
+    if (slitter_likely(r + 1 < tc->capacity))
         return SLITTER_OK;
     return slitter__send_release_out(c, slot, tc, class_id);
 }
@@ -853,7 +893,10 @@ static int slitter__release_many(struct slitter_client *c, struct slitter_thread
     *done = 0;
     struct slitter_thread_class *tc = &slot->classes[class_id];
     uint32_t capacity = tc->capacity;
-    uint32_t room = (capacity - tc->alloc_count) + (capacity - tc->release_count);
+    uint32_t a = tc->alloc_count, r = tc->release_count;
+    uint32_t alloc_limit = capacity & ~tc->releases_only;   /* 0 for a consumer, as in slitter_release */
+    uint32_t alloc_room = a < alloc_limit ? alloc_limit - a : 0;
+    uint32_t room = alloc_room + (capacity - r);
     if (capacity == 0 || room == 0 || (whole && n > room))
         return SLITTER_NEED_SLOW;
     if (n > room)
@@ -865,8 +908,6 @@ static int slitter__release_many(struct slitter_client *c, struct slitter_thread
      * was allocated so, not reversed).  Then the counting bit with the
      * batch's size (SLITTER_COUNTING): a kill during pass 2 leaves every
      * handle where the daemon counts those whose bytes changed. */
-    uint32_t a = tc->alloc_count, r = tc->release_count;
-    uint32_t alloc_room = a < capacity ? capacity - a : 0;
     uint32_t into_alloc = alloc_room < n ? alloc_room : n;
     for (uint32_t i = 0; i < into_alloc; i++)
         tc->alloc[a + into_alloc - 1 - i] = handles[i];

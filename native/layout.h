@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define SLITTER_LAYOUT_MAGIC   0x2152455454494C53ULL /* "SLITTER!" little-endian */
-#define SLITTER_LAYOUT_VERSION 4
+#define SLITTER_LAYOUT_VERSION 5
 
 #define SLITTER_PAGE_SIZE      4096
 #define SLITTER_SPAN_SHIFT     16          /* 64 KiB spans */
@@ -254,6 +254,12 @@ struct slitter_counters {
  * `outgoing` is the mirror image for flushes: the thread moves a full release
  * magazine there and publishes `outgoing_count`; the daemon audits it while
  * the thread goes on, and stores 0 when done.
+ *
+ * `releases_only` and `allocations_seen` are the thread's own: a thread that
+ * allocates nothing of the class while a whole release magazine fills is a
+ * consumer, whose releases skip the allocation magazine (capacity masked by
+ * `releases_only`) and which hands back what that magazine held
+ * (slitter__hand_back_unused).  Only the thread reads or writes them.
  */
 struct slitter_thread_class {
     uint32_t alloc_count;
@@ -262,7 +268,10 @@ struct slitter_thread_class {
     uint32_t spare_count;
     uint32_t outgoing_count;
     uint32_t pending;          /* while a batch's counting bit is set, where its handles are; else 0 (SLITTER_COUNTING) */
+    uint32_t releases_only;    /* all ones while the thread releases the class and allocates none of it (a consumer) */
+    uint32_t reserved0;
     struct slitter_counters counters;
+    uint64_t allocations_seen; /* counters.allocations when the release magazine last went out */
     uint64_t alloc[SLITTER_MAG_CAP];
     uint64_t release[SLITTER_MAG_CAP];
     uint64_t spare[SLITTER_MAG_CAP];
