@@ -115,6 +115,28 @@ class Transport:
         finally:
             self.lock.release()
 
+    def send_once(self, op: protocol.Op, linger_ms: int, **args: Any) -> bool:
+        """Send one request on a fresh socket and wait for no reply: ABANDON, after an attach timed out.
+
+        A fresh socket, since the one the request timed out on is closed.
+        ``linger_ms`` bounds how long ``close`` then waits for ZeroMQ to
+        deliver it: a daemon that listens takes it at once; one that does
+        not never got the attach either.  Returns False when there is no
+        socket to send to (nothing listens: then nothing was attached).
+        """
+        with self.lock:
+            try:
+                sock = self._open()
+            except DaemonUnavailable:
+                return False
+            try:
+                sock.setsockopt(zmq.LINGER, linger_ms)
+                self.socket = sock  # _send's, and close()'s: closed with the linger above
+                self._send(op, next(self.ids), args, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return False
+            return True
+
     def _attempt(self, op: protocol.Op, request_id: int, args: dict[str, Any],
                  deadline: float) -> dict[str, Any] | None:
         """One send and wait; None when nothing answered (the socket is then reset)."""
@@ -141,8 +163,11 @@ class Transport:
         return None
 
     def close(self) -> None:
-        """Close the socket and context; safe in a forked child (pyzmq skips foreign contexts)."""
+        """Close the socket and context; safe in a forked child (pyzmq skips foreign contexts).
+
+        The socket closes with its LINGER option (0 but after ``send_once``).
+        """
         if self.socket is not None:
-            self.socket.close(0)
+            self.socket.close()
             self.socket = None
         self.context.term()

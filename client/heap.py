@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -37,6 +38,8 @@ _OPEN_HEAPS: weakref.WeakSet[Heap] = weakref.WeakSet()
 _object_size = lib.slitter_object_size_key
 _NOT_A_U48 = -1 - lib.SLITTER_ERR_FOREIGN_ADDRESS
 _ORPHANS: list[object] = []  # a forked child's inherited transports: never touched, never freed
+#: How long an abandoned attach's ABANDON may wait to be delivered (Transport.send_once).
+ABANDON_LINGER_MS = 250
 
 
 def _filled(out: array, start: int) -> int:
@@ -117,8 +120,15 @@ class Heap:
 
     def _attach(self) -> None:
         transport = Transport(self.address, self._timeout)
+        pid, nonce = os.getpid(), secrets.randbits(64) | 1
         try:
-            reply = transport.call(Op.ATTACH, pid=os.getpid(), name=self.name[:64])
+            reply = transport.call(Op.ATTACH, pid=pid, name=self.name[:64], nonce=nonce)
+        except errors.DaemonUnavailable:
+            # No reply in time, but the daemon may have the attach queued, or have answered just too late:
+            # undo it, or it holds a rack for as long as this process lives (doc/protocol.md, abandon).
+            transport.send_once(Op.ABANDON, ABANDON_LINGER_MS, pid=pid, nonce=nonce)
+            transport.close()
+            raise
         except BaseException:
             transport.close()
             raise

@@ -41,6 +41,7 @@ class Op(str, enum.Enum):
     PING = "ping"
     ATTACH = "attach"
     DETACH = "detach"
+    ABANDON = "abandon"
     REGISTER_CLASS = "register_class"
     REFILL = "refill"
     FLUSH = "flush"
@@ -125,8 +126,12 @@ _NO_WAIT = Field("reply", bool, doc="false: send no reply on success (errors are
 REQUEST_FIELDS: dict[Op, tuple[Field, ...]] = {
     Op.PING: (),
     Op.ATTACH: (Field("pid", int, 1, PID_MAX, "the client's process id"),
-                Field("name", str, 0, 64, "free-form client name for stats")),
+                Field("name", str, 0, 64, "free-form client name for stats"),
+                Field("nonce", int, 0, U64, "a random number, so that the client can abandon this attach if "
+                      "no reply comes in time (0: none); optional", default=0)),
     Op.DETACH: _CLIENT,
+    Op.ABANDON: (Field("pid", int, 1, PID_MAX, "the pid the attach named"),
+                 Field("nonce", int, 1, U64, "the nonce the attach carried")),
     Op.REGISTER_CLASS: (*_CLIENT,
                         Field("name", str, 1, MAX_CLASS_NAME, "class name"),
                         Field("size", int, 1, MAX_OBJECT_SIZE, "object size in bytes"),
@@ -155,6 +160,7 @@ OP_DOCS: dict[Op, str] = {
     Op.PING: "Liveness and capabilities. Reply: version, ops, instance, pid.",
     Op.ATTACH: "Join the instance. Reply: client, token, rack index/offset/size, segment names and layout sizes.",
     Op.DETACH: "Leave: the daemon reclaims every magazine in the rack. Reply: reclaimed.",
+    Op.ABANDON: "Undo an attach whose reply the client stopped waiting for: detach the client it made, or refuse it if it comes later. Reply: detached.",
     Op.REGISTER_CLASS: "Create a class, or return the existing one with the same spec. Reply: class_id, size, stride, zero_init.",
     Op.REFILL: "Fill the thread's empty allocation magazine, and its spare if empty; with spare, only the spare. Reply: count.",
     Op.FLUSH: "Audit and take back the thread's release and outgoing magazines (with outgoing, only that one). Reply: accepted, refused [[handle, kind]].",

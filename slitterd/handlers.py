@@ -53,12 +53,14 @@ def ping(inst: Instance, req: Request) -> Reply:
 
 
 def attach(inst: Instance, req: Request) -> Reply:
-    pid = req.args["pid"]
+    pid, nonce = req.args["pid"], req.args["nonce"]
+    if nonce and inst.abandoned_attach(pid, nonce):
+        raise Refusal(ErrorCode.INVALID_FIELD, f"attach: pid {pid} abandoned this attach before it arrived")
     try:
         pidfd = os.pidfd_open(pid)
     except (OSError, OverflowError, ValueError):
         raise Refusal(ErrorCode.INVALID_FIELD, f"attach: pid {pid} is not a live process") from None
-    client = inst.racks.attach(pid, req.args["name"], pidfd)
+    client = inst.racks.attach(pid, req.args["name"], pidfd, nonce)
     if client is None:
         os.close(pidfd)
         raise errors.LimitExceeded(f"attach: all {inst.racks.max_clients} client racks are in use")
@@ -72,8 +74,20 @@ def attach(inst: Instance, req: Request) -> Reply:
             "features": FEATURES}
 
 
+def attached_by(reply: dict) -> tuple[int, int] | None:
+    """(client, token) if ``reply`` is an attach's successful reply, else None."""
+    if reply.get("ok") and "rack_index" in reply:
+        return reply["client"], reply["token"]
+    return None
+
+
 def detach(inst: Instance, req: Request) -> Reply:
     return {"reclaimed": inst.reclaim(_client(inst, req), "detached")}
+
+
+def abandon(inst: Instance, req: Request) -> Reply:
+    """An attach whose client gave up waiting for the reply: detach what it made, or refuse it when it comes."""
+    return {"detached": inst.abandon(req.args["pid"], req.args["nonce"])}
 
 
 def register_class(inst: Instance, req: Request) -> Reply:
@@ -128,6 +142,7 @@ HANDLERS: dict[Op, Callable[[Instance, Request], Reply]] = {
     Op.PING: ping,
     Op.ATTACH: attach,
     Op.DETACH: detach,
+    Op.ABANDON: abandon,
     Op.REGISTER_CLASS: register_class,
     Op.REFILL: refill,
     Op.FLUSH: flush,

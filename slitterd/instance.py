@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from array import array
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from slitter import errors
@@ -39,6 +39,8 @@ TOTAL_LIMIT = (1 << 63) - 1  # what msgpack and the u64 totals can both carry
 # pays less per object; a thread that allocates or releases slowly keeps the
 # class's size (ClassGeometry).
 GROW_SECONDS = 0.05
+#: Attaches abandoned before they arrived, remembered so that they are refused when they do (oldest dropped).
+ABANDONED_REMEMBERED = 1024
 GROWN_MAGAZINE_BYTES = 4 << 20
 MAG_CAP = lib.SLITTER_MAG_CAP  # read once: a cffi lib attribute costs about 90 ns a read here
 
@@ -63,6 +65,8 @@ class Instance:
         self.specs: dict[str, tuple[int, ClassSpec]] = {}
         self.depots: dict[int, Depot] = {}
         self.audit = AuditLog()
+        #: (pid, nonce) of attaches whose ABANDON came first (handlers.abandon).
+        self._abandoned: OrderedDict[tuple[int, int], None] = OrderedDict()
         #: The magazines clients pass to each other, as the daemon sees them.
         self.shelf = Shelf(arena, self.depots)
         #: The policy of classes registered without one (the config's error_policy).
@@ -311,6 +315,32 @@ class Instance:
         log.info("client %d (pid %d, %s) %s; %d cached objects reclaimed", client.id, client.pid,
                  client.name or "-", why, reclaimed)
         return reclaimed
+
+    def abandon(self, pid: int, nonce: int) -> bool:
+        """A client gave up waiting for the reply to its attach (``pid``, ``nonce``).
+
+        If the attach arrived, the client it made is detached (its rack
+        reclaimed): the process never learnt of it, and it would hold a rack
+        for as long as the process lives.  If not, the attach is remembered
+        and refused when it arrives: the two may come in either order, over
+        two connections.  Returns whether a client was detached.
+        """
+        client = self.racks.by_nonce(pid, nonce)
+        if client is not None:
+            self.reclaim(client, "abandoned its attach")
+            return True
+        self._abandoned[(pid, nonce)] = None
+        if len(self._abandoned) > ABANDONED_REMEMBERED:
+            self._abandoned.popitem(last=False)
+        return False
+
+    def abandoned_attach(self, pid: int, nonce: int) -> bool:
+        """Whether an ABANDON of this attach came before it (the attach is then refused)."""
+        try:
+            del self._abandoned[(pid, nonce)]
+        except KeyError:
+            return False
+        return True
 
     def _retire_client(self, pid: int, name: str, totals: dict[int, ClassTotals]) -> None:
         """Fold a leaving client's counters into the class totals and record it as departed."""

@@ -68,6 +68,8 @@ class Client:
     #: ``Racks.thread_class`` casts and indexes once, not on every refill and flush (0.6 µs).
     rack: Any = None
     thread_classes: dict[int, Any] = field(default_factory=dict)
+    #: The attach's nonce (0: none, or adopted from an earlier daemon): an ABANDON naming it detaches the client.
+    nonce: int = 0
 
 
 def owner_name(owner) -> str:
@@ -103,14 +105,14 @@ class Racks:
         #: Moves whenever a client comes or goes, so the server rebuilds its poll set only then.
         self.generation = 0
 
-    def attach(self, pid: int, name: str, pidfd: int | None) -> Client | None:
+    def attach(self, pid: int, name: str, pidfd: int | None, nonce: int = 0) -> Client | None:
         """Give a new client a wiped rack; None when every rack is taken."""
         if len(self.clients) >= self.max_clients or not self.free_racks:
             return None
         index = self.free_racks.pop()
         self.arena.wipe_rack(index)
         rack = self.arena.rack(index)
-        client = Client(self.next_id, secrets.randbits(64), pid, name, index, pidfd)
+        client = Client(self.next_id, secrets.randbits(64), pid, name, index, pidfd, nonce=nonce)
         self.next_id += 1
         rack.pid, rack.client_id = pid, client.id
         owner = self.arena.owners[index]
@@ -119,6 +121,10 @@ class Racks:
         self.clients[client.id] = client
         self.generation += 1
         return client
+
+    def by_nonce(self, pid: int, nonce: int) -> Client | None:
+        """The client an attach with this pid and nonce made, if any."""
+        return next((c for c in self.clients.values() if c.nonce == nonce and c.pid == pid), None)
 
     def adopt(self, index: int, pidfd: int) -> Client:
         """Take over a rack a previous daemon handed out to a client that still runs.

@@ -21,7 +21,7 @@ import zmq
 from slitter import errors, protocol
 from slitter.protocol import ErrorCode, Refusal
 
-from slitterd.handlers import HANDLERS
+from slitterd.handlers import HANDLERS, attached_by
 from slitterd.instance import Instance
 
 log = logging.getLogger("slitterd")
@@ -45,6 +45,9 @@ class Server:
         # ZeroMQ drops a bigger frame (and the connection that sent it) itself.
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A reply to a peer that has gone raises EHOSTUNREACH instead of vanishing: an attach whose client
+        # stopped waiting is undone (_undeliverable).
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         old = os.umask(0o077)
         try:
             self.socket.bind(endpoint)
@@ -134,7 +137,24 @@ class Server:
                 send(routing_id, _MORE_NOBLOCK)
                 send(payload, _NOBLOCK)
             except zmq.ZMQError as exc:
-                log.warning("could not reply: %s", exc)
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self._undeliverable(reply)
+                else:
+                    log.warning("could not reply: %s", exc)
+
+    def _undeliverable(self, reply: dict) -> None:
+        """The peer of ``reply`` closed its socket before the reply could go: it stopped waiting.
+
+        For an attach, the process never learnt of the client made for it,
+        which would hold a rack for as long as the process lives: detach it.
+        Any other reply is one a client that has gone no longer needs.
+        """
+        attached = attached_by(reply)
+        client = self.instance.racks.get(*attached) if attached else None
+        if client is not None:
+            self.instance.reclaim(client, "attached, but stopped waiting for the reply")
+        else:
+            log.debug("reply %s not delivered: its client has gone", reply.get("id"))
 
     def handle(self, frame: bytes) -> dict | None:
         """One request frame in, one reply message out (None: no reply asked for); never raises."""
