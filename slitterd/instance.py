@@ -39,10 +39,10 @@ TOTAL_LIMIT = (1 << 63) - 1  # what msgpack and the u64 totals can both carry
 # pays less per object; a thread that allocates or releases slowly keeps the
 # class's size (ClassGeometry).
 GROW_SECONDS = 0.05
-#: Attaches abandoned before they arrived, remembered so that they are refused when they do (oldest dropped).
-ABANDONED_REMEMBERED = 1024
 GROWN_MAGAZINE_BYTES = 4 << 20
 MAG_CAP = lib.SLITTER_MAG_CAP  # read once: a cffi lib attribute costs about 90 ns a read here
+#: Attaches abandoned before they arrived, remembered so that they are refused when they do (oldest dropped).
+ABANDONED_REMEMBERED = 1024
 
 
 @dataclass(frozen=True)
