@@ -186,6 +186,7 @@ struct slitter_rack_owner {
     uint32_t client_id;
     uint32_t pid;
     uint64_t token;
+    uint64_t nonce;                       /* the attach's nonce: an `abandon` after a restart still finds it */
     char name[SLITTER_CLIENT_NAME_MAX];   /* the name the client attached with (stats) */
 };
 

@@ -68,7 +68,7 @@ class Client:
     #: ``Racks.thread_class`` casts and indexes once, not on every refill and flush (0.6 µs).
     rack: Any = None
     thread_classes: dict[int, Any] = field(default_factory=dict)
-    #: The attach's nonce (0: none, or adopted from an earlier daemon): an ABANDON naming it detaches the client.
+    #: The attach's nonce (0: none), kept in the owner table too: an ABANDON naming it detaches the client.
     nonce: int = 0
 
 
@@ -117,7 +117,7 @@ class Racks:
         rack.pid, rack.client_id = pid, client.id
         owner = self.arena.owners[index]
         owner.name = name.encode()[: lib.SLITTER_CLIENT_NAME_MAX - 1]
-        owner.pid, owner.token, owner.client_id = pid, client.token, client.id
+        owner.pid, owner.token, owner.nonce, owner.client_id = pid, client.token, nonce, client.id
         self.clients[client.id] = client
         self.generation += 1
         return client
@@ -132,7 +132,8 @@ class Racks:
         Identity comes from the owner table, which only daemons write.
         """
         owner = self.arena.owners[index]
-        client = Client(owner.client_id, owner.token, owner.pid, owner_name(owner), index, pidfd)
+        client = Client(owner.client_id, owner.token, owner.pid, owner_name(owner), index, pidfd,
+                        nonce=owner.nonce)
         self.clients[client.id] = client
         self.free_racks.remove(index)
         self.next_id = max(self.next_id, client.id + 1)

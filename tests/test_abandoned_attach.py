@@ -193,3 +193,19 @@ def test_an_attach_without_a_nonce_cannot_be_abandoned(daemon, heap):
         assert refused["ok"] is False and refused["code"] == ErrorCode.INVALID_FIELD
         assert attached["client"] in _clients(heap)
         assert _ask(sock, Op.DETACH, client=attached["client"], token=attached["token"])["ok"]
+
+
+def test_abandon_finds_an_attach_made_before_the_daemon_restarted(manual_daemon):
+    """The nonce is kept in the owner table: the restarted daemon adopts the client with it."""
+    d = manual_daemon().start()
+    nonce = secrets.randbits(64) | 1
+    with dealer(d.address) as sock:
+        attached = _ask(sock, Op.ATTACH, pid=os.getpid(), name="before-restart", nonce=nonce)
+        assert attached["ok"]
+    d.kill()
+    d.start()
+    with d.first_client() as heap:
+        assert attached["client"] in _clients(heap)  # adopted: this process still runs
+        with dealer(d.address) as sock:
+            assert _ask(sock, Op.ABANDON, pid=os.getpid(), nonce=nonce)["detached"] is True
+        assert attached["client"] not in _clients(heap)

@@ -8,7 +8,7 @@ from slitter._native import ffi, lib
 
 def test_layout_constants():
     assert lib.SLITTER_LAYOUT_MAGIC.to_bytes(8, "little") == b"SLITTER!"
-    assert lib.SLITTER_LAYOUT_VERSION == 5  # 3: the shelf; 4: no depot bitmap; 5: a consumer's two fields
+    assert lib.SLITTER_LAYOUT_VERSION == 5  # 3: the shelf; 4: no depot bitmap; 5: a consumer's two fields, the owner's nonce
     assert lib.SLITTER_SPAN_SIZE == 1 << lib.SLITTER_SPAN_SHIFT == 65536
     assert lib.SLITTER_MAX_KEYS == 1 << lib.SLITTER_KEY_BITS
 
