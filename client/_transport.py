@@ -60,9 +60,10 @@ class Transport:
         """Requests sent, all ops together."""
         return sum(self.sent.values())
 
-    def _send(self, op: protocol.Op, request_id: int, args: dict[str, Any], flags: int = 0) -> None:
-        """Build, pack, send and count one request (the caller holds the lock)."""
-        self.socket.send(protocol.pack(protocol.request(op, request_id, **args)), flags)
+    def _send(self, op: protocol.Op, request_id: int, args: dict[str, Any], flags: int = 0,
+              sock: zmq.Socket | None = None) -> None:
+        """Build, pack, send and count one request, on ``sock`` or the transport's (the caller holds the lock)."""
+        (sock or self.socket).send(protocol.pack(protocol.request(op, request_id, **args)), flags)
         self.sent[op.value] += 1
 
     def call(self, op: protocol.Op, **args: Any) -> dict[str, Any]:
@@ -130,12 +131,12 @@ class Transport:
             except DaemonUnavailable:
                 return False
             try:
-                sock.setsockopt(zmq.LINGER, linger_ms)
-                self.socket = sock  # _send's, and close()'s: closed with the linger above
-                self._send(op, next(self.ids), args, zmq.NOBLOCK)
+                self._send(op, next(self.ids), args, zmq.NOBLOCK, sock)
+                return True
             except zmq.ZMQError:
                 return False
-            return True
+            finally:
+                sock.close(linger_ms)  # the context's term() in close() waits for the delivery, up to this
 
     def _attempt(self, op: protocol.Op, request_id: int, args: dict[str, Any],
                  deadline: float) -> dict[str, Any] | None:
@@ -163,11 +164,8 @@ class Transport:
         return None
 
     def close(self) -> None:
-        """Close the socket and context; safe in a forked child (pyzmq skips foreign contexts).
-
-        The socket closes with its LINGER option (0 but after ``send_once``).
-        """
+        """Close the socket and context; safe in a forked child (pyzmq skips foreign contexts)."""
         if self.socket is not None:
-            self.socket.close()
+            self.socket.close(0)
             self.socket = None
         self.context.term()
